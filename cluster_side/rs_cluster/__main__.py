@@ -1,0 +1,4 @@
+from rs_cluster.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""The ``rs-cluster`` command line: parses arguments and dispatches to the stages.
+
+Nothing heavy is imported here (no pyspark, tensorflow or horovod), so ``--help`` is instant; each
+stage imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from rs_cluster import __version__
+from rs_cluster.errors import RsClusterError
+from rs_cluster.progress import JsonLinesReporter, Reporter, TeeReporter, TerminalReporter
+
+# Modules that add their own sub-commands with ``register(subparsers)``; each keeps its imports
+# light for the same reason as this one.
+_COMMAND_MODULES = ("rs_cluster.prepare_cli",)
+_OPTIONAL_COMMAND_MODULES = ("rs_cluster.jobs_cli", "rs_cluster.train_cli", "rs_cluster.predict_cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rs-cluster",
+        description="Building masks from aerial imagery on a Spark cluster: prepare tiles, train a "
+        "U-Net with Horovod, predict georeferenced masks, evaluate them, run jobs.",
+    )
+    parser.add_argument("--version", action="version", version=f"rs-cluster {__version__}")
+    parser.add_argument("--events", metavar="FILE",
+                        help="also write JSON-lines progress events to FILE ('-' for stdout)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    for name in _OPTIONAL_COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def make_reporter(events: str | None, quiet: bool) -> tuple[Reporter, Callable[[], None]]:
+    reporters: list[Reporter] = []
+    closers: list[Callable[[], None]] = []
+    if not quiet:
+        reporters.append(TerminalReporter())
+    if events == "-":
+        reporters.append(JsonLinesReporter(sys.stdout))
+    elif events:
+        stream = open(events, "a", encoding="utf-8")  # noqa: SIM115 - closed by the closer
+        reporters.append(JsonLinesReporter(stream))
+        closers.append(stream.close)
+    reporter: Reporter = reporters[0] if len(reporters) == 1 else TeeReporter(reporters)
+
+    def close() -> None:
+        reporter.close()
+        for c in closers:
+            c()
+
+    return reporter, close
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reporter, close = make_reporter(args.events, args.quiet)
+    error = ""
+    try:
+        code = int(args.func(args, reporter) or 0)
+    except RsClusterError as e:
+        error, code = f"error: {e}", e.exit_code
+    except KeyboardInterrupt:
+        error, code = "interrupted; nothing was left half-written", 130
+    finally:
+        close()
+    if error:
+        print(f"rs-cluster {args.command}: {error}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
