@@ -1,0 +1,226 @@
+"""The job spec: what the QGIS plugin sends to run a job, validated before anything runs.
+
+A job spec is a versioned JSON object stored as ``job.json`` in the job folder::
+
+    {"schema_version": 1, "job_id": "20260101-120000-ab12cd", "name": "Xiamen buildings",
+     "steps": [{"stage": "prepare", "params": {"images": "inputs/images", "masks": "inputs/masks",
+                                               "output": "outputs/dataset", "tile_size": 128}}]}
+
+Each step becomes one ``rs-cluster <stage> ...`` argument list. Only the parameters listed in
+:data:`STAGE_PARAMS` are accepted, each with a type, so a spec can never smuggle in an option or a
+shell fragment; every path is relative to the job folder and refused when it would leave it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from rs_cluster.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Parameter kinds: "path" (relative to the job folder), "int", "float", "str", "flag" (a boolean
+# switch that adds its option when true), "split" (three fractions, a list or "a,b,c").
+_PATH, _INT, _FLOAT, _STR, _FLAG, _SPLIT = "path", "int", "float", "str", "flag", "split"
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    option: str
+    kind: str
+
+
+def _rules(**kinds: str) -> Mapping[str, ParamRule]:
+    return MappingProxyType(
+        {name: ParamRule("--" + name.replace("_", "-"), kind) for name, kind in kinds.items()}
+    )
+
+
+# stage name in the spec -> (rs-cluster sub-command, accepted parameters). The flags mirror the
+# sub-commands of issues 2-4; ``sleep`` is the self-test stage that only waits and reports.
+STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
+    "prepare": ("prepare", _rules(
+        images=_PATH, masks=_PATH, output=_PATH, tile_size=_INT, stride=_INT, split=_SPLIT,
+        seed=_INT, master=_STR, overwrite=_FLAG, skip_bad=_FLAG)),
+    "train": ("train", _rules(
+        data=_PATH, model_dir=_PATH, epochs=_INT, batch_size=_INT, num_proc=_INT, master=_STR,
+        lr=_FLOAT, patience=_INT, resume=_FLAG, overwrite=_FLAG, base_filters=_INT, seed=_INT)),
+    "predict": ("predict", _rules(
+        model=_PATH, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
+        probabilities=_FLAG, polygons=_FLAG, master=_STR, fail_fast=_FLAG)),
+    "evaluate": ("evaluate", _rules(pred=_PATH, truth=_PATH, json=_PATH)),
+    "sleep": ("selftest-sleep", _rules(seconds=_FLOAT, steps=_INT, children=_INT, fail=_FLAG)),
+})
+
+# Parameters naming what a step produces; the job's status lists them as its results.
+OUTPUT_PARAMS = frozenset({"output", "model_dir", "json"})
+
+_TOP_KEYS = frozenset({"schema_version", "job_id", "name", "steps"})
+_STEP_KEYS = frozenset({"stage", "params"})
+
+
+@dataclass(frozen=True)
+class Step:
+    stage: str
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "params": dict(self.params)}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    name: str
+    steps: tuple[Step, ...]
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "job_id": self.job_id, "name": self.name,
+                "steps": [s.to_dict() for s in self.steps]}
+
+    def outputs(self) -> list[str]:
+        return [s.params[k] for s in self.steps for k in sorted(OUTPUT_PARAMS) if k in s.params]
+
+
+def new_job_id() -> str:
+    """A sortable, unique id: UTC time plus random hex, e.g. ``20260101-120000-ab12cd``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def check_job_id(job_id: Any) -> str:
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
+        raise ConfigError(f"job id {job_id!r} is not valid: use 1-64 letters, digits, '.', '_' or "
+                          "'-', starting with a letter or digit")
+    return job_id
+
+
+def parse_job_spec(data: Any, job_dir: str | os.PathLike[str] | None = None) -> JobSpec:
+    """Validates a decoded ``job.json``; with ``job_dir`` also checks that no path escapes it.
+
+    Raises :class:`ConfigError` naming the offending key.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError("the job spec must be a JSON object")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in the job spec: {', '.join(unknown)}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ConfigError(f"job spec schema_version {version!r} is not supported; this rs-cluster "
+                          f"reads version {SCHEMA_VERSION} (update rs-cluster or the plugin)")
+    job_id = check_job_id(data.get("job_id", new_job_id()))
+    name = data.get("name", job_id)
+    if not isinstance(name, str) or len(name) > 200:
+        raise ConfigError("job spec 'name' must be a string of at most 200 characters")
+    raw_steps = data.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise ConfigError("job spec 'steps' must be a non-empty list")
+    steps = tuple(_parse_step(i, s) for i, s in enumerate(raw_steps))
+    spec = JobSpec(job_id=job_id, name=name, steps=steps)
+    if job_dir is not None:
+        for i, step in enumerate(spec.steps):
+            for key, value in step.params.items():
+                if STAGES[step.stage][1][key].kind == _PATH:
+                    resolve_in_job(job_dir, value, what=f"steps[{i}].params.{key}")
+    return spec
+
+
+def _parse_step(index: int, raw: Any) -> Step:
+    where = f"steps[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be an object with 'stage' and 'params'")
+    unknown = sorted(set(raw) - _STEP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}")
+    stage = raw.get("stage")
+    if stage not in STAGES:
+        raise ConfigError(f"{where}.stage {stage!r} is not one of {', '.join(STAGES)}")
+    params = raw.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}.params must be an object")
+    rules = STAGES[stage][1]
+    clean: dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in rules:
+            raise ConfigError(f"unknown parameter {where}.params.{key} for stage {stage!r}; "
+                              f"accepted: {', '.join(rules)}")
+        clean[key] = _check_value(f"{where}.params.{key}", rules[key].kind, value)
+    return Step(stage=stage, params=MappingProxyType(clean))
+
+
+def _check_value(where: str, kind: str, value: Any) -> Any:
+    if kind == _FLAG:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false")
+        return value
+    if kind == _INT:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if kind == _FLOAT:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if kind == _SPLIT:
+        parts = value.split(",") if isinstance(value, str) else value
+        try:
+            fractions = [float(p) for p in parts]
+        except (TypeError, ValueError):
+            fractions = []
+        if len(fractions) != 3:
+            raise ConfigError(f"{where} must be three fractions, e.g. [0.8, 0.1, 0.1]")
+        return ",".join(f"{f:g}" for f in fractions)
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise ConfigError(f"{where} must be a non-empty string")
+    if kind == _PATH:
+        _check_relative(where, value)
+    elif value.startswith("-"):
+        # An option value that looks like an option would be read as one by argparse.
+        raise ConfigError(f"{where} must not start with '-'")
+    return value
+
+
+def _check_relative(where: str, value: str) -> PurePosixPath:
+    path = PurePosixPath(value)
+    if path.is_absolute() or value.startswith("~") or "\\" in value:
+        raise ConfigError(f"{where} {value!r} must be a path relative to the job folder")
+    if ".." in path.parts:
+        raise ConfigError(f"{where} {value!r} leaves the job folder ('..' is not allowed)")
+    return path
+
+
+def resolve_in_job(job_dir: str | os.PathLike[str], value: str, *, what: str = "path") -> Path:
+    """The absolute path of ``value`` inside ``job_dir``; refused when it (or a symlink on the way)
+    leads outside the job folder."""
+    rel = _check_relative(what, value)
+    root = Path(job_dir).resolve()
+    target = (root / rel).resolve()  # follows any symlink that already exists
+    if target != root and root not in target.parents:
+        raise ConfigError(f"{what} {value!r} leads outside the job folder (through a symlink)")
+    return target
+
+
+def step_argv(step: Step, job_dir: str | os.PathLike[str]) -> list[str]:
+    """The ``rs-cluster`` arguments (after the global options) that run ``step``."""
+    command, rules = STAGES[step.stage]
+    argv = [command]
+    for key, value in step.params.items():
+        rule = rules[key]
+        if rule.kind == _FLAG:
+            if value:
+                argv.append(rule.option)
+        elif rule.kind == _PATH:
+            argv += [rule.option, str(resolve_in_job(job_dir, value, what=key))]
+        else:
+            argv.append(f"{rule.option}={value}")  # one token: a value is never read as an option
+    return argv

@@ -1,0 +1,96 @@
+"""Starting Spark for a stage: ``local[*]`` by default, a standalone or YARN master when given one.
+
+Executors must run this very Python (the venv with rasterio, petastorm, TensorFlow), so
+``PYSPARK_PYTHON`` is set to it unless the caller chose another one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+DEFAULT_MASTER = "local[*]"
+QUIET_WARNINGS = "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning:rasterio"
+_LOG4J = Path(__file__).with_name("log4j2.properties")
+
+
+def resolve_master(master: str | None) -> str:
+    return master or os.environ.get("RS_SPARK_MASTER") or DEFAULT_MASTER
+
+
+@contextlib.contextmanager
+def spark_session(master: str | None = None, app_name: str = "rs-cluster",
+                  conf: dict[str, str] | None = None, spark: Any = None) -> Iterator[Any]:
+    """Yields a SparkSession; stops it afterwards unless one was passed in as ``spark``."""
+    if spark is not None:
+        yield spark
+        return
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # Python workers inherit this: petastorm and rasterio warn about things users cannot change.
+    os.environ.setdefault("PYTHONWARNINGS", QUIET_WARNINGS)
+    quiet_library_warnings()
+    from pyspark.sql import SparkSession
+
+    master = resolve_master(master)
+    java_opts = f"-Dlog4j.configurationFile=file:{_LOG4J} -Dlog4j2.configurationFile=file:{_LOG4J}"
+    settings = {
+        "spark.ui.showConsoleProgress": "false",
+        "spark.driver.memory": os.environ.get("RS_SPARK_DRIVER_MEMORY", "2g"),
+        "spark.driver.extraJavaOptions": java_opts,
+        "spark.executor.extraJavaOptions": java_opts,
+        "spark.executorEnv.PYSPARK_PYTHON": os.environ["PYSPARK_PYTHON"],
+        "spark.executorEnv.PYTHONWARNINGS": os.environ["PYTHONWARNINGS"],
+        "spark.sql.parquet.compression.codec": "snappy",
+    }
+    if master.startswith("local") or "127.0.0.1" in master or "localhost" in master:
+        settings.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
+                         "spark.ui.enabled": "false"})
+    settings.update(conf or {})
+    builder = SparkSession.builder.master(master).appName(app_name)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+def quiet_library_warnings() -> None:
+    """Silences deprecation chatter of pinned libraries (petastorm on pyarrow 10) in this process."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(petastorm|pyarrow|pyspark)(\..*)?$")
+    warnings.filterwarnings("ignore", module=r"rasterio(\..*)?$", message=".*georeferenc.*")
+
+
+class Poller:
+    """Calls ``fn`` every ``interval`` seconds on a daemon thread until stopped (progress polling)."""
+
+    def __init__(self, fn: Callable[[], None], interval: float = 0.5) -> None:
+        self._fn = fn
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rs-progress")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with contextlib.suppress(Exception):  # progress must never break the job
+                self._fn()
+
+    def __enter__(self) -> "Poller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self._fn()

@@ -1,0 +1,130 @@
+"""Building job specs for the cluster (the plugin's own copy of the schema, not an import).
+
+The cluster validates the spec again on arrival (``rs_cluster.jobspec``); checking here as well
+lets the GUI refuse a bad value before anything is uploaded. A contract test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from rs_qgis_plugin.core.errors import SpecError
+
+SCHEMA_VERSION = 1
+
+# stage -> parameter -> kind; mirrors the cluster's whitelist.
+STAGE_PARAMS: dict[str, dict[str, str]] = {
+    "prepare": {"images": "path", "masks": "path", "output": "path", "tile_size": "int",
+                "stride": "int", "split": "split", "seed": "int", "master": "str",
+                "overwrite": "flag", "skip_bad": "flag"},
+    "train": {"data": "path", "model_dir": "path", "epochs": "int", "batch_size": "int",
+              "num_proc": "int", "master": "str", "lr": "float", "patience": "int",
+              "resume": "flag", "overwrite": "flag", "base_filters": "int", "seed": "int"},
+    "predict": {"model": "path", "input": "path", "output": "path", "overlap": "int",
+                "batch_size": "int", "threshold": "float", "probabilities": "flag",
+                "polygons": "flag", "master": "str", "fail_fast": "flag"},
+    "evaluate": {"pred": "path", "truth": "path", "json": "path"},
+    "sleep": {"seconds": "float", "steps": "int", "children": "int", "fail": "flag"},
+}
+OUTPUT_PARAMS = ("json", "model_dir", "output")
+
+
+def new_job_id() -> str:
+    """UTC time plus random hex: sortable, unique, safe as a folder name."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def check_relative_path(value: str, what: str = "path") -> str:
+    path = PurePosixPath(value)
+    if not value or path.is_absolute() or value.startswith("~") or "\\" in value:
+        raise SpecError(f"{what} {value!r} must be a path relative to the job folder")
+    if ".." in path.parts:
+        raise SpecError(f"{what} {value!r} leaves the job folder")
+    return str(path)
+
+
+@dataclass(frozen=True)
+class JobStep:
+    stage: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_PARAMS:
+            raise SpecError(f"unknown stage {self.stage!r}; one of {', '.join(STAGE_PARAMS)}")
+        kinds = STAGE_PARAMS[self.stage]
+        for key, value in self.params.items():
+            kind = kinds.get(key)
+            what = f"{self.stage}.{key}"
+            if kind is None:
+                raise SpecError(f"stage {self.stage!r} has no parameter {key!r}")
+            if kind == "flag" and not isinstance(value, bool):
+                raise SpecError(f"{what} must be true or false")
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise SpecError(f"{what} must be an integer")
+            if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise SpecError(f"{what} must be a number")
+            if kind == "path":
+                check_relative_path(value, what)
+            if kind == "str" and (not isinstance(value, str) or not value or value.startswith("-")):
+                raise SpecError(f"{what} must be a non-empty text not starting with '-'")
+            if kind == "split" and (not isinstance(value, (list, tuple)) or len(value) != 3):
+                raise SpecError(f"{what} must be three fractions")
+
+    def to_dict(self) -> dict[str, Any]:
+        params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
+        return {"stage": self.stage, "params": params}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    steps: tuple[JobStep, ...]
+    job_id: str = field(default_factory=new_job_id)
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise SpecError("a job needs at least one step")
+        object.__setattr__(self, "steps", tuple(self.steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "job_id": self.job_id, "name": self.name,
+                "steps": [s.to_dict() for s in self.steps]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n"
+
+    def outputs(self) -> list[str]:
+        return [s.params[k] for s in self.steps for k in OUTPUT_PARAMS if k in s.params]
+
+
+class JobSpecBuilder:
+    """Collects steps, e.g. ``JobSpecBuilder("Xiamen").prepare(images=..., masks=...).build()``."""
+
+    def __init__(self, name: str, job_id: str | None = None) -> None:
+        self._name = name
+        self._job_id = job_id or new_job_id()
+        self._steps: list[JobStep] = []
+
+    def step(self, stage: str, **params: Any) -> JobSpecBuilder:
+        self._steps.append(JobStep(stage, params))
+        return self
+
+    def prepare(self, **params: Any) -> JobSpecBuilder:
+        return self.step("prepare", **params)
+
+    def train(self, **params: Any) -> JobSpecBuilder:
+        return self.step("train", **params)
+
+    def predict(self, **params: Any) -> JobSpecBuilder:
+        return self.step("predict", **params)
+
+    def evaluate(self, **params: Any) -> JobSpecBuilder:
+        return self.step("evaluate", **params)
+
+    def build(self) -> JobSpec:
+        return JobSpec(name=self._name, steps=tuple(self._steps), job_id=self._job_id)

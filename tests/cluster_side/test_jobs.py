@@ -1,0 +1,220 @@
+"""Jobs on the cluster side: spec validation, the detached runner, status, events, cancel.
+
+Jobs run the real ``rs-cluster`` runner and the ``selftest-sleep`` stage in real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rs_cluster import jobs
+from rs_cluster.errors import ConfigError
+from rs_cluster.jobspec import parse_job_spec, resolve_in_job, step_argv
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "cluster_side")}
+    proc = subprocess.run([sys.executable, "-m", "rs_cluster", "--quiet", *args[:2],
+                           "--workspace", str(workspace), *args[2:]],
+                          capture_output=True, text=True, env=env, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rs-cluster {args} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def sleep_spec(job_id: str, **params: object) -> dict:
+    return {"schema_version": 1, "job_id": job_id, "name": f"sleep {job_id}",
+            "steps": [{"stage": "sleep", "params": {"seconds": 1, "steps": 4, **params}}]}
+
+
+def write_spec(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / f"{spec['job_id']}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+def status_of(workspace: Path, job_id: str) -> dict:
+    return json.loads(cli(workspace, "job", "status", job_id, "--json").stdout)
+
+
+def job_pids(job_id: str) -> list[int]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(jobs.ENV_JOB_ID) == job_id and proc.status() != "zombie":
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+# -- spec ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"schema_version": 2}, "schema_version 2 is not supported"),
+    ({"colour": "red"}, "unknown key(s) in the job spec: colour"),
+    ({"job_id": "../x"}, "job id"),
+    ({"steps": []}, "non-empty list"),
+    ({"steps": [{"stage": "shell", "params": {}}]}, "steps[0].stage 'shell'"),
+    ({"steps": [{"stage": "prepare", "params": {"images": "/etc"}}]}, "relative to the job folder"),
+    ({"steps": [{"stage": "prepare", "params": {"images": "inputs/../../x"}}]}, "'..' is not allowed"),
+    ({"steps": [{"stage": "prepare", "params": {"images": "~root"}}]}, "relative to the job folder"),
+    ({"steps": [{"stage": "prepare", "params": {"exec": "x"}}]}, "unknown parameter"),
+    ({"steps": [{"stage": "prepare", "params": {"tile_size": "128; rm -rf /"}}]}, "integer"),
+    ({"steps": [{"stage": "prepare", "params": {"master": "--conf=x"}}]}, "must not start with '-'"),
+    ({"steps": [{"stage": "sleep", "params": {"fail": "yes"}}]}, "true or false"),
+])
+def test_bad_specs_are_refused_naming_the_problem(tmp_path, change, message):
+    spec = {**sleep_spec("bad"), **change}
+    with pytest.raises(ConfigError) as e:
+        parse_job_spec(spec, tmp_path)
+    assert message in str(e.value)
+
+
+def test_symlink_out_of_the_job_folder_is_refused(tmp_path):
+    job = tmp_path / "job"
+    (job / "inputs").mkdir(parents=True)
+    (job / "inputs" / "images").symlink_to("/etc")
+    spec = {"schema_version": 1, "job_id": "j", "steps": [
+        {"stage": "prepare", "params": {"images": "inputs/images"}}]}
+    with pytest.raises(ConfigError, match="outside the job folder"):
+        parse_job_spec(spec, job)
+
+
+def test_step_becomes_an_argument_list_of_whitelisted_options(tmp_path):
+    spec = parse_job_spec({"schema_version": 1, "job_id": "j", "steps": [{"stage": "prepare", "params": {
+        "images": "inputs/my images", "masks": "inputs/masks", "output": "outputs/ds",
+        "tile_size": 128, "split": [0.8, 0.1, 0.1], "overwrite": True, "skip_bad": False}}]},
+        tmp_path)
+    root = tmp_path.resolve()
+    assert step_argv(spec.steps[0], tmp_path) == [
+        "prepare", "--images", str(root / "inputs/my images"), "--masks", str(root / "inputs/masks"),
+        "--output", str(root / "outputs/ds"), "--tile-size=128", "--split=0.8,0.1,0.1", "--overwrite"]
+    assert spec.outputs() == ["outputs/ds"]
+    assert resolve_in_job(tmp_path, "outputs") == root / "outputs"
+
+
+def test_submit_refuses_an_unknown_schema_version(tmp_path):
+    spec = write_spec(tmp_path, {**sleep_spec("v9"), "schema_version": 9})
+    proc = cli(tmp_path / "ws", "job", "submit", str(spec), check=False)
+    assert proc.returncode == 2
+    assert "schema_version 9 is not supported" in proc.stderr
+    assert not (tmp_path / "ws" / "jobs" / "v9").exists()
+
+
+def test_submit_refuses_a_job_folder_outside_the_workspace(tmp_path):
+    job = tmp_path / "elsewhere" / "j1"
+    job.mkdir(parents=True)
+    (job / "job.json").write_text(json.dumps(sleep_spec("j1")))
+    proc = cli(tmp_path / "ws", "job", "submit", str(job), check=False)
+    assert proc.returncode == 2 and "is not the folder of job 'j1'" in proc.stderr
+
+
+# -- running jobs -------------------------------------------------------------------------------
+
+def test_job_runs_detached_and_reports_status_and_events(tmp_path):
+    ws = tmp_path / "ws"
+    spec = write_spec(tmp_path, sleep_spec("ok1"))
+    started = time.monotonic()
+    out = cli(ws, "job", "submit", str(spec), "--json").stdout
+    assert time.monotonic() - started < 10  # submit returns while the job runs
+    submitted = json.loads(out)
+    assert submitted["job_id"] == "ok1" and submitted["state"] in ("running", "succeeded")
+    running = status_of(ws, "ok1")
+    assert running["pid"] and running["state"] in ("running", "succeeded")
+
+    final = wait_for(lambda: (s := status_of(ws, "ok1"))["state"] == "succeeded" and s)
+    assert final["progress"] == 100.0 and final["exit_code"] == 0 and final["finished"]
+    events = [json.loads(x) for x in cli(ws, "job", "events", "ok1").stdout.splitlines()]
+    sleep_progress = [e for e in events if e["stage"] == "sleep" and e["event"] == "progress"]
+    assert [e["done"] for e in sleep_progress] == [1, 2, 3, 4]
+    later = cli(ws, "job", "events", "ok1", "--since", str(len(events) - 1)).stdout.splitlines()
+    assert [json.loads(x) for x in later] == events[-1:]
+    assert "selftest-sleep" in (ws / "jobs" / "ok1" / "log.txt").read_text()
+    listed = json.loads(cli(ws, "job", "list", "--json").stdout)
+    assert [(j["job_id"], j["state"]) for j in listed] == [("ok1", "succeeded")]
+    cli(ws, "job", "clean", "ok1")
+    assert not (ws / "jobs" / "ok1").exists()
+
+
+def test_failing_step_marks_the_job_failed_with_the_error(tmp_path):
+    ws = tmp_path / "ws"
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec("bad1", seconds=0.2, fail=True))))
+    final = wait_for(lambda: (s := status_of(ws, "bad1"))["state"] == "failed" and s)
+    assert "failed on purpose" in final["message"]
+    assert final["exit_code"] != 0
+
+
+def test_runner_killed_outright_is_reported_failed(tmp_path):
+    ws = tmp_path / "ws"
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec("dead1", seconds=60))))
+    status = status_of(ws, "dead1")
+    os.kill(status["pid"], signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(status["pid"]))
+    final = status_of(ws, "dead1")
+    assert final["state"] == "failed"
+    assert f"pid {status['pid']}" in final["message"] and "killed" in final["message"]
+    cli(ws, "job", "cancel", "dead1")  # stops the orphaned step too
+    assert job_pids("dead1") == []
+
+
+def test_cancel_stops_every_process_of_the_job(tmp_path):
+    ws = tmp_path / "ws"
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec("can1", seconds=60, children=3))))
+    # runner + step + 3 children, one of which left the job's session as a JVM might
+    wait_for(lambda: len(job_pids("can1")) >= 5)
+    session = status_of(ws, "can1")["pgid"]
+    out = json.loads(cli(ws, "job", "cancel", "can1", "--json").stdout)
+    assert out["state"] == "cancelled"
+    assert job_pids("can1") == []
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == session:
+                left.append(proc.pid)
+        except OSError:
+            continue
+    assert left == []
+    assert status_of(ws, "can1")["state"] == "cancelled"
+    assert cli(ws, "job", "clean", "can1").returncode == 0
+
+
+def test_clean_refuses_a_running_job_and_unknown_jobs(tmp_path):
+    ws = tmp_path / "ws"
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec("run1", seconds=60))))
+    proc = cli(ws, "job", "clean", "run1", check=False)
+    assert proc.returncode == 2 and "still running; cancel it first" in proc.stderr
+    cli(ws, "job", "cancel", "run1")
+    missing = cli(ws, "job", "status", "nope", check=False)
+    assert missing.returncode == 2 and "no job 'nope'" in missing.stderr
+
+
+def test_env_reports_versions_as_json():
+    out = subprocess.run([sys.executable, "-m", "rs_cluster", "env"], capture_output=True,
+                         text=True, check=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "cluster_side")}).stdout
+    info = json.loads(out)
+    assert info["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert {"rs_cluster", "spark", "horovod", "tensorflow", "gpus"} <= set(info)
+    assert isinstance(info["gpus"], list)
