@@ -105,7 +105,6 @@ def inspect_pair(pair: RasterPair) -> PairInfo:
         crs_wkt = img.crs.to_wkt() if img.crs else ""
         transform = tuple(img.transform)[:6]
         image_bands = img.count
-        _check_decodes(img, pair.image)
     with _open(pair.mask) as msk:
         if msk.count not in (1, 3):
             raise InputError(f"{pair.mask}: has {msk.count} bands; a mask must have 1 band "
@@ -114,20 +113,8 @@ def inspect_pair(pair: RasterPair) -> PairInfo:
             raise InputError(f"{pair.mask}: is {msk.width}x{msk.height} px but its image "
                              f"{os.path.basename(pair.image)} is {width}x{height} px")
         mask_bands = msk.count
-        _check_decodes(msk, pair.mask)
     return PairInfo(pair=pair, width=width, height=height, image_bands=image_bands,
                     mask_bands=mask_bands, crs_wkt=crs_wkt, transform=transform)  # type: ignore[arg-type]
-
-
-def _check_decodes(src, path: str) -> None:
-    """Decodes the last strip: a truncated file fails here, not halfway through the Spark job."""
-    from rasterio.windows import Window as RioWindow
-
-    rows = min(src.height, 16)
-    try:
-        src.read(1, window=RioWindow(0, src.height - rows, src.width, rows))
-    except Exception as e:  # rasterio raises several types for bad data
-        raise RasterReadError(f"{path}: corrupt or truncated raster ({_short(e)})") from e
 
 
 def read_strip(info: PairInfo, windows: Iterable[Window]) -> Iterable[tuple[Window, np.ndarray, np.ndarray]]:
@@ -138,15 +125,8 @@ def read_strip(info: PairInfo, windows: Iterable[Window]) -> Iterable[tuple[Wind
     top = min(w.row_off for w in windows)
     bottom = max(w.row_stop for w in windows)
     strip = RioWindow(0, top, info.width, bottom - top)
-    try:
-        with _open(info.pair.image) as img:
-            image = img.read((1, 2, 3), window=strip)  # bands, rows, cols
-        with _open(info.pair.mask) as msk:
-            mask = msk.read(window=strip)
-    except RasterReadError:
-        raise
-    except Exception as e:
-        raise RasterReadError(f"{info.pair.image}: cannot read rows {top}-{bottom} ({_short(e)})") from e
+    image = _read(info.pair.image, strip, (1, 2, 3))  # bands, rows, cols
+    mask = _read(info.pair.mask, strip, None)
     if mask.shape[0] == 3 and not (np.array_equal(mask[0], mask[1]) and np.array_equal(mask[0], mask[2])):
         raise InputError(f"{info.pair.mask}: its 3 bands differ; a mask must have 1 band or "
                          "3 identical bands")
@@ -156,6 +136,15 @@ def read_strip(info: PairInfo, windows: Iterable[Window]) -> Iterable[tuple[Wind
         rs = slice(w.row_off - top, w.row_stop - top)
         cs = slice(w.col_off, w.col_stop)
         yield w, image[rs, cs], building[rs, cs]
+
+
+def _read(path: str, window, bands) -> np.ndarray:
+    with _open(path) as src:
+        try:
+            return src.read(bands, window=window)
+        except Exception as e:  # rasterio raises several types for undecodable data
+            raise RasterReadError(f"{path}: corrupt or truncated raster, rows {window.row_off}-"
+                                  f"{window.row_off + window.height} cannot be decoded ({_short(e)})") from e
 
 
 def window_transform(info: PairInfo, w: Window) -> tuple[float, ...]:

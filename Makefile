@@ -1,0 +1,64 @@
+# Two commands do everything on a fresh Debian 12 machine (as root, or with sudo):
+#   make demo   prepare -> train -> predict -> evaluate on real dev imagery, picture in build/demo/
+#   make test   every test tier (cluster side, contract, SSH, QGIS plugin)
+# Each calls `setup` first, which installs what the machine lacks and is a no-op afterwards.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+QGIS_VENV   := .venv-qgis
+PYTHON      ?= $(shell command -v python3.11 || echo /usr/bin/python3.11)
+DATA        ?= $(abspath ../shared/data/dev)
+BUILD       := build
+EPOCHS      ?= 3
+WORKERS     ?= 2
+PYTEST_ARGS ?=
+
+export RS_DEV_DATA := $(DATA)
+export PYTHONDONTWRITEBYTECODE := 1
+# Spark and Horovod talk over loopback only.
+export SPARK_LOCAL_IP := 127.0.0.1
+
+.PHONY: help setup setup-system setup-venvs demo test test-cluster test-plugin lint bench \
+        bench-prepare package install-plugin clean
+
+help:
+	@echo "make demo   - run the whole pipeline on real dev imagery (writes $(BUILD)/demo/)"
+	@echo "make test   - run every test tier"
+	@echo "make bench  - run the benchmarks (prints ratios against their baselines)"
+	@echo "make lint   - ruff on both packages"
+	@echo "Options: DATA=$(DATA) EPOCHS=$(EPOCHS) WORKERS=$(WORKERS)"
+
+setup: setup-system setup-venvs
+
+setup-system:
+	@bash scripts/setup-system.sh
+
+setup-venvs:
+	@bash scripts/setup-venv.sh $(VENV) $(PYTHON)
+	@bash scripts/setup-qgis-venv.sh $(QGIS_VENV)
+
+demo: setup
+	@$(VENV)/bin/python scripts/demo.py --data "$(DATA)" --out $(BUILD)/demo \
+	    --epochs $(EPOCHS) --workers $(WORKERS) --qgis-python $(QGIS_VENV)/bin/python
+
+test: setup test-cluster test-plugin
+
+test-cluster:
+	$(VENV)/bin/python -m pytest tests/cluster_side tests/contract $(PYTEST_ARGS)
+
+test-plugin:
+	QT_QPA_PLATFORM=offscreen $(QGIS_VENV)/bin/python -m pytest tests/rs_qgis_plugin $(PYTEST_ARGS)
+
+lint:
+	$(VENV)/bin/ruff check cluster_side rs_qgis_plugin tests benchmarks scripts
+
+bench: setup
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
+
+bench-prepare: setup
+	$(VENV)/bin/python benchmarks/bench_prepare.py
+
+clean:
+	rm -rf $(BUILD) .pytest_cache
