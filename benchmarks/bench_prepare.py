@@ -24,9 +24,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "cluster_side"))
 
 from rs_cluster.prepare import PrepareConfig, run_prepare  # noqa: E402
-from rs_cluster.rasters import inspect_pair, pair_rasters, read_strip  # noqa: E402
+from rs_cluster.rasters import inspect_pair, pair_rasters, read_tiles  # noqa: E402
 from rs_cluster.spark import quiet_library_warnings, spark_session  # noqa: E402
-from rs_cluster.windows import tile_windows, window_rows  # noqa: E402
+from rs_cluster.windows import tile_windows  # noqa: E402
 
 DEFAULT_SUBSETS = ("inria_austin_chicago", "inria_png_austin_chicago", "whu_aerial_christchurch",
                    "whu_satellite", "xiamen_robosat_z18", "kampala_oam_fair", "dubai_mbrsc_hitl",
@@ -63,11 +63,10 @@ def single_process(images: Path, masks: Path, out: Path, tile: int) -> int:
         for pair in pairs:
             info = inspect_pair(pair)
             batch: dict[str, list] = {"tile_id": [], "image": [], "mask": []}
-            for strip in window_rows(tile_windows(info.height, info.width, tile)):
-                for w, image, mask in read_strip(info, strip):
-                    batch["tile_id"].append(f"{pair.raster_id}:{w.row_off}:{w.col_off}")
-                    batch["image"].append(encode(image))
-                    batch["mask"].append(encode(mask))
+            for w, image, mask in read_tiles(info, tile_windows(info.height, info.width, tile)):
+                batch["tile_id"].append(f"{pair.raster_id}:{w.row_off}:{w.col_off}")
+                batch["image"].append(encode(image))
+                batch["mask"].append(encode(mask))
             writer.write_table(pa.table(batch, schema=schema))
             tiles += len(batch["tile_id"])
     return tiles

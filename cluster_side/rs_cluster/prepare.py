@@ -23,7 +23,7 @@ from rs_cluster.dataset import (DATASET_FORMAT, DATASET_FORMAT_VERSION, DATASET_
                                 tile_schema)
 from rs_cluster.errors import ConfigError, InputError, OutputExistsError, RsClusterError
 from rs_cluster.progress import Reporter
-from rs_cluster.rasters import PairInfo, RasterPair, inspect_pair, pair_rasters, read_strip, window_transform
+from rs_cluster.rasters import PairInfo, RasterPair, inspect_pair, pair_rasters, read_tiles, window_transform
 from rs_cluster.spark import Poller, resolve_master, spark_session
 from rs_cluster.windows import Window, tile_windows, window_rows
 
@@ -190,22 +190,21 @@ def _encode_tasks(batches: Iterable[Any], schema: Any, accumulator: Any) -> Iter
             columns: dict[str, list] = {name: [] for name in arrow_schema.names}
             building = 0
             try:
-                for strip in window_rows(list(task.windows)):
-                    for w, image, mask in read_strip(info, strip):
-                        building += int(mask.sum())
-                        row = {
-                            "tile_id": f"{info.pair.raster_id}:{w.row_off}:{w.col_off}",
-                            "raster_id": info.pair.raster_id,
-                            "row_off": w.row_off,
-                            "col_off": w.col_off,
-                            "image": image,
-                            "mask": mask,
-                            "crs": info.crs_wkt,
-                            "transform": _as_float_array(window_transform(info, w)),
-                        }
-                        for name, value in row.items():
-                            field_ = fields_[name]
-                            columns[name].append(field_.codec.encode(field_, value))
+                for w, image, mask in read_tiles(info, task.windows):
+                    building += int(mask.sum())
+                    row = {
+                        "tile_id": f"{info.pair.raster_id}:{w.row_off}:{w.col_off}",
+                        "raster_id": info.pair.raster_id,
+                        "row_off": w.row_off,
+                        "col_off": w.col_off,
+                        "image": image,
+                        "mask": mask,
+                        "crs": info.crs_wkt,
+                        "transform": _as_float_array(window_transform(info, w)),
+                    }
+                    for name, value in row.items():
+                        field_ = fields_[name]
+                        columns[name].append(field_.codec.encode(field_, value))
             except RsClusterError as e:
                 raise RuntimeError(f"{_MARK}{info.pair.raster_id}{_SEP}{e}{_MARK}") from None
             columns["image"] = [bytes(v) for v in columns["image"]]
@@ -386,10 +385,9 @@ def _write_split(session: Any, schema: Any, tasks: list[_Task], url: str, acc: A
 def _recount(sc: Any, tasks: list[_Task]) -> dict[str, tuple[int, int]]:
     def count(task: _Task) -> tuple[str, tuple[int, int]]:
         n = px = 0
-        for strip in window_rows(list(task.windows)):
-            for _, _, mask in read_strip(task.info, strip):
-                n += 1
-                px += int(mask.sum())
+        for _, _, mask in read_tiles(task.info, task.windows):
+            n += 1
+            px += int(mask.sum())
         return task.info.pair.raster_id, (n, px)
 
     sums: dict[str, tuple[int, int]] = {}

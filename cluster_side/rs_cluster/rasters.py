@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from rs_cluster.errors import InputError, RasterReadError
-from rs_cluster.windows import Window
+from rs_cluster.windows import Window, window_rows
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt")
 
@@ -117,34 +117,38 @@ def inspect_pair(pair: RasterPair) -> PairInfo:
                     mask_bands=mask_bands, crs_wkt=crs_wkt, transform=transform)  # type: ignore[arg-type]
 
 
-def read_strip(info: PairInfo, windows: Iterable[Window]) -> Iterable[tuple[Window, np.ndarray, np.ndarray]]:
-    """Reads the rows covered by ``windows`` once and yields (window, image HxWx3, mask HxWx1 0/1)."""
+def read_tiles(info: PairInfo, windows: Iterable[Window]) -> Iterator[tuple[Window, np.ndarray, np.ndarray]]:
+    """Yields (window, image HxWx3, mask HxWx1 of 0/1) for ``windows``, reading strip by strip.
+
+    Both files are opened once and read top to bottom one strip of windows at a time: formats
+    that cannot seek (PNG) then decode each row once, and memory holds one strip, not the raster.
+    """
     from rasterio.windows import Window as RioWindow
 
-    windows = list(windows)
-    top = min(w.row_off for w in windows)
-    bottom = max(w.row_stop for w in windows)
-    strip = RioWindow(0, top, info.width, bottom - top)
-    image = _read(info.pair.image, strip, (1, 2, 3))  # bands, rows, cols
-    mask = _read(info.pair.mask, strip, None)
-    if mask.shape[0] == 3 and not (np.array_equal(mask[0], mask[1]) and np.array_equal(mask[0], mask[2])):
-        raise InputError(f"{info.pair.mask}: its 3 bands differ; a mask must have 1 band or "
-                         "3 identical bands")
-    image = np.ascontiguousarray(image.transpose(1, 2, 0))
-    building = (mask[0] != 0).astype(np.uint8)[..., None]
-    for w in windows:
-        rs = slice(w.row_off - top, w.row_stop - top)
-        cs = slice(w.col_off, w.col_stop)
-        yield w, image[rs, cs], building[rs, cs]
+    with _open(info.pair.image) as img, _open(info.pair.mask) as msk:
+        for strip_windows in window_rows(sorted(windows)):
+            top = strip_windows[0].row_off
+            bottom = max(w.row_stop for w in strip_windows)
+            strip = RioWindow(0, top, info.width, bottom - top)
+            image = _read(img, info.pair.image, strip, (1, 2, 3)).transpose(1, 2, 0)
+            mask = _read(msk, info.pair.mask, strip, None)
+            if mask.shape[0] == 3 and not (np.array_equal(mask[0], mask[1])
+                                           and np.array_equal(mask[0], mask[2])):
+                raise InputError(f"{info.pair.mask}: its 3 bands differ; a mask must have 1 band or "
+                                 "3 identical bands")
+            building = (mask[0] != 0).astype(np.uint8)[..., None]
+            for w in strip_windows:
+                rs = slice(w.row_off - top, w.row_stop - top)
+                cs = slice(w.col_off, w.col_stop)
+                yield w, np.ascontiguousarray(image[rs, cs]), building[rs, cs]
 
 
-def _read(path: str, window, bands) -> np.ndarray:
-    with _open(path) as src:
-        try:
-            return src.read(bands, window=window)
-        except Exception as e:  # rasterio raises several types for undecodable data
-            raise RasterReadError(f"{path}: corrupt or truncated raster, rows {window.row_off}-"
-                                  f"{window.row_off + window.height} cannot be decoded ({_short(e)})") from e
+def _read(src, path: str, window, bands) -> np.ndarray:
+    try:
+        return src.read(bands, window=window)
+    except Exception as e:  # rasterio raises several types for undecodable data
+        raise RasterReadError(f"{path}: corrupt or truncated raster, rows {window.row_off}-"
+                              f"{window.row_off + window.height} cannot be decoded ({_short(e)})") from e
 
 
 def window_transform(info: PairInfo, w: Window) -> tuple[float, ...]:
