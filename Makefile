@@ -60,5 +60,23 @@ bench: setup
 bench-prepare: setup
 	$(VENV)/bin/python benchmarks/bench_prepare.py
 
+# The installable plugin zip: the plugin folder with metadata.txt and resources/ inside it.
+PLUGIN_ZIP := $(BUILD)/rs_qgis_plugin.zip
+package:
+	@rm -rf $(BUILD)/package && mkdir -p $(BUILD)/package
+	@cp -r rs_qgis_plugin $(BUILD)/package/
+	@cp metadata.txt $(BUILD)/package/rs_qgis_plugin/
+	@cp -r resources $(BUILD)/package/rs_qgis_plugin/
+	@find $(BUILD)/package -name __pycache__ -prune -exec rm -rf {} +
+	@rm -f $(PLUGIN_ZIP) && cd $(BUILD)/package && python3 -m zipfile -c ../rs_qgis_plugin.zip rs_qgis_plugin
+	@echo "plugin package: $(PLUGIN_ZIP)"
+
+QGIS_PROFILE ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default
+install-plugin: package
+	@mkdir -p "$(QGIS_PROFILE)/python/plugins"
+	@rm -rf "$(QGIS_PROFILE)/python/plugins/rs_qgis_plugin"
+	@cd "$(QGIS_PROFILE)/python/plugins" && python3 -m zipfile -e "$(abspath $(PLUGIN_ZIP))" .
+	@echo "installed into $(QGIS_PROFILE)/python/plugins/rs_qgis_plugin (enable it in Plugins > Manage)"
+
 clean:
 	rm -rf $(BUILD) .pytest_cache
