@@ -151,7 +151,8 @@ def read_status(job_dir: Path) -> dict[str, Any]:
         status.update(
             state="failed", finished=utc_now(),
             message=(f"the job runner (pid {pid}) stopped without reporting an end: it was killed "
-                     "or the machine restarted; see log.txt" if pid else
+                     "or the machine restarted; see log.txt, and run `rs-cluster job cancel "
+                     f"{status.get('job_id')}` to stop any step it left running" if pid else
                      "the job runner never started; see log.txt"))
         write_status(job_dir, status)
     return status
@@ -398,9 +399,7 @@ def job_processes(job_id: str, status: dict[str, Any]) -> list[Any]:
         if proc.pid == me:
             continue
         try:
-            if session and os.getsid(proc.pid) == session:
-                found.append(proc)
-            elif proc.environ().get(ENV_JOB_ID) == job_id:
+            if session and os.getsid(proc.pid) == session or proc.environ().get(ENV_JOB_ID) == job_id:
                 found.append(proc)
         except (psutil.Error, OSError):
             continue

@@ -53,10 +53,12 @@ STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
         seed=_INT, master=_STR, overwrite=_FLAG, skip_bad=_FLAG)),
     "train": ("train", _rules(
         data=_PATH, model_dir=_PATH, epochs=_INT, batch_size=_INT, num_proc=_INT, master=_STR,
-        lr=_FLOAT, patience=_INT, resume=_FLAG, overwrite=_FLAG, base_filters=_INT, seed=_INT)),
+        lr=_FLOAT, patience=_INT, resume=_FLAG, overwrite=_FLAG, base_filters=_INT, seed=_INT,
+        dice=_FLAG, tile_size=_INT, steps_per_epoch=_INT, validation_steps=_INT,
+        warmup_epochs=_INT, threads_per_worker=_INT, nics=_STR, no_augment=_FLAG)),
     "predict": ("predict", _rules(
         model=_PATH, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
-        probabilities=_FLAG, polygons=_FLAG, master=_STR, fail_fast=_FLAG)),
+        probabilities=_FLAG, polygons=_FLAG, master=_STR, fail_fast=_FLAG, overwrite=_FLAG)),
     "evaluate": ("evaluate", _rules(pred=_PATH, truth=_PATH, json=_PATH)),
     "sleep": ("selftest-sleep", _rules(seconds=_FLOAT, steps=_INT, children=_INT, fail=_FLAG)),
 })

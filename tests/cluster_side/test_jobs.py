@@ -15,10 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from rs_cluster import jobs
 from rs_cluster.errors import ConfigError
-from rs_cluster.jobspec import parse_job_spec, resolve_in_job, step_argv
+from rs_cluster.jobspec import STAGES, parse_job_spec, resolve_in_job, step_argv
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,6 +112,16 @@ def test_step_becomes_an_argument_list_of_whitelisted_options(tmp_path):
         "--output", str(root / "outputs/ds"), "--tile-size=128", "--split=0.8,0.1,0.1", "--overwrite"]
     assert spec.outputs() == ["outputs/ds"]
     assert resolve_in_job(tmp_path, "outputs") == root / "outputs"
+
+
+def test_every_whitelisted_parameter_is_an_option_of_its_stage_command():
+    from rs_cluster.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for stage, (command, rules) in STAGES.items():
+        options = {o for a in commands[command]._actions for o in a.option_strings}
+        assert {r.option for r in rules.values()} <= options, stage
 
 
 def test_submit_refuses_an_unknown_schema_version(tmp_path):

@@ -268,3 +268,17 @@ def test_killed_run_leaves_nothing_that_looks_complete(spark, tmp_path):
     # A new run is not confused by the debris of the killed one.
     result = run_prepare(_cfg(images, masks, out), spark=spark)
     assert (out / "dataset.json").exists() and result.tiles["train"] > 0
+
+
+def test_output_given_as_url(spark, tmp_path):
+    """Outputs go through pyarrow's filesystem layer, so a URL works as well as a path.
+
+    HDFS cannot run here; a file:// URL exercises the same code path (staging, rename, dataset.json).
+    """
+    images, masks = _pairs(tmp_path)
+    url = (tmp_path / "by-url").as_uri()
+    result = run_prepare(PrepareConfig(images=str(images), masks=str(masks), output=url,
+                                       split=(1.0, 0.0, 0.0)), spark=spark)
+    assert result.tiles["train"] == 8
+    info = load_dataset(url)
+    assert len(read_split(info.split_url("train"))) == 8

@@ -1,0 +1,179 @@
+"""Jobs on the cluster, seen from the plugin: submit, watch, cancel, fetch results.
+
+Everything goes through ``rs-cluster`` on the cluster (its argument list from the profile), with
+``--json`` output parsed by :mod:`rs_qgis_plugin.core.protocol`; files go through
+:class:`rs_qgis_plugin.core.transfer.Transfers`. Safe to call from a ``QgsTask.run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from rs_qgis_plugin.core.commands import job_argv, rs_cluster_argv
+from rs_qgis_plugin.core.errors import (
+    CancelledError,
+    ProtocolError,
+    TransferError,
+)
+from rs_qgis_plugin.core.jobspec import JobSpec, check_relative_path
+from rs_qgis_plugin.core.protocol import (
+    JobStatus,
+    ProgressEvent,
+    parse_events,
+    parse_status,
+)
+from rs_qgis_plugin.core.ssh import CancelFlag, SshClient
+from rs_qgis_plugin.core.transfer import ProgressCallback, TransferResult, Transfers
+
+
+def _json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ProtocolError(f"{what}: the cluster did not answer JSON: {text[:200]!r}") from e
+
+
+class RemoteJobs:
+    def __init__(self, client: SshClient, transfers: Transfers | None = None) -> None:
+        self.client = client
+        self.profile = client.profile
+        self.transfers = transfers or Transfers(client)
+
+    def job_dir(self, job_id: str) -> str:
+        return posixpath.join(self.profile.workspace_path, "jobs", job_id)
+
+    def env(self) -> dict[str, Any]:
+        """What the cluster runs (versions, GPUs): the connection check of the settings dialog."""
+        result = self.client.run(rs_cluster_argv(self.profile, "env"), timeout=120)
+        data = _json(result.stdout, "rs-cluster env")
+        if not isinstance(data, dict):
+            raise ProtocolError(f"rs-cluster env answered {data!r}")
+        return data
+
+    def upload_inputs(self, spec: JobSpec, inputs: Mapping[str, str | os.PathLike[str]], *,
+                      progress: ProgressCallback | None = None,
+                      cancel: CancelFlag | None = None) -> list[TransferResult]:
+        """Uploads local files or folders to paths relative to the job folder (``inputs/...``)."""
+        plan: list[tuple[Path, str]] = []
+        for rel, local in inputs.items():
+            base = posixpath.join(self.job_dir(spec.job_id), check_relative_path(rel, "input"))
+            local = Path(local)
+            if local.is_dir():
+                for path in sorted(p for p in local.rglob("*") if p.is_file()):
+                    plan.append((path, posixpath.join(base, *path.relative_to(local).parts)))
+            elif local.is_file():
+                plan.append((local, base))
+            else:
+                raise TransferError(f"input {local} does not exist")
+        total = sum(p.stat().st_size for p, _ in plan)
+        done_before = 0
+        results = []
+        for path, remote in plan:
+            def each(done: int, size: int, percent: float, _base: int = done_before) -> None:
+                if progress:
+                    all_done = _base + done
+                    progress(all_done, total, 100.0 if not total else 100.0 * all_done / total)
+
+            results.append(self.transfers.upload(path, remote, progress=each, cancel=cancel))
+            done_before += path.stat().st_size
+        return results
+
+    def submit(self, spec: JobSpec, inputs: Mapping[str, str | os.PathLike[str]] | None = None,
+               *, progress: ProgressCallback | None = None,
+               cancel: CancelFlag | None = None) -> JobStatus:
+        """Uploads the inputs and the spec into the job folder, then starts the job."""
+        job_dir = self.job_dir(spec.job_id)
+        self.transfers.makedirs(posixpath.join(job_dir, "inputs"))
+        self.upload_inputs(spec, inputs or {}, progress=progress, cancel=cancel)
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("cancelled before the job was started")
+        sftp = self.client.sftp()
+        tmp = posixpath.join(job_dir, ".job.json.tmp")
+        with sftp.open(tmp, "wb") as f:
+            f.write(spec.to_json().encode("utf-8"))
+        sftp.posix_rename(tmp, posixpath.join(job_dir, "job.json"))
+        result = self.client.run(job_argv(self.profile, "submit", job_dir), timeout=120)
+        return parse_status(result.stdout)
+
+    def status(self, job_id: str) -> JobStatus:
+        return parse_status(self.client.run(job_argv(self.profile, "status", job_id)).stdout)
+
+    def events(self, job_id: str, since: int = 0) -> tuple[list[ProgressEvent], int]:
+        """Events from number ``since`` on, and the number to pass next time."""
+        out = self.client.run(job_argv(self.profile, "events", job_id, "--since", str(since)))
+        events = parse_events(out.stdout)
+        return events, since + len(events)
+
+    def cancel(self, job_id: str) -> JobStatus:
+        return parse_status(self.client.run(job_argv(self.profile, "cancel", job_id)).stdout)
+
+    def list(self) -> list[dict[str, Any]]:
+        data = _json(self.client.run(job_argv(self.profile, "list")).stdout, "rs-cluster job list")
+        if not isinstance(data, list):
+            raise ProtocolError(f"rs-cluster job list answered {str(data)[:200]}")
+        return data
+
+    def clean(self, job_id: str) -> None:
+        self.client.run(job_argv(self.profile, "clean", job_id))
+
+    def wait(self, job_id: str, *, poll_s: float = 2.0, timeout: float | None = None,
+             on_event: Callable[[ProgressEvent], None] | None = None,
+             on_status: Callable[[JobStatus], None] | None = None,
+             cancel: CancelFlag | None = None) -> JobStatus:
+        """Polls until the job ends. ``cancel`` stops the waiting, not the job (see :meth:`cancel`)."""
+        since = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            events, since = self.events(job_id, since)
+            for event in events:
+                if on_event:
+                    on_event(event)
+            status = self.status(job_id)
+            if on_status:
+                on_status(status)
+            if status.is_finished:
+                events, since = self.events(job_id, since)
+                for event in events:
+                    if on_event:
+                        on_event(event)
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {status.state} after {timeout:g} s")
+            end = time.monotonic() + poll_s
+            while time.monotonic() < end:
+                if cancel is not None and cancel.is_set():
+                    raise CancelledError(f"stopped waiting for job {job_id} (it keeps running)")
+                time.sleep(min(0.1, poll_s))
+
+    def fetch_outputs(self, job_id: str, local_dir: str | os.PathLike[str],
+                      paths: Iterable[str] | None = None, *,
+                      progress: ProgressCallback | None = None,
+                      cancel: CancelFlag | None = None) -> list[Path]:
+        """Downloads the job's results (``status.results``, or ``paths`` relative to the job
+        folder) into ``local_dir``, keeping their relative paths."""
+        job_dir = self.job_dir(job_id)
+        wanted = list(paths) if paths is not None else list(self.status(job_id).results)
+        files: list[tuple[str, str, int]] = []
+        for rel in wanted:
+            rel = check_relative_path(rel, "result")
+            for remote, size in self.transfers.walk_remote(posixpath.join(job_dir, rel)):
+                files.append((remote, posixpath.relpath(remote, job_dir), size))
+        total = sum(size for _, _, size in files)
+        fetched, done_before = [], 0
+        for remote, rel, size in files:
+            target = Path(local_dir, *rel.split("/"))
+
+            def each(done: int, _size: int, percent: float, _base: int = done_before) -> None:
+                if progress:
+                    all_done = _base + done
+                    progress(all_done, total, 100.0 if not total else 100.0 * all_done / total)
+
+            self.transfers.download(remote, target, progress=each, cancel=cancel)
+            fetched.append(target)
+            done_before += size
+        return fetched
