@@ -11,7 +11,7 @@ QGIS_VENV   := .venv-qgis
 PYTHON      ?= $(shell command -v python3.11 || echo /usr/bin/python3.11)
 DATA        ?= $(abspath ../shared/data/dev)
 BUILD       := build
-EPOCHS      ?= 3
+EPOCHS      ?= 10
 WORKERS     ?= 2
 PYTEST_ARGS ?=
 

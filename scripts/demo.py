@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "dev")
     parser.add_argument("--out", type=Path, default=REPO / "build" / "demo")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--base-filters", type=int, default=16)
     parser.add_argument("--qgis-python", default=str(REPO / ".venv-qgis" / "bin" / "python"))
@@ -77,7 +77,8 @@ def main() -> None:
     step(f"train: U-Net, {args.workers} Horovod worker(s) on Spark, {args.epochs} epoch(s)",
          [*RS_CLUSTER, "train", "--data", str(out / "tiles"), "--model-dir", str(out / "model"),
           "--epochs", str(args.epochs), "--num-proc", str(args.workers),
-          "--base-filters", str(args.base_filters), "--batch-size", "16", "--lr", "1e-3", "--overwrite"])
+          "--base-filters", str(args.base_filters), "--batch-size", "16", "--lr", "1e-3", "--dice",
+          "--patience", "0", "--overwrite"])
     step("predict: sliding windows over the held-out georeferenced raster",
          [*RS_CLUSTER, "predict", "--model", str(out / "model"), "--input", str(holdout_dir / "images"),
           "--output", str(out / "masks"), "--polygons", "--overwrite"])

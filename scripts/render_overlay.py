@@ -70,8 +70,11 @@ def main() -> int:
         print(f"render_overlay: wrote {args.out} ({width}x{height}, CRS {image.crs().authid() or 'none'})")
         return 0
     finally:
-        app.exitQgis()
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # QGIS 3.22 can crash while tearing down (exitQgis) after a headless render; the picture is
+    # already saved and flushed, so leave without the teardown.
+    os._exit(main())
