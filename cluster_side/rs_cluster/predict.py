@@ -1,0 +1,833 @@
+"""The predict stage: a trained model over whole rasters -> georeferenced building masks, with Spark.
+
+Each input raster is one Spark task. The task slides the model's tile over the raster with overlap
+(edge windows shifted back inside, as prepare does) and blends overlapping predictions with a
+separable weight that is highest at a window's centre, so window borders leave no seam. It works
+one strip of windows at a time: only the overlap band between two strips is carried over, and
+finished rows are written block by block into a tiled, compressed GeoTIFF, so memory depends on the
+raster's width and the tile size, never on its height. Reading the next strip and writing finished
+rows run on a helper thread while the model computes.
+
+Outputs, per input ``<stem>.<ext>`` in the output folder (written under a hidden name and renamed
+into place when complete; the input is only ever opened read-only):
+
+* ``<stem>_mask.tif``: uint8, 255 building / 0 background, the source CRS and transform. Pixels
+  that are no data in the input (alpha 0, nodata value, GDAL mask) are 0 and masked out by an
+  internal mask band, so QGIS shows them transparent.
+* ``<stem>_prob.tif`` (``probabilities``): float32 building probability, same grid and mask.
+* ``<stem>_buildings.gpkg`` (``polygons``): building polygons in the source CRS (see
+  :mod:`rs_cluster.polygons`).
+* ``predict.json``: what was written and what failed, for the plugin.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import re
+import secrets
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rs_cluster import __version__
+from rs_cluster.atomic import write_json_atomic
+from rs_cluster.errors import ClusterError, ConfigError, InputError, OutputExistsError, RasterReadError, RsClusterError
+from rs_cluster.progress import Reporter
+from rs_cluster.rasters import RASTER_SUFFIXES, _open, _short, list_rasters
+from rs_cluster.spark import Poller, resolve_master, spark_session
+from rs_cluster.windows import window_starts
+
+MODEL_CARD = "model.json"
+MODEL_FORMAT = "rs-cluster-model"
+MODEL_FORMAT_VERSIONS = (1,)
+PREDICTIONS_JSON = "predict.json"
+PREDICTIONS_FORMAT = "rs-cluster-predictions"
+MASK_SUFFIX = "_mask"
+PROB_SUFFIX = "_prob"
+POLYGONS_SUFFIX = "_buildings"
+BLOCK = 256  # GeoTIFF tile side; finished rows are written in whole block rows
+# Deflate level 1: masks come out about 1.5x larger than at the default level 6, written 3x faster.
+ZLEVEL = 1
+WEIGHT_FLOOR = 0.01  # blend weight at a window's very edge: >0 so raster edges still count
+BAND_NAMES = ("red", "green", "blue")
+SCALINGS = ("divide", "none")
+
+_MARK = "<<RS-CLUSTER-ERROR>>"
+
+
+# -- the model card ------------------------------------------------------------------------------
+
+class ModelError(ConfigError):
+    """The model cannot be loaded or gives the wrong shape: no raster can be predicted with it."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What predict needs from ``model.json``, checked when loaded."""
+
+    model_dir: str
+    model_file: str
+    tile_size: int
+    bands: tuple[str, ...]
+    scaling: str
+    scale_value: float
+    threshold: float
+    architecture: str = ""
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike[str]) -> "ModelCard":
+        model_dir = os.path.abspath(model_dir)  # executors may run in another working folder
+        path = os.path.join(model_dir, MODEL_CARD)
+        if not os.path.isdir(model_dir):
+            raise ConfigError(f"{model_dir}: model folder not found")
+        try:
+            with open(path, encoding="utf-8") as f:
+                card = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found; a model folder holds model.json and the model file "
+                              "written by 'rs-cluster train'") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({_short(e)})") from None
+        if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT:
+            raise ConfigError(f"{path}: not an rs-cluster model card (format should be {MODEL_FORMAT!r})")
+        if card.get("format_version") not in MODEL_FORMAT_VERSIONS:
+            raise ConfigError(f"{path}: model card format_version {card.get('format_version')!r} is not "
+                              f"supported; this rs-cluster reads {MODEL_FORMAT_VERSIONS}")
+
+        def need(key: str, kind: type | tuple[type, ...]) -> Any:
+            value = card.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(f"{path}: {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
+            return value
+
+        model_file = os.path.join(model_dir, need("model_file", str))
+        if not os.path.exists(model_file):
+            raise ConfigError(f"{model_file}: model file named in {path} not found")
+        tile_size = need("tile_size", int)
+        if tile_size < 8:
+            raise ConfigError(f"{path}: tile_size {tile_size} is too small")
+        bands = tuple(need("bands", list))
+        if not bands or any(b not in BAND_NAMES for b in bands):
+            raise ConfigError(f"{path}: bands {list(bands)} are not supported; use names from "
+                              f"{', '.join(BAND_NAMES)}")
+        scaling = card.get("input_scaling") or {"method": "none"}
+        method = scaling.get("method") if isinstance(scaling, dict) else None
+        if method not in SCALINGS:
+            raise ConfigError(f"{path}: input_scaling {scaling!r} is not supported; expected "
+                              "{'method': 'divide', 'value': 255.0}")
+        value = float(scaling.get("value", 1.0)) if method == "divide" else 1.0
+        if value == 0:
+            raise ConfigError(f"{path}: input_scaling divides by 0")
+        threshold = float(card.get("threshold", 0.5))
+        return cls(model_dir=model_dir, model_file=model_file, tile_size=tile_size, bands=bands,
+                   scaling=method, scale_value=value, threshold=threshold,
+                   architecture=str(card.get("architecture", "")))
+
+    def scale(self, pixels: np.ndarray) -> np.ndarray:
+        x = pixels.astype(np.float32)
+        if self.scaling == "divide":
+            np.divide(x, np.float32(self.scale_value), out=x)
+        return x
+
+
+# -- configuration and result --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str
+    input: str
+    output: str
+    overlap: int = 32
+    batch_size: int = 32
+    threshold: float | None = None  # None: the model card's threshold
+    probabilities: bool = False
+    polygons: bool = False
+    master: str | None = None
+    fail_fast: bool = False
+    overwrite: bool = False
+    min_polygon_px: int = 16
+    simplify_px: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.overlap < 0:
+            raise ConfigError(f"overlap must be 0 or more pixels (got {self.overlap})")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1 (got {self.batch_size})")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"threshold must be between 0 and 1 (got {self.threshold})")
+        if self.min_polygon_px < 0 or self.simplify_px < 0:
+            raise ConfigError("min_polygon_px and simplify_px must not be negative")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PredictConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"predict: unknown setting(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    output: str
+    outputs: list[dict[str, Any]]
+    failures: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def output_names(input_path: str | os.PathLike[str]) -> dict[str, str]:
+    """File names predict writes for one input: mask, probabilities and polygons."""
+    stem = Path(input_path).stem
+    return {"mask": f"{stem}{MASK_SUFFIX}.tif", "probabilities": f"{stem}{PROB_SUFFIX}.tif",
+            "polygons": f"{stem}{POLYGONS_SUFFIX}.gpkg"}
+
+
+# -- blending ------------------------------------------------------------------------------------
+
+def blend_weights(size: int, floor: float = WEIGHT_FLOOR) -> np.ndarray:
+    """1-D window weight: a Hann bump from ``floor`` at the edges to 1 at the centre."""
+    i = np.arange(size, dtype=np.float64)
+    return (floor + (1.0 - floor) * np.sin(np.pi * (i + 0.5) / size) ** 2).astype(np.float32)
+
+
+def _inverse_coverage(length: int, starts: list[int], weight: np.ndarray) -> np.ndarray:
+    """1 / (sum of the weights of every window over each pixel) along one axis.
+
+    The 2-D weight is the outer product of 1-D weights and the windows form a full grid, so the sum
+    of 2-D weights over a pixel is the product of these two 1-D sums: no weight raster is needed.
+    """
+    total = np.zeros(length, dtype=np.float64)
+    for s in starts:
+        total[s:s + len(weight)] += weight
+    return (1.0 / total).astype(np.float32)
+
+
+# -- one raster ----------------------------------------------------------------------------------
+
+@dataclass
+class RasterStats:
+    width: int
+    height: int
+    georeferenced: bool
+    crs: str
+    windows: int
+    building_pixels: int
+    valid_pixels: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def _band_indexes(src: Any, card: ModelCard, path: str) -> tuple[list[int], int | None]:
+    """(bands to feed the model, alpha band or None), by colour interpretation, else by position."""
+    from rasterio.enums import ColorInterp
+
+    interp = {ci.name: i + 1 for i, ci in reversed(list(enumerate(src.colorinterp)))}
+    if all(name in interp for name in card.bands):
+        bands = [interp[name] for name in card.bands]
+    else:
+        bands = [BAND_NAMES.index(name) + 1 for name in card.bands]
+    needed = max(BAND_NAMES.index(name) + 1 for name in card.bands)
+    if src.count < needed or max(bands) > src.count:
+        raise InputError(f"{path}: has {src.count} band(s); the model needs {len(card.bands)} "
+                         f"({', '.join(card.bands)}); give it RGB or RGBA imagery")
+    alpha = interp.get(ColorInterp.alpha.name)
+    if alpha is None and src.count == 4 and 4 not in bands:
+        alpha = 4  # RGBA whose fourth band is not tagged as alpha
+    return bands, alpha
+
+
+def _needs_valid_mask(src: Any, alpha: int | None) -> bool:
+    from rasterio.enums import MaskFlags
+
+    if alpha is not None or src.nodata is not None:
+        return True
+    return any(flags != [MaskFlags.all_valid] for flags in src.mask_flag_enums)
+
+
+def _is_georeferenced(src: Any) -> bool:
+    from affine import Affine
+
+    return src.crs is not None or src.transform != Affine.identity() or bool(src.gcps[0])
+
+
+def _output_profile(src: Any, dtype: str, georeferenced: bool) -> dict[str, Any]:
+    profile: dict[str, Any] = {"driver": "GTiff", "width": src.width, "height": src.height, "count": 1,
+                               "dtype": dtype, "nodata": None, "tiled": True, "blockxsize": BLOCK,
+                               "blockysize": BLOCK, "compress": "deflate", "zlevel": ZLEVEL}
+    if dtype == "float32":
+        profile["predictor"] = 3
+    if georeferenced and (src.crs is not None or src.transform != _identity()):
+        profile.update(crs=src.crs, transform=src.transform)
+    return profile
+
+
+def _identity() -> Any:
+    from affine import Affine
+
+    return Affine.identity()
+
+
+class _GeoTiffSink:
+    """One single-band output GeoTIFF under a hidden name, renamed into place by :meth:`commit`."""
+
+    def __init__(self, final: str, profile: dict[str, Any], gcps: Any, token: str) -> None:
+        import rasterio
+
+        self.final = final
+        self.tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{token}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning: intended for pixel-grid input
+            self.dst = rasterio.open(self.tmp, "w", **profile)
+        if gcps is not None:
+            self.dst.gcps = gcps
+
+    def write(self, array: np.ndarray, row: int, valid: np.ndarray | None) -> None:
+        from rasterio.windows import Window as RioWindow
+
+        window = RioWindow(0, row, array.shape[1], array.shape[0])
+        self.dst.write(array, 1, window=window)
+        if valid is not None:
+            self.dst.write_mask(valid, window=window)
+
+    def commit(self) -> None:
+        self.dst.close()
+        os.replace(self.tmp, self.final)
+
+    def discard(self) -> None:
+        if not self.dst.closed:
+            self.dst.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+class _RowWriter:
+    """Collects finished rows and writes them in whole 256-row blocks (each tile compressed once)."""
+
+    def __init__(self, sinks: dict[str, _GeoTiffSink], threshold: float, with_valid: bool) -> None:
+        self.sinks = sinks
+        self.threshold = np.float32(threshold)
+        self.with_valid = with_valid
+        self.pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.pending_rows = 0
+        self.row = 0
+        self.building = 0
+        self.valid_pixels = 0
+
+    def add(self, prob: np.ndarray, valid: np.ndarray | None) -> None:
+        self.pending.append((prob, valid))
+        self.pending_rows += prob.shape[0]
+        if self.pending_rows >= BLOCK:
+            self._flush(self.pending_rows - self.pending_rows % BLOCK)
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+
+    def _flush(self, rows: int) -> None:
+        prob = np.concatenate([p for p, _ in self.pending])
+        valid = np.concatenate([v for _, v in self.pending]) if self.with_valid else None
+        head, tail = prob[:rows], prob[rows:]
+        mask = np.where(head > self.threshold, np.uint8(255), np.uint8(0))
+        valid_head = None
+        if valid is not None:
+            valid_head = valid[:rows]
+            mask[valid_head == 0] = 0
+            head = np.where(valid_head == 0, np.float32(0), head)
+            self.valid_pixels += int(np.count_nonzero(valid_head))
+        else:
+            self.valid_pixels += head.size
+        self.building += int(np.count_nonzero(mask))
+        self.sinks["mask"].write(mask, self.row, valid_head)
+        if "probabilities" in self.sinks:
+            self.sinks["probabilities"].write(np.ascontiguousarray(head), self.row, valid_head)
+        self.row += rows
+        self.pending = [(tail, valid[rows:] if valid is not None else None)] if len(tail) else []
+        self.pending_rows = len(tail)
+
+
+class _RowSource:
+    """Serves row ranges of a raster that only move down, reading whole block rows.
+
+    A window read that cuts through the source's blocks is several times slower in GDAL than one
+    aligned with them, and consecutive strips overlap; so rows are read in aligned chunks and kept
+    until no later strip needs them.
+    """
+
+    def __init__(self, src: Any, path: str, bands: list[int], alpha: int | None, with_valid: bool) -> None:
+        self.src, self.path, self.bands, self.alpha, self.with_valid = src, path, bands, alpha, with_valid
+        block_rows = max(1, src.block_shapes[0][0])
+        self.chunk = block_rows * max(1, math.ceil(BLOCK / block_rows))
+        self.top = self.bottom = 0
+        self.pixels = np.zeros((len(bands), 0, src.width), dtype=src.dtypes[0])
+        self.valid = np.zeros((0, src.width), dtype=np.uint8) if with_valid else None
+
+    def rows(self, top: int, bottom: int) -> tuple[np.ndarray, np.ndarray | None]:
+        while self.bottom < bottom:
+            self._extend()
+        drop = top - self.top
+        if drop > 0:
+            self.pixels = self.pixels[:, drop:]
+            if self.valid is not None:
+                self.valid = self.valid[drop:]
+            self.top = top
+        n = bottom - top
+        return self.pixels[:, :n], None if self.valid is None else self.valid[:n]
+
+    def _extend(self) -> None:
+        from rasterio.windows import Window as RioWindow
+
+        start = self.bottom
+        rows = min(self.chunk, self.src.height - start)
+        window = RioWindow(0, start, self.src.width, rows)
+        try:
+            pixels = self.src.read(self.bands, window=window)
+            if self.with_valid:
+                valid = self.src.dataset_mask(window=window)
+                if self.alpha is not None:
+                    valid = np.where(self.src.read(self.alpha, window=window) == 0, np.uint8(0), valid)
+        except Exception as e:  # rasterio raises several types for undecodable data
+            raise RasterReadError(f"{self.path}: corrupt or truncated raster; cannot read rows "
+                                  f"{start}-{start + rows} ({_short(e.__cause__ or e)})") from e
+        self.pixels = np.concatenate([self.pixels, pixels], axis=1)
+        if self.valid is not None:
+            self.valid = np.concatenate([self.valid, valid])
+        self.bottom = start + rows
+
+
+def predict_raster(path: str, card: ModelCard, predict_fn: Callable[[np.ndarray], np.ndarray],
+                   outputs: dict[str, str], *, overlap: int, batch_size: int, threshold: float,
+                   token: str | None = None,
+                   on_progress: Callable[[int, int], None] | None = None) -> RasterStats:
+    """Predicts one raster into the GeoTIFFs named in ``outputs`` (``mask``, ``probabilities``).
+
+    ``predict_fn`` maps a batch of raw pixels (N, T, T, bands), in the raster's data type, to
+    probabilities (N, T, T[, 1]); scaling them as the model card says is its job
+    (:func:`load_predict_fn` does it inside the compiled graph, :meth:`ModelCard.scale` in numpy).
+    ``on_progress(windows done, windows total)`` is called after each strip.
+    """
+    import rasterio
+
+    token = token or secrets.token_hex(4)
+    tile = card.tile_size
+    if not 0 <= overlap < tile:
+        raise ConfigError(f"overlap {overlap} must be smaller than the model's tile size {tile}")
+    stride = tile - overlap
+    with _open(path) as src:
+        bands, alpha = _band_indexes(src, card, path)
+        height, width = src.height, src.width
+        # The GDAL block cache would otherwise keep up to 5% of RAM of decoded blocks. Rows are
+        # read and written in whole block rows, once each: one block row of the input and of the
+        # outputs (uint8 + float32) is all it needs to hold.
+        block_rows = max(BLOCK, src.block_shapes[0][0])
+        cache_mb = 16 + math.ceil(width * block_rows * (src.count * np.dtype(src.dtypes[0]).itemsize + 5)
+                                  / 2**20)
+        with rasterio.Env(GDAL_CACHEMAX=cache_mb):
+            return _predict_open(src, path, card, predict_fn, outputs, bands, alpha, stride,
+                                 batch_size, threshold, token, on_progress, height, width)
+
+
+def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np.ndarray], np.ndarray],
+                  outputs: dict[str, str], bands: list[int], alpha: int | None, stride: int,
+                  batch_size: int, threshold: float, token: str,
+                  on_progress: Callable[[int, int], None] | None, height: int, width: int) -> RasterStats:
+
+    tile = card.tile_size
+    notes: list[str] = []
+    if src.dtypes[0] != "uint8":
+        notes.append(f"{path}: pixels are {src.dtypes[0]}; the model was trained on 8-bit imagery, "
+                     "results may be poor")
+    georeferenced = _is_georeferenced(src)
+    if not georeferenced:
+        notes.append(f"{path}: has no georeferencing; its mask is on the same pixel grid, "
+                     "without coordinates")
+    # A raster smaller than the tile is padded by mirroring; the padding is never written.
+    vh, vw = max(height, tile), max(width, tile)
+    row_starts = window_starts(vh, tile, stride)
+    col_starts = window_starts(vw, tile, stride)
+    total = len(row_starts) * len(col_starts)
+    w1 = blend_weights(tile)
+    w2 = np.outer(w1, w1)
+    row_norm = _inverse_coverage(vh, row_starts, w1)
+    col_norm = _inverse_coverage(vw, col_starts, w1)
+    with_valid = _needs_valid_mask(src, alpha)
+    gcps = src.gcps if src.gcps[0] and src.crs is None else None
+
+    source = _RowSource(src, path, bands, alpha if with_valid else None, with_valid)
+
+    def read_strip(top: int) -> tuple[np.ndarray, np.ndarray | None]:
+        pixels, valid = source.rows(top, min(top + tile, height))
+        x = pixels.transpose(1, 2, 0)
+        if x.shape[0] < tile or x.shape[1] < vw:
+            x = np.pad(x, ((0, tile - x.shape[0]), (0, vw - x.shape[1]), (0, 0)), mode="symmetric")
+        return x, valid
+
+    sinks: dict[str, _GeoTiffSink] = {}
+    try:
+        for kind in ("mask", "probabilities"):
+            if kind in outputs:
+                profile = _output_profile(src, "uint8" if kind == "mask" else "float32", georeferenced)
+                sinks[kind] = _GeoTiffSink(outputs[kind], profile, gcps, token)
+        writer = _RowWriter(sinks, threshold, with_valid)
+        acc = np.zeros((tile, vw), dtype=np.float32)
+        done = 0
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rs-predict-io") as io:
+            next_strip = io.submit(read_strip, row_starts[0])
+            writing: concurrent.futures.Future | None = None
+            for k, top in enumerate(row_starts):
+                x, valid = next_strip.result()
+                if k + 1 < len(row_starts):
+                    next_strip = io.submit(read_strip, row_starts[k + 1])
+                for b in range(0, len(col_starts), batch_size):
+                    cols = col_starts[b:b + batch_size]
+                    batch = np.stack([x[:, c:c + tile] for c in cols])
+                    prob = np.asarray(predict_fn(batch), dtype=np.float32)
+                    if prob.size != len(cols) * tile * tile:
+                        raise ModelError(f"{card.model_file}: gives {prob.shape[1:]} per window; a "
+                                         f"building probability ({tile}, {tile}, 1) was expected")
+                    prob = prob.reshape(len(cols), tile, tile)
+                    for c, p in zip(cols, prob):
+                        acc[:, c:c + tile] += p * w2
+                    done += len(cols)
+                bottom = row_starts[k + 1] if k + 1 < len(row_starts) else vh
+                n = bottom - top
+                rows = min(bottom, height) - top
+                final = acc[:rows, :width] * row_norm[top:top + rows, None] * col_norm[None, :width]
+                acc[:tile - n] = acc[n:]
+                acc[tile - n:] = 0
+                if writing is not None:
+                    writing.result()
+                writing = io.submit(writer.add, final, None if valid is None else valid[:rows])
+                if on_progress is not None:
+                    on_progress(done, total)
+            if writing is not None:
+                writing.result()
+        writer.close()
+        for sink in sinks.values():
+            sink.commit()
+    except BaseException:
+        for sink in sinks.values():
+            sink.discard()
+        raise
+    return RasterStats(width=width, height=height, georeferenced=georeferenced,
+                       crs=src.crs.to_string() if src.crs else "", windows=total,
+                       building_pixels=writer.building, valid_pixels=writer.valid_pixels,
+                       warnings=notes)
+
+
+# -- executor side -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _RasterJob:
+    index: int
+    input: str
+    outputs: dict[str, str]
+    card: ModelCard
+    overlap: int
+    batch_size: int
+    threshold: float
+    polygons: str | None
+    min_polygon_px: int
+    simplify_px: float
+    progress_file: str
+    token: str
+    threads: int
+    fail_fast: bool
+
+
+_MODELS: dict[tuple[str, int], Callable[[np.ndarray], np.ndarray]] = {}
+
+
+def load_predict_fn(card: ModelCard, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """The model as a compiled function of a batch of raw pixels; cached per worker process."""
+    key = (card.model_file, os.stat(card.model_file).st_mtime_ns)
+    if key in _MODELS:
+        return _MODELS[key]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if threads:
+        try:  # only possible before TensorFlow's first op in this process
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+        except RuntimeError:
+            pass
+    try:
+        model = tf.keras.models.load_model(card.model_file, compile=False)
+    except Exception as e:
+        raise ModelError(f"{card.model_file}: cannot load the Keras model ({_short(e)})") from None
+    shape = [None, card.tile_size, card.tile_size, len(card.bands)]
+
+    def scaled(x: Any) -> Any:
+        x = tf.cast(x, tf.float32)
+        return x / tf.constant(card.scale_value, tf.float32) if card.scaling == "divide" else x
+
+    # 8-bit windows go to TensorFlow as they are and are scaled there: a quarter of the bytes to
+    # copy, and the scaling runs on TensorFlow's threads.
+    infer_u8 = tf.function(lambda x: model(scaled(x), training=False),
+                           input_signature=[tf.TensorSpec(shape, tf.uint8)])
+    infer_f32 = tf.function(lambda x: model(scaled(x), training=False),
+                            input_signature=[tf.TensorSpec(shape, tf.float32)])
+
+    def predict_fn(batch: np.ndarray) -> np.ndarray:
+        if batch.dtype == np.uint8:
+            return infer_u8(batch).numpy()
+        return infer_f32(batch.astype(np.float32)).numpy()
+
+    _MODELS.clear()
+    _MODELS[key] = predict_fn
+    return predict_fn
+
+
+def _run_job(job: _RasterJob) -> dict[str, Any]:
+    """Executor side: predict one raster; returns its summary, or its error unless fail-fast."""
+    started = time.monotonic()
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.5 or done == total:
+            last[0] = now
+            _write_progress(job.progress_file, done)
+
+    try:
+        return _predict_job(job, started, progress)
+    finally:
+        with open(job.progress_file + ".end", "w", encoding="utf-8"):
+            pass
+
+
+def _predict_job(job: _RasterJob, started: float, progress: Callable[[int, int], None]) -> dict[str, Any]:
+    try:
+        predict_fn = load_predict_fn(job.card, job.threads)
+        loaded, cpu = time.monotonic(), time.process_time()
+        stats = predict_raster(job.input, job.card, predict_fn, job.outputs, overlap=job.overlap,
+                               batch_size=job.batch_size, threshold=job.threshold, token=job.token,
+                               on_progress=progress)
+        summary: dict[str, Any] = {"input": job.input, **job.outputs, **asdict(stats),
+                                   "model_load_seconds": round(loaded - started, 3),
+                                   "predict_seconds": round(time.monotonic() - loaded, 3),
+                                   "predict_cpu_seconds": round(time.process_time() - cpu, 3)}
+        if job.polygons:
+            from rs_cluster.polygons import polygonize_mask
+
+            summary["polygons"] = job.polygons
+            summary["polygon_count"] = polygonize_mask(
+                job.outputs["mask"], job.polygons, min_area_px=job.min_polygon_px,
+                simplify_px=job.simplify_px, token=job.token)
+        summary["seconds"] = round(time.monotonic() - started, 3)
+        return summary
+    except ModelError as e:
+        return {"input": job.input, "error": str(e), "fatal": True}
+    except RsClusterError as e:
+        if job.fail_fast:
+            raise RuntimeError(f"{_MARK}{e}{_MARK}") from None
+        return {"input": job.input, "error": str(e)}
+    except Exception as e:  # an unexpected library error is still reported against its file
+        message = f"{job.input}: prediction failed ({type(e).__name__}: {_short(e)})"
+        if job.fail_fast:
+            raise RuntimeError(f"{_MARK}{message}{_MARK}") from None
+        return {"input": job.input, "error": message}
+
+
+def _write_progress(path: str, done: int) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(str(done))
+    os.replace(tmp, path)
+
+
+def _read_progress(folder: str) -> int:
+    total = 0
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.endswith(".done"):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    total += int(f.read() or 0)
+            except (OSError, ValueError):
+                continue
+    return total
+
+
+# -- driver side ---------------------------------------------------------------------------------
+
+def _list_inputs(path: str) -> list[str]:
+    """Absolute paths of the input rasters: executors may run in another working folder."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        found = [str(p) for p in list_rasters(path)]
+        if not found:
+            raise InputError(f"{path}: no rasters found (looked for {', '.join(RASTER_SUFFIXES)})")
+        return found
+    if not os.path.exists(path):
+        raise InputError(f"{path}: input not found (expected a raster or a folder of rasters)")
+    return [path]
+
+
+def _raster_size(path: str) -> tuple[int, int] | str:
+    """(height, width) from the header, or the error message when the raster cannot be opened."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _open(path) as src:
+                return src.height, src.width
+    except RsClusterError as e:
+        return str(e)
+
+
+def _user_error(exc: BaseException) -> str | None:
+    m = re.search(re.escape(_MARK) + r"(.*?)" + re.escape(_MARK), str(exc), re.S)
+    return m.group(1) if m else None
+
+
+def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: Any = None) -> PredictResult:
+    """Predicts building masks for ``cfg.input`` (a raster or a folder of rasters) into ``cfg.output``."""
+    reporter = reporter or Reporter()
+    started = time.monotonic()
+    card = ModelCard.load(cfg.model)
+    if cfg.overlap >= card.tile_size:
+        raise ConfigError(f"overlap {cfg.overlap} must be smaller than the model's tile size "
+                          f"{card.tile_size}")
+    threshold = card.threshold if cfg.threshold is None else cfg.threshold
+    inputs = _list_inputs(cfg.input)
+    output = os.path.abspath(cfg.output)
+
+    wanted = ["mask"] + (["probabilities"] if cfg.probabilities else []) + (["polygons"] if cfg.polygons else [])
+    planned: dict[str, dict[str, str]] = {}
+    by_stem: dict[str, str] = {}
+    for path in inputs:
+        stem = Path(path).stem
+        if stem in by_stem:
+            raise InputError(f"{path}: its outputs would overwrite those of {by_stem[stem]} "
+                             "(same file name stem); rename one of them")
+        by_stem[stem] = path
+        names = output_names(path)
+        planned[path] = {k: os.path.join(output, names[k]) for k in wanted}
+    existing = [p for outs in planned.values() for p in outs.values() if os.path.exists(p)]
+    if existing and not cfg.overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputExistsError(f"{existing[0]}: already exists{more}; pass --overwrite to replace")
+    os.makedirs(output, exist_ok=True)
+
+    failures: list[dict[str, str]] = []
+    sizes: dict[str, tuple[int, int]] = {}
+    for path in inputs:
+        size = _raster_size(path)
+        if isinstance(size, str):
+            if cfg.fail_fast:
+                raise RasterReadError(size)
+            failures.append({"input": path, "error": size})
+            reporter.warning(f"failed: {size}")
+        else:
+            sizes[path] = size
+
+    stride = card.tile_size - cfg.overlap
+
+    def windows_of(h: int, w: int) -> int:
+        t = card.tile_size
+        return len(window_starts(max(h, t), t, stride)) * len(window_starts(max(w, t), t, stride))
+
+    total_windows = sum(windows_of(h, w) for h, w in sizes.values())
+    token = f"{os.getpid()}-{secrets.token_hex(3)}"
+    progress_dir = os.path.join(output, f".predict-progress-{token}")
+    os.makedirs(progress_dir, exist_ok=True)
+    outputs: list[dict[str, Any]] = []
+    notes: list[str] = []
+    master = resolve_master(cfg.master)
+    reporter.start("predict", total=total_windows, unit="windows",
+                   message=f"predicting {len(sizes)} raster(s) on Spark ({master})")
+    try:
+        if sizes:
+            with spark_session(cfg.master, "rs-cluster predict", spark=spark) as session:
+                sc = session.sparkContext
+                slots = max(1, sc.defaultParallelism)
+                concurrent_tasks = max(1, min(len(sizes), slots))
+                threads = max(1, (os.cpu_count() or 1) // concurrent_tasks) if master.startswith("local") else 0
+                # Largest rasters first, so a big one does not start last and run alone.
+                order = sorted(sizes, key=lambda p: -sizes[p][0] * sizes[p][1])
+                jobs = [_RasterJob(
+                    index=i, input=p, outputs={k: v for k, v in planned[p].items() if k != "polygons"},
+                    card=card, overlap=cfg.overlap, batch_size=cfg.batch_size, threshold=threshold,
+                    polygons=planned[p].get("polygons"), min_polygon_px=cfg.min_polygon_px,
+                    simplify_px=cfg.simplify_px,
+                    progress_file=os.path.join(progress_dir, f"{i}.done"), token=token,
+                    threads=threads, fail_fast=cfg.fail_fast) for i, p in enumerate(order)]
+
+                def report() -> None:
+                    done = _read_progress(progress_dir)
+                    finished = sum(1 for name in os.listdir(progress_dir) if name.endswith(".end"))
+                    reporter.progress(done, total_windows, f"{finished}/{len(jobs)} rasters",
+                                      rasters_done=finished, rasters_total=len(jobs))
+
+                try:
+                    with Poller(report):
+                        results = sc.parallelize(jobs, len(jobs)).map(_run_job).collect()
+                except Exception as e:
+                    message = _user_error(e)
+                    if message is None:
+                        raise ClusterError(f"the Spark job failed ({_short(e)}); see the Spark logs "
+                                           f"of {master}") from e
+                    raise InputError(message) from None
+            for r in results:
+                if r.get("fatal"):
+                    raise ConfigError(r["error"])
+                if "error" in r:
+                    failures.append({"input": r["input"], "error": r["error"]})
+                    reporter.warning(f"failed: {r['error']}")
+                else:
+                    for note in r.pop("warnings", []):
+                        notes.append(note)
+                        reporter.warning(note)
+                    outputs.append(r)
+    finally:
+        _clean_partials(output, token, progress_dir)
+    outputs.sort(key=lambda r: r["input"])
+    seconds = time.monotonic() - started
+    write_json_atomic(os.path.join(output, PREDICTIONS_JSON), {
+        "format": PREDICTIONS_FORMAT,
+        "format_version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rs_cluster_version": __version__,
+        "model": os.path.abspath(cfg.model),
+        "tile_size": card.tile_size,
+        "bands": list(card.bands),
+        "overlap": cfg.overlap,
+        "threshold": threshold,
+        "outputs": outputs,
+        "failures": failures,
+        "warnings": notes,
+        "seconds": round(seconds, 3),
+    })
+    result = PredictResult(output=output, outputs=outputs, failures=failures, warnings=notes,
+                           seconds=seconds)
+    px = sum(r["width"] * r["height"] for r in outputs)
+    reporter.finish(f"{len(outputs)} mask(s) written to {output}"
+                    + (f", {len(failures)} input(s) failed" if failures else "")
+                    + f" in {seconds:.1f} s ({px / 1e6 / max(seconds, 1e-9):.2f} Mpx/s)",
+                    outputs=len(outputs), failures=len(failures), output=output)
+    return result
+
+
+def _clean_partials(output: str, token: str, progress_dir: str) -> None:
+    """Removes what a killed task may have left: its hidden partial files and the progress files."""
+    import shutil
+
+    shutil.rmtree(progress_dir, ignore_errors=True)
+    for name in os.listdir(output):
+        if name.startswith(".") and f".partial-{token}" in name:
+            try:
+                os.unlink(os.path.join(output, name))
+            except OSError:
+                pass

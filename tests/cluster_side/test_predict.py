@@ -1,0 +1,319 @@
+"""predict: real dev rasters, a real Keras model, a real local Spark session.
+
+The model copies the red channel (a fixed 1x1 convolution), so the exact probability it gives each
+pixel is known (red / 255): the stitched output must equal it everywhere, window borders and
+raster edges included, whatever the blending does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from rs_cluster.errors import ConfigError, InputError, OutputExistsError
+from rs_cluster.predict import ModelCard, PredictConfig, blend_weights, run_predict
+from tests import devdata
+
+pytestmark = pytest.mark.spark
+
+REPO = Path(__file__).resolve().parents[2]
+AUSTIN = devdata.subset("deeposlandia_georef_samples") / "images" / "inria_austin_sample.tif"
+XIAMEN = devdata.subset("xiamen_robosat_z18") / "images" / devdata.first_files("xiamen_robosat_z18", 1)[0]
+XIAMEN_GT = devdata.subset("xiamen_robosat_z18") / "gt" / XIAMEN.name
+AUSTIN_GT = devdata.subset("deeposlandia_georef_samples") / "gt" / AUSTIN.name
+INRIA_PNG = devdata.subset("inria_png_austin_chicago") / "images" / "austin3_45.png"
+DUBAI_PNG = devdata.subset("dubai_mbrsc_hitl") / "images" / "tile1_part_001.png"
+
+
+def build_channel_model(folder: Path, tile_size: int = 128, channel: int = 0, outputs: int = 1) -> Path:
+    """A model whose 'probability' is one input channel: a 1x1 Conv2D with weights fixed to pick it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = tf.keras.Input((None, None, 3))
+    conv = tf.keras.layers.Conv2D(outputs, 1, activation="linear")
+    model = tf.keras.Model(inputs, conv(inputs))
+    kernel = np.zeros((1, 1, 3, outputs), np.float32)
+    kernel[0, 0, channel, :] = 1.0
+    conv.set_weights([kernel, np.zeros(outputs, np.float32)])
+    model.save(folder / "model.keras")
+    (folder / "model.json").write_text(json.dumps({
+        "format": "rs-cluster-model", "format_version": 1, "model_file": "model.keras",
+        "architecture": "channel-copy", "tile_size": tile_size, "bands": ["red", "green", "blue"],
+        "input_scaling": {"method": "divide", "value": 255.0}, "threshold": 0.5, "base_filters": 1,
+        "output": "sigmoid building probability"}))
+    return folder
+
+
+def read(path: Path, band: int = 1) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(path) as src:
+            return src.read(band)
+
+
+def expected_probability(path: Path) -> np.ndarray:
+    return read(path, 1).astype(np.float32) / np.float32(255.0)
+
+
+def link(folder: Path, *paths: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        (folder / p.name).symlink_to(p)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_channel_model(tmp_path_factory.mktemp("model") / "copy-red")
+
+
+@pytest.fixture(scope="module")
+def mixed(spark, model_dir, tmp_path_factory):
+    """One predict run over georeferenced GeoTIFFs and plain PNGs, with every optional output."""
+    base = tmp_path_factory.mktemp("mixed")
+    inputs = link(base / "in", AUSTIN, XIAMEN, INRIA_PNG, DUBAI_PNG)
+    before = devdata.tree_digest(inputs)
+    out = base / "out"
+    result = run_predict(PredictConfig(model=str(model_dir), input=str(inputs), output=str(out),
+                                       overlap=32, batch_size=16, probabilities=True, polygons=True),
+                         spark=spark)
+    return inputs, out, result, before
+
+
+def test_stitched_output_equals_the_model_per_pixel(mixed):
+    """1000x1000 with 128 px windows and 32 px overlap: interior borders, shifted edge windows."""
+    _, out, result, _ = mixed
+    assert not result.failures
+    for src in (AUSTIN, XIAMEN, INRIA_PNG, DUBAI_PNG):
+        expected = expected_probability(src)
+        prob = read(out / f"{src.stem}_prob.tif")
+        assert prob.shape == expected.shape
+        np.testing.assert_allclose(prob, expected, atol=1e-6, rtol=0)
+        mask = read(out / f"{src.stem}_mask.tif")
+        np.testing.assert_array_equal(mask, np.where(expected > 0.5, 255, 0).astype(np.uint8))
+
+
+def test_blend_weight_is_highest_at_the_centre_and_never_zero():
+    w = blend_weights(128)
+    assert w.min() > 0 and w.argmax() in (63, 64) and w[0] < 0.05
+
+
+def test_masks_keep_the_source_crs_and_transform(mixed):
+    _, out, _, _ = mixed
+    for src_path in (AUSTIN, XIAMEN):
+        with rasterio.open(src_path) as src, rasterio.open(out / f"{src_path.stem}_mask.tif") as dst:
+            assert dst.crs == src.crs and dst.crs is not None
+            assert dst.transform == src.transform
+            assert (dst.width, dst.height) == (src.width, src.height)
+            assert dst.dtypes == ("uint8",)
+            assert dst.block_shapes == [(256, 256)] and dst.compression.name == "deflate"
+    with rasterio.open(out / f"{XIAMEN.stem}_mask.tif") as dst:
+        assert dst.crs.to_epsg() == 3857
+
+
+def test_png_without_georeferencing_gets_a_pixel_grid_mask_and_a_warning(mixed):
+    _, out, result, _ = mixed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(out / "austin3_45_mask.tif") as dst:
+            assert dst.crs is None and dst.transform.is_identity
+            assert (dst.width, dst.height) == (256, 256)
+    assert any("austin3_45.png" in w and "no georeferencing" in w for w in result.warnings)
+
+
+def test_summary_lists_every_output_and_inputs_are_untouched(mixed):
+    inputs, out, result, before = mixed
+    summary = json.loads((out / "predict.json").read_text())
+    assert summary["format"] == "rs-cluster-predictions" and summary["failures"] == []
+    assert sorted(Path(o["input"]).name for o in summary["outputs"]) == sorted(
+        p.name for p in (AUSTIN, XIAMEN, INRIA_PNG, DUBAI_PNG))
+    assert all(os.path.exists(o["mask"]) and os.path.exists(o["polygons"]) for o in summary["outputs"])
+    assert devdata.tree_digest(inputs) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "partial files left behind"
+
+
+def test_polygons_land_on_the_buildings_of_the_mask(spark, model_dir, tmp_path):
+    """Imagery whose red channel is the real Austin building mask, so the mask is the reference."""
+    from rasterio.features import rasterize
+
+    with rasterio.open(AUSTIN_GT) as gt:
+        profile = {**gt.profile, "count": 3, "dtype": "uint8"}
+        buildings = gt.read(1)
+    src = tmp_path / "in" / "austin_buildings.tif"
+    src.parent.mkdir()
+    with rasterio.open(src, "w", **profile) as dst:
+        dst.write(np.stack([buildings] * 3))
+    out = tmp_path / "out"
+    run_predict(PredictConfig(model=str(model_dir), input=str(src), output=str(out), polygons=True,
+                              min_polygon_px=16), spark=spark)
+    import fiona
+
+    with fiona.open(out / "austin_buildings_buildings.gpkg") as layer:
+        assert layer.crs_wkt and rasterio.crs.CRS.from_wkt(layer.crs_wkt) == profile["crs"]
+        shapes = [(dict(f.geometry), 1) for f in layer]
+        areas = [f.properties["area"] for f in layer]
+    mask = read(out / "austin_buildings_mask.tif") > 0
+    np.testing.assert_array_equal(mask, buildings > 0)
+    burnt = rasterize(shapes, out_shape=mask.shape, transform=profile["transform"], dtype="uint8") > 0
+    iou = (burnt & mask).sum() / (burnt | mask).sum()
+    assert iou > 0.95, iou
+    pixel_area = abs(profile["transform"].a * profile["transform"].e)
+    assert abs(sum(areas) / pixel_area - mask.sum()) / mask.sum() < 0.03
+
+
+def test_raster_smaller_than_the_tile_is_predicted_whole(spark, tmp_path):
+    model = build_channel_model(tmp_path / "big-tile", tile_size=320)
+    out = tmp_path / "out"
+    run_predict(PredictConfig(model=str(model), input=str(XIAMEN), output=str(out), probabilities=True,
+                              overlap=64), spark=spark)
+    np.testing.assert_allclose(read(out / f"{XIAMEN.stem}_prob.tif"), expected_probability(XIAMEN),
+                               atol=1e-6, rtol=0)
+
+
+def test_rgba_uses_rgb_and_alpha_zero_is_no_data(spark, model_dir, tmp_path):
+    with rasterio.open(XIAMEN) as src:
+        profile = {**src.profile, "count": 4}
+        rgb = src.read()
+    alpha = np.full(rgb.shape[1:], 255, np.uint8)
+    alpha[:40, :100] = 0
+    rgba = tmp_path / "in" / "rgba.tif"
+    rgba.parent.mkdir()
+    with rasterio.open(rgba, "w", **profile, photometric="RGB", alpha="YES") as dst:
+        dst.write(np.concatenate([rgb, alpha[None]]))
+    out = tmp_path / "out"
+    run_predict(PredictConfig(model=str(model_dir), input=str(rgba), output=str(out),
+                              probabilities=True), spark=spark)
+    with rasterio.open(out / "rgba_mask.tif") as dst:
+        valid = dst.dataset_mask()
+        mask = dst.read(1)
+    np.testing.assert_array_equal(valid, np.where(alpha == 0, 0, 255))
+    assert not mask[:40, :100].any()
+    expected = rgb[0].astype(np.float32) / 255
+    np.testing.assert_allclose(read(out / "rgba_prob.tif")[alpha > 0], expected[alpha > 0], atol=1e-6)
+
+
+def test_bad_inputs_are_reported_and_the_others_still_predicted(spark, model_dir, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "good.tif").symlink_to(XIAMEN)
+    (inputs / "one_band.tif").symlink_to(XIAMEN_GT)
+    (inputs / "not_a_raster.tif").write_text("this is no GeoTIFF\n")
+    data = XIAMEN.read_bytes()
+    (inputs / "truncated.tif").write_bytes(data[: len(data) // 3])
+    before = devdata.tree_digest(inputs)
+    out = tmp_path / "out"
+    result = run_predict(PredictConfig(model=str(model_dir), input=str(inputs), output=str(out)),
+                         spark=spark)
+    errors = {Path(f["input"]).name: f["error"] for f in result.failures}
+    assert sorted(errors) == ["not_a_raster.tif", "one_band.tif", "truncated.tif"]
+    assert "one_band.tif: has 1 band(s); the model needs 3 (red, green, blue)" in errors["one_band.tif"]
+    assert "not_a_raster.tif" in errors["not_a_raster.tif"]
+    assert "truncated.tif" in errors["truncated.tif"]
+    assert "corrupt" in errors["truncated.tif"] or "not a readable raster" in errors["truncated.tif"]
+    assert [Path(o["input"]).name for o in result.outputs] == ["good.tif"]
+    assert (out / "good_mask.tif").exists() and not (out / "one_band_mask.tif").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    summary = json.loads((out / "predict.json").read_text())
+    assert len(summary["failures"]) == 3
+    assert devdata.tree_digest(inputs) == before
+
+    with pytest.raises(InputError, match="one_band.tif: has 1 band"):
+        run_predict(PredictConfig(model=str(model_dir), input=str(inputs / "one_band.tif"),
+                                  output=str(tmp_path / "out2"), fail_fast=True), spark=spark)
+
+
+def test_model_folder_without_a_valid_card_is_refused(tmp_path, model_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"model.json: not found"):
+        run_predict(PredictConfig(model=str(empty), input=str(XIAMEN), output=str(tmp_path / "o")))
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    (bad / "model.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ConfigError, match="not an rs-cluster model card"):
+        ModelCard.load(bad)
+    card = json.loads((model_dir / "model.json").read_text())
+    (bad / "model.json").write_text(json.dumps({**card, "bands": ["nir"]}))
+    with pytest.raises(ConfigError, match="bands"):
+        ModelCard.load(bad)
+    with pytest.raises(ConfigError, match="overlap"):
+        run_predict(PredictConfig(model=str(model_dir), input=str(XIAMEN), output=str(tmp_path / "o"),
+                                  overlap=128))
+
+
+def test_a_model_with_the_wrong_output_stops_the_run(spark, tmp_path):
+    model = build_channel_model(tmp_path / "two-class", outputs=2)
+    with pytest.raises(ConfigError, match=r"model.keras: gives \(128, 128, 2\) per window"):
+        run_predict(PredictConfig(model=str(model), input=str(XIAMEN), output=str(tmp_path / "out")),
+                    spark=spark)
+    assert not [p for p in (tmp_path / "out").iterdir()], "nothing may be left behind"
+
+
+def test_existing_outputs_are_kept_unless_overwrite(spark, model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{XIAMEN.stem}_mask.tif").write_text("old")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_predict(PredictConfig(model=str(model_dir), input=str(XIAMEN), output=str(out)), spark=spark)
+    assert (out / f"{XIAMEN.stem}_mask.tif").read_text() == "old"
+    run_predict(PredictConfig(model=str(model_dir), input=str(XIAMEN), output=str(out), overwrite=True),
+                spark=spark)
+    assert read(out / f"{XIAMEN.stem}_mask.tif").shape == (256, 256)
+
+
+@pytest.mark.slow
+def test_cli_predicts_then_evaluates_with_progress_events(model_dir, tmp_path):
+    """The real ``rs-cluster`` command in its own process (its own local Spark), then evaluate."""
+    inputs = link(tmp_path / "in", XIAMEN)
+    truth = link(tmp_path / "truth", XIAMEN_GT)
+    events, out = tmp_path / "events.jsonl", tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "cluster_side")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "rs_cluster", "--quiet", "--events", str(events),
+                               *args], capture_output=True, text=True, env=env, timeout=300)
+
+    proc = cli("predict", "--model", str(model_dir), "--input", str(inputs), "--output", str(out),
+               "--master", "local[1]", "--polygons")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / f"{XIAMEN.stem}_mask.tif").exists() and (out / f"{XIAMEN.stem}_buildings.gpkg").exists()
+    report = tmp_path / "eval.json"
+    proc = cli("evaluate", "--pred", str(out), "--truth", str(truth), "--json", str(report))
+    assert proc.returncode == 0, proc.stderr
+    assert "pooled (all pixels)" in proc.stdout
+    assert json.loads(report.read_text())["images"][0]["name"] == XIAMEN.stem
+    kinds = [(e["stage"], e["event"]) for e in map(json.loads, events.read_text().splitlines())]
+    assert ("predict", "start") in kinds and ("predict", "finish") in kinds
+    assert ("evaluate", "metrics") in kinds
+
+    proc = cli("predict", "--model", str(tmp_path), "--input", str(inputs), "--output", str(out))
+    assert proc.returncode == 2 and "model.json: not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_standalone_cluster_predicts_each_raster_on_an_executor(standalone_cluster, model_dir, tmp_path):
+    """A real standalone master and worker: executors run in their own working folder, so the
+    relative paths given on the command line must reach them as absolute ones."""
+    link(tmp_path / "in", XIAMEN, INRIA_PNG)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "cluster_side")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rs_cluster", "--quiet", "predict", "--model", str(model_dir),
+         "--input", "in", "--output", "out", "--master", standalone_cluster.master_url,
+         "--probabilities"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "out" / "predict.json").read_text())
+    assert len(summary["outputs"]) == 2 and not summary["failures"]
+    for src in (XIAMEN, INRIA_PNG):
+        np.testing.assert_allclose(read(tmp_path / "out" / f"{src.stem}_prob.tif"),
+                                   expected_probability(src), atol=1e-6, rtol=0)
