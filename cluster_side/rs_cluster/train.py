@@ -1,0 +1,697 @@
+"""The train stage: a U-Net on a prepared tile dataset, over N workers of a training engine.
+
+The driver checks the dataset and the model folder, then has the engine (Horovod by default, see
+:mod:`rs_cluster.engine`) run :func:`train_worker` once per worker: in this process for one worker,
+as Spark tasks for more. Each worker reads its shard of the Petastorm splits; rank 0 alone writes.
+
+Everything a run writes goes to a hidden sibling of the model folder, ``.<name>.training/``::
+
+    state.json          epochs done, per-epoch metrics, best epoch, early-stopping count
+    checkpoint/         model + optimizer (tf.train.Checkpoint), for --resume
+    best-<n>.weights.h5 weights of the best epoch so far
+    events.jsonl        rank 0's progress, relayed by the driver to the reporter
+    model/              what becomes the model folder: model.keras, metrics.jsonl, logs/, model.json
+
+``model.json`` is written last and ``model/`` is then renamed to the model folder, so a model folder
+is complete or absent; an interrupted run leaves the hidden folder for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from rs_cluster import __version__
+from rs_cluster.atomic import write_json_atomic, write_text_atomic
+from rs_cluster.dataset import DatasetInfo, load_dataset
+from rs_cluster.errors import ClusterError, ConfigError, InputError, OutputExistsError
+from rs_cluster.progress import Reporter
+from rs_cluster.spark import Poller, quiet_library_warnings, resolve_master, spark_session
+
+MODEL_FORMAT = "rs-cluster-model"
+MODEL_FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+MODEL_JSON = "model.json"
+METRICS_FILE = "metrics.jsonl"
+LOGS_DIR = "logs"
+STATE_FILE = "state.json"
+CHECKPOINT_DIR = "checkpoint"
+EVENTS_FILE = "events.jsonl"
+STAGED_MODEL = "model"
+ENV_NICS = "RS_HOROVOD_NICS"
+# Kept in sync with rs_cluster.model (not imported here: it imports TensorFlow).
+DIVISOR, THRESHOLD, INPUT_SCALE, BANDS = 16, 0.5, 255.0, ["red", "green", "blue"]
+EPOCH_KEYS = ("loss", "accuracy", "iou", "val_loss", "val_accuracy", "val_iou")
+# Settings a resumed run must share with the checkpoint it continues.
+FINGERPRINT_KEYS = ("data", "tile_size", "base_filters", "dice", "engine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    model_dir: str
+    epochs: int = 30
+    batch_size: int = 16
+    num_proc: int = 1
+    master: str | None = None
+    lr: float = 1e-4
+    patience: int = 5
+    min_delta: float = 0.0  # how much val loss must fall to count as better
+    resume: bool = False
+    overwrite: bool = False
+    base_filters: int = 64
+    seed: int = 0
+    dice: bool = False
+    tile_size: int | None = None  # the model's input; default: the dataset's tile size
+    steps_per_epoch: int | None = None  # default: one pass over the train split
+    validation_steps: int | None = None  # default: the whole val split every epoch
+    warmup_epochs: int = 2
+    threads: int | None = None  # CPU threads per worker; default: the host's cores / its workers
+    nics: tuple[str, ...] | None = None
+    engine: str = "horovod"
+    start_timeout: int = 120
+    slot_wait_s: float = 30.0
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "num_proc": self.num_proc,
+                    "base_filters": self.base_filters, "start_timeout": self.start_timeout,
+                    "steps_per_epoch": self.steps_per_epoch, "validation_steps": self.validation_steps,
+                    "threads": self.threads}
+        for name, value in positive.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"train: {name} must be a whole number of at least 1 (got {value!r})")
+        if not self.lr > 0:
+            raise ConfigError(f"train: lr must be above 0 (got {self.lr})")
+        if self.patience < 0 or self.warmup_epochs < 0 or self.min_delta < 0:
+            raise ConfigError("train: patience, min_delta and warmup_epochs must not be negative")
+        if self.tile_size is not None and (self.tile_size < DIVISOR or self.tile_size % DIVISOR):
+            raise ConfigError(f"train: the U-Net needs a tile size that is a multiple of {DIVISOR} "
+                              f"(got {self.tile_size})")
+        if self.resume and self.overwrite:
+            raise ConfigError("train: --resume and --overwrite contradict each other; pick one")
+        if "://" in self.model_dir and not self.model_dir.startswith("file://"):
+            raise ConfigError(f"train: {self.model_dir}: the model folder must be a local or shared "
+                              "filesystem path")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"train: unknown setting(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
+        data = dict(data)
+        if data.get("nics") is not None:
+            data["nics"] = tuple(data["nics"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_dir: str
+    epochs: list[dict[str, Any]]
+    best_epoch: int
+    stopped_early: bool
+    world_size: int
+    wall_time_s: float
+    resumed_from: int = 0
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any = None) -> TrainResult:
+    """Trains the U-Net on ``cfg.data`` and writes the model folder ``cfg.model_dir``."""
+    reporter = reporter or Reporter()
+    started = time.monotonic()
+    quiet_library_warnings()
+    reporter.start("train", message=f"checking {cfg.data} and {cfg.model_dir}")
+    info = load_dataset(cfg.data)
+    tile_size = _check_tiles(info, cfg)
+    train_tiles, val_tiles = _check_splits(info)
+    final = Path(cfg.model_dir.removeprefix("file://")).absolute()
+    work = final.parent / f".{final.name}.training"
+    fingerprint = {"data": info.url, "tile_size": tile_size, "base_filters": cfg.base_filters,
+                   "dice": cfg.dice, "engine": cfg.engine}
+    if cfg.resume and not cfg.overwrite and _read_state(work) is None and (final / MODEL_JSON).is_file():
+        reporter.finish(f"{cfg.model_dir}: training is already complete; nothing to resume")
+        return _result_from_card(final)
+    state = _claim_model_dir(cfg, final, work, fingerprint, reporter)
+    resumed_from = int(state["epochs_done"]) if state else 0
+    prior_wall = float(state["wall_time_s"]) if state else 0.0
+
+    world = cfg.num_proc
+    steps = cfg.steps_per_epoch or max(1, train_tiles // (cfg.batch_size * world))
+    spec = {
+        "engine": cfg.engine, "work": str(work), "fingerprint": fingerprint,
+        "train_url": info.split_url("train"), "val_url": info.split_url("val"),
+        "tile_size": tile_size, "base_filters": cfg.base_filters, "dice": cfg.dice,
+        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "patience": cfg.patience,
+        "min_delta": cfg.min_delta,
+        "warmup_epochs": cfg.warmup_epochs, "seed": cfg.seed, "augment": cfg.augment,
+        "steps_per_epoch": steps, "validation_steps": cfg.validation_steps, "threads": cfg.threads,
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    events = work / EVENTS_FILE
+    relay = _EventRelay(events, reporter, cfg.epochs * steps)
+    where = "in this process" if world == 1 else f"as Spark tasks on {resolve_master(cfg.master)}"
+    resuming = f", resuming after epoch {resumed_from}" if resumed_from else ""
+    reporter.start("train", total=cfg.epochs * steps, unit="steps",
+                   message=f"training a U-Net ({cfg.base_filters} base filters, {tile_size} px) on "
+                   f"{train_tiles} train / {val_tiles} val tiles with {world} worker(s) {where}"
+                   f"{resuming}")
+    if world == 1 and cfg.master:
+        reporter.info(f"one worker trains in this process; --master {cfg.master} is not used")
+    if resumed_from:
+        reporter.info(f"resuming {cfg.model_dir} from its checkpoint after epoch {resumed_from}")
+        reporter.progress(resumed_from * steps, cfg.epochs * steps,
+                          f"resuming after epoch {resumed_from}", epoch=resumed_from, step=0)
+
+    try:
+        workers = _launch(cfg, spec, relay, reporter, spark)
+    except BaseException:
+        if _read_state(work) is None:  # nothing to resume: leave no trace
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+    final_state = _read_state(work)
+    if final_state is None:  # pragma: no cover - rank 0 always writes a state after an epoch
+        raise ClusterError(f"{work}: training ended without a checkpoint state")
+    wall = prior_wall + time.monotonic() - started
+    card = _model_card(info, cfg, spec, final_state, workers, wall, resumed_from)
+    staged = work / STAGED_MODEL
+    write_json_atomic(staged / MODEL_JSON, card)  # last: its presence means the model is complete
+    _commit(staged, final, cfg.overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    result = TrainResult(model_dir=str(final), epochs=card["epochs"], best_epoch=card["best_epoch"],
+                         stopped_early=card["training"]["stopped_early"], world_size=world,
+                         wall_time_s=round(wall, 3), resumed_from=resumed_from, workers=workers)
+    best = card["epochs"][card["best_epoch"] - 1] if card["best_epoch"] else {}
+    reporter.finish(f"model written to {final} after {len(card['epochs'])} epoch(s) in {wall:.1f} s; "
+                    f"best epoch {card['best_epoch']} (val_loss {best.get('val_loss', float('nan')):.4f}, "
+                    f"val_iou {best.get('val_iou', float('nan')):.4f})",
+                    model_dir=str(final), best_epoch=card["best_epoch"])
+    return result
+
+
+def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", reporter: Reporter,
+            spark: Any) -> list[dict[str, Any]]:
+    """Runs the workers through the engine: here for one, as Spark tasks for more."""
+    from rs_cluster.engine import get_engine
+
+    engine = get_engine(cfg.engine)
+    world = cfg.num_proc
+    if world == 1:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        with Poller(relay.poll):
+            return engine.launch(train_worker, (spec,), num_proc=1)
+    with spark_session(cfg.master, "rs-cluster train", spark=spark) as session:
+        sc = session.sparkContext
+        _wait_for_slots(sc, world, 0 if sc.master.startswith("local") else cfg.slot_wait_s)
+        reporter.info(f"starting {world} {engine.name} workers on {sc.master}")
+        output = _TailStream(sys.stderr)  # worker output goes to stderr: stdout may carry events
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+        try:
+            with Poller(relay.poll):
+                return engine.launch(train_worker, (spec,), num_proc=world, env=env,
+                                     nics=_nics(cfg, sc.master), start_timeout=cfg.start_timeout,
+                                     output=output)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ClusterError(f"training on {sc.master} with {world} workers failed "
+                               f"({type(e).__name__}: {first}); last worker error: "
+                               f"{output.last_error() or 'none'}; continue with --resume once "
+                               "fixed") from e
+
+
+# -- driver-side checks ------------------------------------------------------------------------------
+
+def _check_tiles(info: DatasetInfo, cfg: TrainConfig) -> int:
+    """The tile size the model is built for, after checking the dataset can feed it."""
+    tile = info.tile_size
+    if cfg.tile_size is not None and cfg.tile_size != tile:
+        raise InputError(f"{cfg.data}: has {tile} px tiles but the model is for {cfg.tile_size} px "
+                         "tiles; prepare the data with --tile-size "
+                         f"{cfg.tile_size} or train for {tile} px")
+    if tile < DIVISOR or tile % DIVISOR:
+        raise InputError(f"{cfg.data}: {tile} px tiles do not fit the U-Net, which halves them four "
+                         f"times; prepare tiles whose side is a multiple of {DIVISOR} (e.g. 128)")
+    from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
+
+    for split in ("train", "val"):
+        if info.split_tiles(split) == 0:
+            continue
+        try:
+            shape = get_schema_from_dataset_url(info.split_url(split)).fields["image"].shape
+        except Exception as e:
+            raise InputError(f"{info.split_url(split)}: not a readable Petastorm tile dataset "
+                             f"({type(e).__name__}: {e})") from None
+        if tuple(shape[:2]) != (tile, tile):
+            raise InputError(f"{info.split_url(split)}: holds {shape[0]}x{shape[1]} px tiles but "
+                             f"dataset.json says {tile} px; prepare the dataset again")
+    return tile
+
+
+def _check_splits(info: DatasetInfo) -> tuple[int, int]:
+    counts = {s: info.split_tiles(s) for s in ("train", "val")}
+    for split, n in counts.items():
+        if n == 0:
+            raise InputError(f"{info.url}: the '{split}' split has no tiles; training needs both "
+                             "train and val tiles (prepare with more rasters or another --split)")
+    return counts["train"], counts["val"]
+
+
+def _claim_model_dir(cfg: TrainConfig, final: Path, work: Path, fingerprint: dict[str, Any],
+                     reporter: Reporter) -> dict[str, Any] | None:
+    """Decides what to do with an existing model folder or unfinished run.
+
+    Returns the state of the run to resume, or None to train from epoch 1.
+    """
+    has_model = (final / MODEL_JSON).is_file()
+    nonempty = final.is_dir() and any(final.iterdir())
+    if final.exists() and not final.is_dir():
+        raise OutputExistsError(f"{cfg.model_dir}: exists and is not a folder")
+    if cfg.overwrite:
+        shutil.rmtree(work, ignore_errors=True)  # the old model stays until the new one is complete
+        return None
+    state = _read_state(work)
+    if state is not None:
+        done = state["epochs_done"]
+        if not cfg.resume:
+            raise OutputExistsError(f"{cfg.model_dir}: an unfinished training run is waiting in {work} "
+                                    f"(checkpoint after epoch {done}); pass --resume to continue it or "
+                                    "--overwrite to start over")
+        if nonempty:
+            raise OutputExistsError(f"{cfg.model_dir}: is not empty, so the resumed run could not be "
+                                    "written there; move it away or pass --overwrite")
+        old = state.get("fingerprint", {})
+        for key in FINGERPRINT_KEYS:
+            if old.get(key) != fingerprint[key]:
+                raise ConfigError(f"{cfg.model_dir}: cannot resume: the checkpoint was trained with "
+                                  f"{key}={old.get(key)!r}, this run asks for {fingerprint[key]!r}; "
+                                  "use the same settings, or --overwrite to start over")
+        return state
+    if nonempty:
+        if has_model:
+            raise OutputExistsError(f"{cfg.model_dir}: already holds a trained model; pass "
+                                    "--overwrite to replace it (or --resume to keep it)")
+        raise OutputExistsError(f"{cfg.model_dir}: exists, is not empty and holds no rs-cluster "
+                                "model; choose another folder or pass --overwrite")
+    # A run that died before its first checkpoint left nothing worth keeping.
+    shutil.rmtree(work, ignore_errors=True)
+    if cfg.resume:
+        reporter.info(f"{cfg.model_dir}: no checkpoint to resume from; training from epoch 1")
+    return None
+
+
+def _spark_slots(sc: Any) -> int:
+    """How many tasks Spark can run at once now (what barrier mode checks), else its parallelism."""
+    try:
+        jsc = sc._jsc.sc()
+        return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
+    except Exception:  # the private API moved: the public, rougher figure
+        return int(sc.defaultParallelism)
+
+
+def _wait_for_slots(sc: Any, wanted: int, wait_s: float) -> None:
+    """Fails fast, instead of waiting forever, when Spark cannot run ``wanted`` tasks at once."""
+    deadline = time.monotonic() + wait_s
+    slots = _spark_slots(sc)
+    while slots < wanted and time.monotonic() < deadline:
+        time.sleep(1)  # executors of a standalone or YARN master register after the context starts
+        slots = _spark_slots(sc)
+    if slots < wanted:
+        raise ClusterError(f"--num-proc {wanted} needs {wanted} task slots at once but Spark master "
+                           f"{sc.master} offers {slots}; lower --num-proc or add executor cores")
+
+
+def _nics(cfg: TrainConfig, master: str) -> list[str] | None:
+    if cfg.nics:
+        return list(cfg.nics)
+    if os.environ.get(ENV_NICS):
+        return [n.strip() for n in os.environ[ENV_NICS].split(",") if n.strip()]
+    if master.startswith("local") or "127.0.0.1" in master or "localhost" in master:
+        return ["lo"]  # all workers on this host: Horovod must not probe other interfaces
+    return None
+
+
+class _TailStream:
+    """Forwards worker output to ``stream`` and keeps its last lines for the error message."""
+
+    def __init__(self, stream: IO[str], keep: int = 40) -> None:
+        self._stream = stream
+        self._lines: collections.deque[str] = collections.deque(maxlen=keep)
+
+    def write(self, text: str) -> int:
+        self._lines.extend(line for line in text.splitlines() if line.strip())
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def last_error(self) -> str:
+        for line in reversed(self._lines):
+            if "Error" in line or "error" in line:
+                return line.strip()[:400]
+        return ""
+
+
+class _EventRelay:
+    """Driver side: reads rank 0's events file as it grows and passes the events to the reporter."""
+
+    def __init__(self, path: Path, reporter: Reporter, total: int) -> None:
+        self._path = path
+        self._reporter = reporter
+        self._total = total
+        self._offset = path.stat().st_size if path.exists() else 0
+
+    def poll(self) -> None:
+        if not self._path.exists():
+            return
+        with open(self._path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        for line in data[:end].decode("utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            kind = event.pop("event", None)
+            if kind == "progress":
+                self._reporter.progress(event.pop("done"), self._total, event.pop("message", ""), **event)
+            elif kind == "metrics":
+                self._reporter.metrics(**event)
+            elif kind == "info":
+                self._reporter.info(event.pop("message", ""), **event)
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+
+def _read_state(work: Path) -> dict[str, Any] | None:
+    path = work / STATE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _commit(staged: Path, final: Path, overwrite: bool) -> None:
+    """Renames the staged model folder into place, replacing an old one only when allowed."""
+    old = None
+    if final.exists():
+        if any(final.iterdir()) and not overwrite:
+            raise OutputExistsError(f"{final}: appeared while this run was training; left it untouched "
+                                    f"(the new model is in {staged})")
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state: dict[str, Any],
+                workers: list[dict[str, Any]], wall: float, resumed_from: int) -> dict[str, Any]:
+    meta = info.meta
+    return {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "model_file": MODEL_FILE,
+        "architecture": "unet",
+        "tile_size": spec["tile_size"],
+        "bands": list(meta.get("bands", BANDS)),
+        "input_scaling": {"method": "divide", "value": INPUT_SCALE},
+        "threshold": THRESHOLD,
+        "base_filters": cfg.base_filters,
+        "output": "sigmoid building probability",
+        "dataset": {
+            "path": info.url,
+            "tile_size": info.tile_size,
+            "stride": meta.get("stride"),
+            "created": meta.get("created"),
+            "splits": {s: {k: v for k, v in m.items() if k in ("tiles", "rasters", "building_fraction")}
+                       for s, m in meta.get("splits", {}).items()},
+        },
+        "epochs": state["history"],
+        "best_epoch": state["best_epoch"],
+        "world_size": cfg.num_proc,
+        "wall_time_s": round(wall, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rs_cluster_version": __version__,
+        "loss": "binary_crossentropy + dice" if cfg.dice else "binary_crossentropy",
+        "metrics_file": METRICS_FILE,
+        "logs_dir": LOGS_DIR,
+        "engine": cfg.engine,
+        "devices": sorted({str(w.get("device")) for w in workers}),
+        "training": {
+            "epochs_requested": cfg.epochs, "epochs_run": len(state["history"]),
+            "stopped_early": bool(state.get("stopped")), "patience": cfg.patience,
+            "min_delta": cfg.min_delta,
+            "batch_size_per_worker": cfg.batch_size, "lr": cfg.lr, "lr_scaled": cfg.lr * cfg.num_proc,
+            "warmup_epochs": cfg.warmup_epochs if cfg.num_proc > 1 else 0, "seed": cfg.seed,
+            "steps_per_epoch": spec["steps_per_epoch"],
+            "validation_steps": spec["validation_steps"] or "whole val split",
+            "augmentation": ["flip_left_right", "flip_up_down", "rot90"] if cfg.augment else [],
+            "resumed_from_epoch": resumed_from or None,
+        },
+    }
+
+
+def _result_from_card(final: Path) -> TrainResult:
+    card = json.loads((final / MODEL_JSON).read_text(encoding="utf-8"))
+    return TrainResult(model_dir=str(final), epochs=card["epochs"], best_epoch=card["best_epoch"],
+                       stopped_early=bool(card.get("training", {}).get("stopped_early")),
+                       world_size=card["world_size"], wall_time_s=card["wall_time_s"])
+
+
+# -- worker side ------------------------------------------------------------------------------------
+
+class _EventLog:
+    """Rank 0's events, one JSON object a line, appended and flushed at once."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._stream = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+
+    def write(self, **event: Any) -> None:
+        if self._stream is not None:
+            self._stream.write(json.dumps(event, default=float) + "\n")
+            self._stream.flush()
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+
+def _open_reader(url: str, rank: int, size: int, seed: int, shuffle: bool, log: _EventLog,
+                 split: str, endless: bool = True) -> tuple[Any, tuple[int, int] | None]:
+    """A reader of this worker's shard (by row group, else by row index).
+
+    An ``endless`` reader repeats the split for ever (training takes a fixed number of steps per
+    epoch); otherwise it makes one pass and starts again each time its dataset is iterated anew.
+    """
+    from petastorm.errors import NoDataAvailableError
+
+    from rs_cluster.dataset import make_tile_reader
+
+    common = {"num_epochs": None if endless else 1, "seed": seed, "fields": ["image", "mask"],
+              "shuffle_row_groups": shuffle}
+    if size == 1:
+        return make_tile_reader(url, **common), None
+    try:
+        return make_tile_reader(url, cur_shard=rank, shard_count=size, **common), None
+    except NoDataAvailableError:
+        log.write(event="info", message=f"the {split} split has fewer Parquet row groups than the "
+                  f"{size} workers: each worker reads all of it and keeps every {size}th tile")
+        # One reader thread keeps the row order the same on every worker, so the shards partition it.
+        return make_tile_reader(url, reader_pool_type="dummy", **common), (rank, size)
+
+
+def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One training worker; returns its rank, pid, device and a digest of its final weights."""
+    from rs_cluster.engine import get_engine
+
+    engine = get_engine(spec["engine"])
+    device = engine.init(spec["threads"])
+    rank, size = engine.rank(), engine.size()
+    chief = rank == 0  # rank 0 alone writes checkpoints, logs and the model
+    work = Path(spec["work"])
+    log = _EventLog(work / EVENTS_FILE if chief else None)
+    log.write(event="info", message=f"{size} worker(s) up; rank 0 on {device}")
+
+    import tensorflow as tf
+
+    from rs_cluster import model as unet
+
+    tf.get_logger().setLevel("ERROR")  # per-batch timing advice about the first (broadcast) step
+    # Re-reading the val split every epoch is what we want, not what petastorm warns about.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"petastorm\.tf_utils")
+
+    staged = work / STAGED_MODEL
+    state = _read_state(work) if chief else None
+    state = engine.broadcast_object(state)  # every worker starts at the epoch rank 0 resumes from
+    tf.keras.utils.set_random_seed(spec["seed"])
+
+    lr = spec["lr"] * size  # larger global batch, larger steps (warmed up, see engine.callbacks)
+    with engine.scope():
+        net = unet.build_unet(spec["tile_size"], spec["base_filters"])
+        optimizer = engine.wrap_optimizer(tf.keras.optimizers.Adam(lr))
+        net.compile(optimizer=optimizer, loss=unet.make_loss(spec["dice"]), metrics=unet.make_metrics())
+    checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer)
+    if chief and state is not None:
+        optimizer.build(net.trainable_variables)
+        checkpoint.restore(str(work / state["checkpoint"])).assert_existing_objects_matched()
+        optimizer.learning_rate.assign(lr)  # the world size may differ from the interrupted run's
+
+    readers = []
+    try:
+        train_reader, train_shard = _open_reader(spec["train_url"], rank, size, spec["seed"], True, log, "train")
+        readers.append(train_reader)
+        # The whole val shard every epoch, the same tiles each time, unless the steps are capped.
+        val_reader, val_shard = _open_reader(spec["val_url"], rank, size, spec["seed"], False, log,
+                                             "val", endless=spec["validation_steps"] is not None)
+        readers.append(val_reader)
+        train_ds = unet.tile_batches(train_reader, spec["batch_size"], shard=train_shard, train=True,
+                                     augment_tiles=spec["augment"], seed=spec["seed"] + rank)
+        val_ds = unet.tile_batches(val_reader, spec["batch_size"], shard=val_shard)
+
+        keeper = _EpochKeeper(engine, chief, state, checkpoint, work, spec, size, log)
+        callbacks = engine.callbacks(initial_lr=lr, warmup_epochs=spec["warmup_epochs"],
+                                     steps_per_epoch=spec["steps_per_epoch"])
+        callbacks.append(keeper)  # after the engine's: it needs the averaged metrics
+        if chief:
+            callbacks.append(tf.keras.callbacks.TensorBoard(str(staged / LOGS_DIR), write_graph=False,
+                                                            profile_batch=0))
+        initial_epoch = int(state["epochs_done"]) if state else 0
+        if initial_epoch < spec["epochs"] and not (state or {}).get("stopped"):
+            net.fit(train_ds, epochs=spec["epochs"], initial_epoch=initial_epoch,
+                    steps_per_epoch=spec["steps_per_epoch"], validation_data=val_ds,
+                    validation_steps=spec["validation_steps"], callbacks=callbacks, verbose=0)
+    finally:
+        for reader in readers:
+            reader.stop()
+            reader.join()
+    digest = unet.weights_digest(net)
+    if chief:
+        final = unet.build_unet(spec["tile_size"], spec["base_filters"])  # uncompiled: loads anywhere
+        best = keeper.best_weights_path()
+        if best is not None:
+            final.load_weights(str(best))
+        else:
+            final.set_weights(net.get_weights())
+        staged.mkdir(parents=True, exist_ok=True)
+        final.save(str(staged / MODEL_FILE))
+    log.close()
+    return {"rank": rank, "pid": os.getpid(), "device": device, "weights_sha256": digest}
+
+
+def _make_epoch_keeper() -> type:
+    import tensorflow as tf
+
+    class EpochKeeper(tf.keras.callbacks.Callback):
+        """Per-epoch bookkeeping on every worker; rank 0 also checkpoints and reports.
+
+        Early stopping on val_loss is decided by rank 0 and broadcast, so all workers stop at the
+        same epoch (a worker that stopped alone would leave the others waiting in allreduce).
+        """
+
+        def __init__(self, engine: Any, chief: bool, state: dict[str, Any] | None, checkpoint: Any,
+                     work: Path, spec: dict[str, Any], size: int, log: _EventLog) -> None:
+            super().__init__()
+            self.engine, self.chief, self.work, self.spec, self.size, self.log = (
+                engine, chief, work, spec, size, log)
+            state = state or {}
+            self.history: list[dict[str, Any]] = list(state.get("history", []))
+            self.best_val = float(state.get("best_val_loss", math.inf))
+            self.best_epoch = int(state.get("best_epoch", 0))
+            self.best_file: str | None = state.get("best_weights")
+            self.wait = int(state.get("wait", 0))
+            self.prior_wall = float(state.get("wall_time_s", 0.0))
+            self.started = time.monotonic()
+            self.manager = (tf.train.CheckpointManager(checkpoint, str(work / CHECKPOINT_DIR),
+                                                       max_to_keep=2) if chief else None)
+            self._epoch = 0
+            self._t0 = self._train_end = 0.0
+            self._last_progress = 0.0
+
+        def best_weights_path(self) -> Path | None:
+            return self.work / self.best_file if self.best_file else None
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self._epoch = epoch
+            self._t0 = time.monotonic()
+            self._train_end = 0.0
+
+        def on_test_begin(self, logs: Any = None) -> None:
+            if not self._train_end:
+                self._train_end = time.monotonic()
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            now = time.monotonic()
+            if not self.chief or (now - self._last_progress < 0.5 and batch + 1 < self.spec["steps_per_epoch"]):
+                return
+            self._last_progress = now
+            steps, epochs = self.spec["steps_per_epoch"], self.spec["epochs"]
+            self.log.write(event="progress", done=self._epoch * steps + batch + 1,
+                           message=f"epoch {self._epoch + 1}/{epochs} step {batch + 1}/{steps}",
+                           epoch=self._epoch + 1, step=batch + 1)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            logs = logs or {}
+            now = time.monotonic()
+            train_s = (self._train_end or now) - self._t0
+            images = self.spec["steps_per_epoch"] * self.spec["batch_size"] * self.size
+            row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in EPOCH_KEYS if k in logs},
+                   "seconds": round(now - self._t0, 3), "train_seconds": round(train_s, 3),
+                   "images_per_s": round(images / train_s, 2) if train_s > 0 else None}
+            self.history.append(row)
+            val_loss = row.get("val_loss", math.nan)
+            improved = math.isfinite(val_loss) and val_loss < self.best_val - self.spec["min_delta"]
+            old_best = self.best_file
+            if improved:
+                self.best_val, self.best_epoch, self.wait = val_loss, epoch + 1, 0
+                self.best_file = f"best-{epoch + 1}.weights.h5"
+                if self.chief:
+                    self.model.save_weights(str(self.work / self.best_file))
+            else:
+                self.wait += 1
+            patience = self.spec["patience"]
+            stop = bool(self.engine.broadcast_object(patience > 0 and self.wait >= patience))
+            if self.chief:
+                saved = self.manager.save(checkpoint_number=epoch + 1)
+                state = {
+                    "version": 1, "fingerprint": self.spec["fingerprint"], "epochs_done": epoch + 1,
+                    "checkpoint": os.path.relpath(saved, self.work), "history": self.history,
+                    "best_epoch": self.best_epoch, "best_val_loss": self.best_val,
+                    "best_weights": self.best_file, "wait": self.wait, "stopped": stop,
+                    "world_size": self.size,
+                    "wall_time_s": round(self.prior_wall + now - self.started, 3),
+                }
+                write_json_atomic(self.work / STATE_FILE, state)
+                if old_best and old_best != self.best_file:
+                    (self.work / old_best).unlink(missing_ok=True)
+                staged = self.work / STAGED_MODEL
+                write_text_atomic(staged / METRICS_FILE,
+                                  "".join(json.dumps(r) + "\n" for r in self.history))
+                self.log.write(event="metrics", **row)
+                self.log.write(event="progress", done=(epoch + 1) * self.spec["steps_per_epoch"],
+                               message=f"epoch {epoch + 1}/{self.spec['epochs']} done"
+                               + (" (early stop)" if stop else ""), epoch=epoch + 1,
+                               step=self.spec["steps_per_epoch"], checkpoint=True)
+            if stop:
+                self.model.stop_training = True
+
+    return EpochKeeper
+
+
+def _EpochKeeper(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - used like the class it builds
+    """Builds the callback; its class derives from Keras', so it is made once TensorFlow is imported."""
+    return _make_epoch_keeper()(*args, **kwargs)

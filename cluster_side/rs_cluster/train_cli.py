@@ -1,0 +1,84 @@
+"""``rs-cluster train``: argument parsing only; the work is in :mod:`rs_cluster.train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rs_cluster.progress import Reporter
+
+
+def _nics(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected network interface names such as lo or eth0,eth1")
+    return names
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train the building U-Net on a prepared dataset with Horovod on Spark",
+        description="Trains the U-Net on the train split of a prepared dataset, early-stopping on "
+        "the val split, with N Horovod workers run as Spark tasks (one worker runs in this "
+        "process). Writes model.keras, model.json, metrics.jsonl and TensorBoard logs to "
+        "--model-dir, complete or not at all.")
+    p.add_argument("--data", required=True, metavar="DIR_OR_URL", help="dataset made by `rs-cluster prepare`")
+    p.add_argument("--model-dir", required=True, metavar="DIR", help="model folder to create")
+    p.add_argument("--epochs", type=int, default=30, help="most epochs to train (default 30)")
+    p.add_argument("--batch-size", type=int, default=16, help="tiles per step per worker (default 16)")
+    p.add_argument("--num-proc", type=int, default=1, metavar="N",
+                   help="Horovod workers (default 1: in this process; more: as Spark tasks)")
+    p.add_argument("--master", metavar="URL", help="Spark master for N > 1 (default local[*])")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="Adam learning rate of one worker; scaled by N with warm-up (default 1e-4)")
+    p.add_argument("--patience", type=int, default=5,
+                   help="stop after this many epochs without a better val loss (0: never; default 5)")
+    p.add_argument("--min-delta", type=float, default=0.0,
+                   help="val loss must fall by more than this to count as better (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --model-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a model or unfinished run there")
+    p.add_argument("--base-filters", type=int, default=64,
+                   help="filters of the first U-Net level (default 64, as in 2019)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dice", action="store_true", help="loss: binary cross-entropy + Dice")
+    p.add_argument("--tile-size", type=int, metavar="PX",
+                   help="tile size the model is for (default: the dataset's); must match the data")
+    p.add_argument("--steps-per-epoch", type=int, metavar="N",
+                   help="steps per epoch (default: one pass over the train split)")
+    p.add_argument("--validation-steps", type=int, metavar="N",
+                   help="validation steps per epoch (default: one pass over the val split)")
+    p.add_argument("--warmup-epochs", type=int, default=2,
+                   help="epochs of LR warm-up when N > 1 (default 2)")
+    p.add_argument("--threads-per-worker", type=int, metavar="N",
+                   help="CPU threads of each worker (default: the host's cores / its workers)")
+    p.add_argument("--nics", type=_nics, metavar="IF[,IF]",
+                   help="network interfaces for Horovod (default: lo on a local master, else "
+                   "$RS_HOROVOD_NICS or auto-detected)")
+    p.add_argument("--no-augment", action="store_true", help="no flips or rotations")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace, reporter: Reporter) -> int:
+    from dataclasses import asdict
+
+    from rs_cluster.train import TrainConfig, run_train
+
+    cfg = TrainConfig(
+        data=args.data, model_dir=args.model_dir, epochs=args.epochs, batch_size=args.batch_size,
+        num_proc=args.num_proc, master=args.master, lr=args.lr, patience=args.patience,
+        min_delta=args.min_delta,
+        resume=args.resume, overwrite=args.overwrite, base_filters=args.base_filters, seed=args.seed,
+        dice=args.dice, tile_size=args.tile_size, steps_per_epoch=args.steps_per_epoch,
+        validation_steps=args.validation_steps, warmup_epochs=args.warmup_epochs,
+        threads=args.threads_per_worker, nics=args.nics, augment=not args.no_augment)
+    result = run_train(cfg, reporter=reporter)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        best = result.epochs[result.best_epoch - 1] if result.best_epoch else {}
+        print(f"model: {result.model_dir}")
+        print(f"  {len(result.epochs)} epoch(s), best {result.best_epoch}: "
+              + " ".join(f"{k}={best[k]:.4f}" for k in ("val_loss", "val_accuracy", "val_iou") if k in best))
+        print(f"  {result.world_size} worker(s), {result.wall_time_s:.1f} s")
+    return 0
