@@ -35,9 +35,15 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    # Read, not set-and-restore: os.umask() would change it for every thread for a moment.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
