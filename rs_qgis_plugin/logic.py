@@ -1,0 +1,319 @@
+"""The plugin's decisions that need no QGIS: which job a run becomes, which files go up, what
+comes back, how a job is remembered. Imports neither ``qgis`` nor Qt, so plain pytest covers it.
+
+The GUI (``dock.py``), the tasks and the Processing algorithms all build their jobs here, so the
+three entry points cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import unicodedata
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from rs_qgis_plugin.core.errors import SpecError
+from rs_qgis_plugin.core.jobspec import JobSpec, JobSpecBuilder
+from rs_qgis_plugin.core.protocol import JobStatus
+
+SETTINGS_PREFIX = "rs_qgis_plugin/"
+
+MODE_TRAIN = "train"
+MODE_PREDICT = "predict"
+MODE_TRAIN_PREDICT = "train_predict"
+MODE_EVALUATE = "evaluate"
+MODES = (MODE_TRAIN, MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE)
+
+# Where things live inside the job folder on the cluster (relative paths, as the spec wants).
+IMAGES = "inputs/images"
+MASKS = "inputs/masks"
+TRAIN_IMAGES = "inputs/train/images"
+TRAIN_MASKS = "inputs/train/masks"
+MODEL_INPUT = "inputs/model"
+DATASET = "outputs/dataset"
+MODEL_OUTPUT = "outputs/model"
+PREDICTIONS = "outputs/masks"
+REPORT = "outputs/report.json"
+
+MASK_SUFFIX = "_mask.tif"
+POLYGONS_SUFFIX = "_buildings.gpkg"
+
+# Besides the cluster's states, a record can be "exporting" or "uploading" (before the cluster
+# knows the job) or "error" (it never started, or the cluster forgot it).
+ACTIVE_REMOTE_STATES = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """What the analyst chose in the dock (or a Processing algorithm's parameters)."""
+
+    mode: str = MODE_PREDICT
+    tile_size: int = 128
+    overlap: int = 32
+    epochs: int = 10
+    batch_size: int = 16
+    workers: int = 1
+    threshold: float = 0.5
+    polygons: bool = True
+    # predict/evaluate: a model folder on this computer (uploaded), or the id of a finished
+    # training job on the cluster whose model is reused there.
+    model_dir: str | None = None
+    model_job: str | None = None
+    master: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SpecError(f"unknown mode {self.mode!r}; one of {', '.join(MODES)}")
+        for name, low in (("tile_size", 16), ("epochs", 1), ("batch_size", 1), ("workers", 1)):
+            if int(getattr(self, name)) < low:
+                raise SpecError(f"{name} must be at least {low}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise SpecError(f"overlap {self.overlap} must be between 0 and the tile size "
+                            f"{self.tile_size}")
+        if not 0.0 < self.threshold < 1.0:
+            raise SpecError(f"threshold {self.threshold} must be between 0 and 1")
+        if self.mode in (MODE_PREDICT, MODE_EVALUATE) and not (self.model_dir or self.model_job):
+            raise SpecError("choose a model: a model folder on this computer or a finished "
+                            "training job on the cluster")
+
+
+@dataclass(frozen=True)
+class RasterPick:
+    """One imagery raster (a local file by now) and, optionally, its reference mask."""
+
+    image: str
+    mask: str | None = None
+    predict: bool = True  # also predict this image (train-then-predict, predict, evaluate)
+
+
+def safe_stem(name: str) -> str:
+    """A file stem that survives every file system and shell: ASCII letters, digits, ``._-``."""
+    text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    return text[:80] or "raster"
+
+
+def unique_stems(paths: Sequence[str]) -> list[str]:
+    """One distinct safe stem per path, in order (``a``, ``a_2``...), so uploads never collide
+    and each image keeps the name its mask is paired by."""
+    seen: dict[str, int] = {}
+    stems = []
+    for p in paths:
+        stem = safe_stem(Path(p).stem)
+        n = seen.get(stem.lower(), 0) + 1
+        seen[stem.lower()] = n
+        stems.append(stem if n == 1 else f"{stem}_{n}")
+    return stems
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job spec plus what to upload for it and what to fetch when it ends."""
+
+    spec: JobSpec
+    inputs: dict[str, str]  # path relative to the job folder -> local file or folder
+    fetch: tuple[str, ...]  # results (relative to the job folder) to download
+    model_job: str | None = None  # reuse this training job's model (copied on the cluster)
+    stems: dict[str, str] = field(default_factory=dict)  # remote stem -> local image path
+
+
+def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
+             job_id: str | None = None) -> PlannedJob:
+    """Turns the analyst's choice into a job spec; raises :class:`SpecError` saying what is
+    missing (e.g. a reference mask for training)."""
+    if not picks:
+        raise SpecError("choose at least one imagery layer")
+    mode = params.mode
+    stems = unique_stems([p.image for p in picks])
+    paired = [(s, p) for s, p in zip(stems, picks) if p.mask]
+    to_predict = [(s, p) for s, p in zip(stems, picks) if p.predict]
+    needs_masks = mode in (MODE_TRAIN, MODE_TRAIN_PREDICT, MODE_EVALUATE)
+    if needs_masks and not paired:
+        raise SpecError("training and evaluation need a reference mask for at least one "
+                        "imagery layer")
+    if mode == MODE_EVALUATE:
+        missing = [Path(p.image).name for _, p in to_predict if not p.mask]
+        if missing:
+            raise SpecError(f"evaluation needs a reference mask for every image; missing for "
+                            f"{', '.join(missing)}")
+    if mode in (MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE) and not to_predict:
+        raise SpecError("choose at least one imagery layer to predict")
+
+    def ext(path: str) -> str:
+        return Path(path).suffix.lower() or ".tif"
+
+    builder = JobSpecBuilder(name, job_id)
+    inputs: dict[str, str] = {}
+    fetch: list[str] = []
+    common = {"master": params.master} if params.master else {}
+    if mode in (MODE_TRAIN, MODE_TRAIN_PREDICT):
+        for stem, pick in paired:
+            inputs[f"{TRAIN_IMAGES}/{stem}{ext(pick.image)}"] = pick.image
+            inputs[f"{TRAIN_MASKS}/{stem}{ext(pick.mask or '')}"] = pick.mask or ""
+        builder.prepare(images=TRAIN_IMAGES, masks=TRAIN_MASKS, output=DATASET,
+                        tile_size=params.tile_size, **common)
+        builder.train(data=DATASET, model_dir=MODEL_OUTPUT, epochs=params.epochs,
+                      batch_size=params.batch_size, num_proc=params.workers,
+                      tile_size=params.tile_size, **common)
+        fetch.append(MODEL_OUTPUT)
+    if mode in (MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE):
+        for stem, pick in to_predict:
+            inputs[f"{IMAGES}/{stem}{ext(pick.image)}"] = pick.image
+        if mode == MODE_TRAIN_PREDICT:
+            model = MODEL_OUTPUT
+        else:
+            model = MODEL_INPUT
+            if params.model_dir and not params.model_job:
+                inputs[MODEL_INPUT] = params.model_dir
+        builder.predict(model=model, input=IMAGES, output=PREDICTIONS, overlap=params.overlap,
+                        batch_size=params.batch_size, threshold=params.threshold,
+                        polygons=params.polygons, **common)
+        fetch.append(PREDICTIONS)
+    if mode == MODE_EVALUATE:
+        for stem, pick in to_predict:
+            inputs[f"{MASKS}/{stem}{ext(pick.mask or '')}"] = pick.mask or ""
+        builder.evaluate(pred=PREDICTIONS, truth=MASKS, json=REPORT)
+        fetch.append(REPORT)
+    return PlannedJob(spec=builder.build(), inputs=inputs, fetch=tuple(fetch),
+                      model_job=params.model_job if mode in (MODE_PREDICT, MODE_EVALUATE)
+                      else None,
+                      stems={s: p.image for s, p in to_predict})
+
+
+def plan_evaluation(name: str, predicted: Sequence[str], truth: Sequence[str], *,
+                    job_id: str | None = None) -> PlannedJob:
+    """Scores masks already made against reference masks, paired by position."""
+    if not predicted or len(predicted) != len(truth):
+        raise SpecError(f"give as many reference masks as predicted masks "
+                        f"({len(predicted)} predicted, {len(truth)} reference)")
+    stems = unique_stems(predicted)
+    inputs: dict[str, str] = {}
+    for stem, pred, ref in zip(stems, predicted, truth):
+        inputs[f"{PREDICTIONS}/{stem}{MASK_SUFFIX}"] = pred
+        inputs[f"{MASKS}/{stem}{Path(ref).suffix.lower() or '.tif'}"] = ref
+    # The predictions are uploaded under inputs/ so the job's own outputs stay separate.
+    inputs = {k.replace(PREDICTIONS, "inputs/predicted", 1): v for k, v in inputs.items()}
+    spec = (JobSpecBuilder(name, job_id)
+            .evaluate(pred="inputs/predicted", truth=MASKS, json=REPORT).build())
+    return PlannedJob(spec=spec, inputs=inputs, fetch=(REPORT,))
+
+
+# -- results ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResultFiles:
+    masks: tuple[str, ...] = ()
+    polygons: tuple[str, ...] = ()
+    report: str | None = None
+    model: str | None = None
+
+
+def classify_results(files: Iterable[str | Path]) -> ResultFiles:
+    """Sorts downloaded files into what gets loaded where."""
+    masks, polygons, report, model = [], [], None, None
+    for f in sorted(str(p) for p in files):
+        name = Path(f).name
+        if name.endswith(MASK_SUFFIX):
+            masks.append(f)
+        elif name.endswith(POLYGONS_SUFFIX):
+            polygons.append(f)
+        elif Path(f).as_posix().endswith(REPORT):
+            report = f
+        elif name == "model.json":
+            model = str(Path(f).parent)
+    return ResultFiles(tuple(masks), tuple(polygons), report, model)
+
+
+def summarize_report(report: Mapping[str, Any]) -> str:
+    """One line for the message bar: pooled IoU/F1/precision/recall of ``rs-cluster evaluate``."""
+    pooled = report.get("pooled") or report.get("overall") or {}
+    parts = []
+    for key, label in (("iou", "IoU"), ("f1", "F1"), ("precision", "precision"),
+                       ("recall", "recall"), ("accuracy", "accuracy")):
+        value = pooled.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{label} {value:.3f}")
+    images = report.get("images") or []
+    head = f"{len(images)} image(s): " if images else ""
+    return head + (", ".join(parts) if parts else json.dumps(pooled)[:200])
+
+
+# -- job records (the jobs panel, kept across restarts) -----------------------------------------
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    name: str
+    profile: str
+    mode: str
+    state: str = "exporting"
+    stage: str = ""
+    progress: float = 0.0
+    message: str = ""
+    created: str = ""
+    started: str | None = None
+    finished: str | None = None
+    local_dir: str = ""
+    fetch: tuple[str, ...] = ()
+    loaded: bool = False
+
+    @property
+    def remote_active(self) -> bool:
+        return self.state in ACTIVE_REMOTE_STATES
+
+    @property
+    def needs_fetch(self) -> bool:
+        return self.state == "succeeded" and not self.loaded
+
+    def with_status(self, status: JobStatus) -> JobRecord:
+        return replace(self, state=status.state, stage=status.stage or self.stage,
+                       progress=status.progress, message=status.message or self.message,
+                       started=status.started or self.started,
+                       finished=status.finished or self.finished)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["fetch"] = list(self.fetch)
+        return json.dumps(data, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobRecord:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a job record is a JSON object")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["fetch"] = tuple(known.get("fetch") or ())
+        return cls(**known)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def progress_text(record: JobRecord) -> str:
+    if record.state in ("running",) and record.stage:
+        return f"{record.stage} {record.progress:.0f}%"
+    return f"{record.progress:.0f}%"
+
+
+# -- layers ---------------------------------------------------------------------------------------
+GDAL_FILE_SUFFIXES = frozenset({".tif", ".tiff", ".gtiff", ".img", ".jp2", ".png", ".jpg",
+                                ".jpeg", ".ecw", ".sid", ".asc", ".nc", ".hdr", ".bil", ".dem"})
+
+
+def local_raster_path(provider: str, source: str, *, exists: bool | None = None) -> str | None:
+    """The local file a raster layer reads, or ``None`` when it must be exported first (WMS/WCS,
+    in-memory, a VRT that points elsewhere, ``/vsicurl/`` and other virtual paths)."""
+    if provider != "gdal":
+        return None
+    path = source.split("|", 1)[0]
+    if not path or path.startswith("/vsi") or "://" in path:
+        return None
+    if re.match(r"^[A-Za-z][A-Za-z0-9_]+:", path):  # a GDAL driver prefix: GPKG:, NETCDF:...
+        return None
+    if Path(path).suffix.lower() not in GDAL_FILE_SUFFIXES:
+        return None
+    if exists is None:
+        exists = Path(path).is_file()
+    return path if exists else None

@@ -1,0 +1,354 @@
+"""Processing algorithms: train, predict and evaluate on a cluster profile, for the toolbox, the
+Model Designer and ``qgis_process``. They plan jobs with the same QGIS-free functions as the dock
+and run the same blocking steps as its tasks (Processing already runs them off the GUI thread).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputFile,
+    QgsProcessingOutputMultipleLayers,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFolderDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterString,
+    QgsProcessingProvider,
+    QgsRasterLayer,
+)
+from qgis.PyQt.QtCore import QCoreApplication
+from qgis.PyQt.QtGui import QIcon
+
+from rs_qgis_plugin import settings
+from rs_qgis_plugin.core.errors import CancelledError, RsPluginError
+from rs_qgis_plugin.core.jobs import RemoteJobs
+from rs_qgis_plugin.log import get_logger
+from rs_qgis_plugin.logic import (
+    MODE_PREDICT,
+    MODE_TRAIN,
+    PlannedJob,
+    RasterPick,
+    RunParams,
+    classify_results,
+    local_raster_path,
+    plan_evaluation,
+    plan_job,
+    safe_stem,
+)
+from rs_qgis_plugin.results import MASK_STYLE, POLYGON_STYLE, resource_path
+from rs_qgis_plugin.tasks import ExportRasterTask, TaskCancelFlag, connect, fetch, submit_planned, watch
+
+log = get_logger("processing")
+PROVIDER_ID = "rs_buildings"
+
+
+def tr(text: str) -> str:
+    return QCoreApplication.translate("RsProcessing", text)
+
+
+class _Styler(QgsProcessingLayerPostProcessorInterface):
+    """Applies the plugin's style to a layer Processing loads when the algorithm ends."""
+
+    keep: list[_Styler] = []  # Processing holds only a C++ pointer: keep the Python objects alive
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        _Styler.keep.append(self)
+
+    def postProcessLayer(self, layer: Any, context: Any, feedback: Any) -> None:  # noqa: N802
+        layer.loadNamedStyle(str(resource_path(self.style)))
+        layer.triggerRepaint()
+
+
+def run_job_blocking(profile_name: str, planned: PlannedJob, local_dir: Path,
+                     feedback: Any) -> list[Path]:
+    """Upload (0-20 %), run (20-90 %), download (90-100 %); cancelling cancels the cluster job."""
+    try:
+        profile = settings.load_profile(profile_name)
+        passphrase = settings.load_passphrase(settings.profile_authcfg(profile_name))
+        jobs = RemoteJobs(connect(profile, settings.known_hosts_path(), passphrase))
+    except RsPluginError as e:
+        raise QgsProcessingException(str(e)) from e
+    cancel = TaskCancelFlag(feedback)
+    job_id = planned.spec.job_id
+    started = False
+    try:
+        feedback.pushInfo(tr("Uploading {n} input(s) for job {job}").format(
+            n=len(planned.inputs), job=job_id))
+        submit_planned(jobs, planned, progress=lambda p: feedback.setProgress(0.2 * p),
+                       cancel=cancel)
+        started = True
+        last_stage = [""]
+
+        def on_status(status: Any) -> None:
+            feedback.setProgress(20 + 0.7 * status.progress)
+            if status.stage and status.stage != last_stage[0]:
+                last_stage[0] = status.stage
+                feedback.pushInfo(tr("Stage {stage}").format(stage=status.stage))
+
+        final = watch(jobs, job_id, on_status=on_status, cancel=cancel)
+        if final.state != "succeeded":
+            raise QgsProcessingException(tr("job {job} {state}: {reason}").format(
+                job=job_id, state=final.state, reason=final.message or tr("no reason given")))
+        files = fetch(jobs, job_id, planned.fetch, local_dir,
+                      progress=lambda p: feedback.setProgress(90 + 0.1 * p), cancel=cancel)
+        feedback.setProgress(100)
+        return files
+    except CancelledError:
+        if started:
+            jobs.cancel(job_id)
+        raise QgsProcessingException(tr("cancelled; job {job} cancelled on the cluster")
+                                     .format(job=job_id)) from None
+    except RsPluginError as e:
+        raise QgsProcessingException(str(e)) from e
+    finally:
+        jobs.client.close()
+
+
+class _ClusterAlgorithm(QgsProcessingAlgorithm):
+    PROFILE = "PROFILE"
+    OUTPUT = "OUTPUT"
+
+    def group(self) -> str:
+        return tr("Cluster")
+
+    def groupId(self) -> str:  # noqa: N802
+        return "cluster"
+
+    def createInstance(self) -> QgsProcessingAlgorithm:  # noqa: N802
+        return type(self)()
+
+    def add_profile_parameter(self) -> None:
+        default = settings.last_profile() or None
+        self.addParameter(QgsProcessingParameterString(
+            self.PROFILE, tr("Cluster connection profile"), defaultValue=default))
+
+    def local_rasters(self, layers: list[Any], export_dir: Path, feedback: Any) -> list[str]:
+        """Files the cluster can take: the layers' own files, or GeoTIFF exports of them."""
+        paths = []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, QgsRasterLayer):
+                raise QgsProcessingException(tr("{name} is not a raster layer").format(
+                    name=getattr(layer, "name", lambda: layer)()))
+            path = local_raster_path(layer.providerType(), layer.source())
+            if path is None:
+                feedback.pushInfo(tr("Exporting {name} to GeoTIFF").format(name=layer.name()))
+                task = ExportRasterTask(
+                    layer, export_dir / str(i + 1) / f"{safe_stem(layer.name())}.tif")
+                path = str(task.work())
+            paths.append(path)
+        return paths
+
+    def job_dir(self, parameters: dict[str, Any], context: QgsProcessingContext) -> Path:
+        out = Path(self.parameterAsString(parameters, self.OUTPUT, context))
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+
+class PredictAlgorithm(_ClusterAlgorithm):
+    INPUT, MODEL, MODEL_JOB = "INPUT", "MODEL", "MODEL_JOB"
+    OVERLAP, BATCH_SIZE, THRESHOLD, POLYGONS = "OVERLAP", "BATCH_SIZE", "THRESHOLD", "POLYGONS"
+    MASKS = "MASKS"
+
+    def name(self) -> str:
+        return "predict"
+
+    def displayName(self) -> str:  # noqa: N802
+        return tr("Predict building masks")
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return tr("Uploads the imagery to the cluster, predicts a building mask (255 building, "
+                  "0 background, same CRS and grid as the image) per raster with a trained "
+                  "model, and downloads masks and polygons. The model is a folder on this "
+                  "computer or the id of a finished training job on the cluster.")
+
+    def initAlgorithm(self, config: Any = None) -> None:  # noqa: N802
+        self.add_profile_parameter()
+        self.addParameter(QgsProcessingParameterMultipleLayers(
+            self.INPUT, tr("Imagery"), QgsProcessing.TypeRaster))
+        self.addParameter(QgsProcessingParameterFile(
+            self.MODEL, tr("Model folder on this computer"),
+            behavior=QgsProcessingParameterFile.Folder, optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            self.MODEL_JOB, tr("…or the training job on the cluster (job id)"), optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.OVERLAP, tr("Overlap (px)"), defaultValue=32, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.BATCH_SIZE, tr("Batch size"), defaultValue=16, minValue=1))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.THRESHOLD, tr("Threshold"), QgsProcessingParameterNumber.Double,
+            defaultValue=0.5, minValue=0.01, maxValue=0.99))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.POLYGONS, tr("Also make building polygons"), defaultValue=True))
+        self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Results folder")))
+        self.addOutput(QgsProcessingOutputMultipleLayers(self.MASKS, tr("Building masks")))
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
+                         feedback: Any) -> dict[str, Any]:
+        out = self.job_dir(parameters, context)
+        layers = self.parameterAsLayerList(parameters, self.INPUT, context)
+        images = self.local_rasters(layers, out / "exports", feedback)
+        try:
+            params = RunParams(
+                mode=MODE_PREDICT, overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
+                batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
+                polygons=self.parameterAsBool(parameters, self.POLYGONS, context),
+                model_dir=self.parameterAsString(parameters, self.MODEL, context) or None,
+                model_job=self.parameterAsString(parameters, self.MODEL_JOB, context) or None)
+            planned = plan_job(layers[0].name() if layers else "predict", params,
+                               [RasterPick(p) for p in images])
+        except RsPluginError as e:
+            raise QgsProcessingException(str(e)) from e
+        files = classify_results(run_job_blocking(
+            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback))
+        for path in files.masks:
+            details = QgsProcessingContext.LayerDetails(Path(path).stem, context.project(),
+                                                        self.MASKS)
+            details.setPostProcessor(_Styler(MASK_STYLE))
+            context.addLayerToLoadOnCompletion(path, details)
+        for path in files.polygons:
+            details = QgsProcessingContext.LayerDetails(Path(path).stem, context.project(),
+                                                        self.MASKS)
+            details.setPostProcessor(_Styler(POLYGON_STYLE))
+            context.addLayerToLoadOnCompletion(path, details)
+        return {self.OUTPUT: str(out), self.MASKS: list(files.masks)}
+
+
+class TrainAlgorithm(_ClusterAlgorithm):
+    INPUT, MASKS = "INPUT", "MASKS"
+    TILE_SIZE, EPOCHS, BATCH_SIZE, WORKERS = "TILE_SIZE", "EPOCHS", "BATCH_SIZE", "WORKERS"
+    MODEL = "MODEL"
+
+    def name(self) -> str:
+        return "train"
+
+    def displayName(self) -> str:  # noqa: N802
+        return tr("Train a building model")
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return tr("Uploads imagery and reference masks (paired in the order given; non-zero = "
+                  "building), tiles them and trains the U-Net with Horovod on the cluster, and "
+                  "downloads the model folder (model.json + model.keras).")
+
+    def initAlgorithm(self, config: Any = None) -> None:  # noqa: N802
+        self.add_profile_parameter()
+        self.addParameter(QgsProcessingParameterMultipleLayers(
+            self.INPUT, tr("Imagery"), QgsProcessing.TypeRaster))
+        self.addParameter(QgsProcessingParameterMultipleLayers(
+            self.MASKS, tr("Reference masks (same order as the imagery)"),
+            QgsProcessing.TypeRaster))
+        for key, label, default in ((self.TILE_SIZE, tr("Tile size (px)"), 128),
+                                    (self.EPOCHS, tr("Epochs"), 10),
+                                    (self.BATCH_SIZE, tr("Batch size"), 16),
+                                    (self.WORKERS, tr("Horovod workers"), 1)):
+            self.addParameter(QgsProcessingParameterNumber(key, label, defaultValue=default,
+                                                           minValue=1))
+        self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Results folder")))
+        self.addOutput(QgsProcessingOutputFile(self.MODEL, tr("Model folder")))
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
+                         feedback: Any) -> dict[str, Any]:
+        out = self.job_dir(parameters, context)
+        images = self.local_rasters(self.parameterAsLayerList(parameters, self.INPUT, context),
+                                    out / "exports", feedback)
+        masks = self.local_rasters(self.parameterAsLayerList(parameters, self.MASKS, context),
+                                   out / "exports", feedback)
+        if len(images) != len(masks):
+            raise QgsProcessingException(tr("give one reference mask per imagery layer "
+                                            "({i} images, {m} masks)").format(i=len(images),
+                                                                             m=len(masks)))
+        try:
+            params = RunParams(
+                mode=MODE_TRAIN, tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
+                epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
+                batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                workers=self.parameterAsInt(parameters, self.WORKERS, context),
+                overlap=0)
+            planned = plan_job("train", params, [RasterPick(i, m) for i, m in zip(images, masks)])
+        except RsPluginError as e:
+            raise QgsProcessingException(str(e)) from e
+        files = classify_results(run_job_blocking(
+            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback))
+        return {self.OUTPUT: str(out), self.MODEL: files.model or ""}
+
+
+class EvaluateAlgorithm(_ClusterAlgorithm):
+    PREDICTED, REFERENCE = "PREDICTED", "REFERENCE"
+    REPORT, IOU, F1 = "REPORT", "IOU", "F1"
+
+    def name(self) -> str:
+        return "evaluate"
+
+    def displayName(self) -> str:  # noqa: N802
+        return tr("Evaluate building masks")
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return tr("Scores predicted masks against reference masks (paired in the order given; "
+                  "non-zero = building) on the cluster: IoU, F1, precision, recall per image "
+                  "and pooled over all pixels.")
+
+    def initAlgorithm(self, config: Any = None) -> None:  # noqa: N802
+        self.add_profile_parameter()
+        self.addParameter(QgsProcessingParameterMultipleLayers(
+            self.PREDICTED, tr("Predicted masks"), QgsProcessing.TypeRaster))
+        self.addParameter(QgsProcessingParameterMultipleLayers(
+            self.REFERENCE, tr("Reference masks (same order)"), QgsProcessing.TypeRaster))
+        self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Results folder")))
+        self.addOutput(QgsProcessingOutputFile(self.REPORT, tr("Evaluation report (JSON)")))
+        self.addOutput(QgsProcessingOutputNumber(self.IOU, tr("Pooled IoU")))
+        self.addOutput(QgsProcessingOutputNumber(self.F1, tr("Pooled F1")))
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
+                         feedback: Any) -> dict[str, Any]:
+        out = self.job_dir(parameters, context)
+        predicted = self.local_rasters(
+            self.parameterAsLayerList(parameters, self.PREDICTED, context), out / "exports",
+            feedback)
+        reference = self.local_rasters(
+            self.parameterAsLayerList(parameters, self.REFERENCE, context), out / "exports",
+            feedback)
+        try:
+            planned = plan_evaluation("evaluate", predicted, reference)
+        except RsPluginError as e:
+            raise QgsProcessingException(str(e)) from e
+        files = classify_results(run_job_blocking(
+            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback))
+        if not files.report:
+            raise QgsProcessingException(tr("the job produced no report"))
+        report = json.loads(Path(files.report).read_text(encoding="utf-8"))
+        pooled = report.get("pooled", {})
+        feedback.pushInfo(json.dumps(pooled, indent=1))
+        return {self.OUTPUT: str(out), self.REPORT: files.report,
+                self.IOU: pooled.get("iou"), self.F1: pooled.get("f1")}
+
+
+class RsProvider(QgsProcessingProvider):
+    def id(self) -> str:
+        return PROVIDER_ID
+
+    def name(self) -> str:
+        return tr("RS Buildings (cluster)")
+
+    def icon(self) -> QIcon:
+        try:
+            return QIcon(str(resource_path("icon.svg")))
+        except RsPluginError:
+            return QgsProcessingProvider.icon(self)
+
+    def loadAlgorithms(self) -> None:  # noqa: N802
+        for alg in (TrainAlgorithm(), PredictAlgorithm(), EvaluateAlgorithm()):
+            self.addAlgorithm(alg)
+

@@ -1,0 +1,144 @@
+"""Everything the plugin remembers, under one ``QgsSettings`` prefix; secrets only in QGIS's
+authentication database (the settings hold an ``authcfg`` id, never a passphrase)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qgis.core import QgsApplication, QgsAuthMethodConfig, QgsSettings
+
+from rs_qgis_plugin.core.errors import SpecError
+from rs_qgis_plugin.core.profile import ConnectionProfile
+from rs_qgis_plugin.log import get_logger
+from rs_qgis_plugin.logic import SETTINGS_PREFIX, JobRecord
+
+log = get_logger("settings")
+
+PROFILES = SETTINGS_PREFIX + "profiles"
+JOBS = SETTINGS_PREFIX + "jobs"
+LAST_PROFILE = SETTINGS_PREFIX + "last_profile"
+RESULTS_DIR = SETTINGS_PREFIX + "results_dir"
+AUTH_METHOD = "Basic"
+
+
+def plugin_data_dir() -> Path:
+    """The plugin's folder in the active QGIS profile (known_hosts, exports, results)."""
+    path = Path(QgsApplication.qgisSettingsDirPath()) / "rs_qgis_plugin"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def known_hosts_path() -> Path:
+    return plugin_data_dir() / "known_hosts"
+
+
+def results_dir() -> Path:
+    value = QgsSettings().value(RESULTS_DIR, "", type=str)
+    path = Path(value) if value else plugin_data_dir() / "jobs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- connection profiles -------------------------------------------------------------------------
+def profile_names() -> list[str]:
+    s = QgsSettings()
+    s.beginGroup(PROFILES)
+    try:
+        return sorted(s.childGroups())
+    finally:
+        s.endGroup()
+
+
+def _profile_key(name: str) -> str:
+    # QSettings treats '/' as a group separator
+    return f"{PROFILES}/{name.replace('/', '_')}"
+
+
+def load_profile(name: str) -> ConnectionProfile:
+    text = QgsSettings().value(_profile_key(name) + "/profile", "", type=str)
+    if not text:
+        raise SpecError(f"there is no connection profile {name!r}; create it in the plugin's "
+                        "connection settings")
+    return ConnectionProfile.from_dict(json.loads(text))
+
+
+def profile_authcfg(name: str) -> str:
+    return QgsSettings().value(_profile_key(name) + "/authcfg", "", type=str)
+
+
+def save_profile(profile: ConnectionProfile, authcfg: str = "") -> None:
+    s = QgsSettings()
+    s.setValue(_profile_key(profile.name) + "/profile", json.dumps(profile.to_dict()))
+    s.setValue(_profile_key(profile.name) + "/authcfg", authcfg)
+    s.setValue(LAST_PROFILE, profile.name)
+
+
+def delete_profile(name: str) -> None:
+    QgsSettings().remove(_profile_key(name))
+
+
+def last_profile() -> str:
+    return QgsSettings().value(LAST_PROFILE, "", type=str)
+
+
+# -- secrets ---------------------------------------------------------------------------------------
+def store_passphrase(profile_name: str, passphrase: str, authcfg: str = "") -> str:
+    """Stores a key passphrase in the QGIS authentication database; returns its authcfg id."""
+    am = QgsApplication.authManager()
+    config = QgsAuthMethodConfig(AUTH_METHOD)
+    if authcfg:
+        am.loadAuthenticationConfig(authcfg, config, True)
+        config.setMethod(AUTH_METHOD)
+    config.setName(f"RS Buildings SSH key ({profile_name})")
+    config.setConfig("username", profile_name)
+    config.setConfig("password", passphrase)
+    if authcfg and config.id():
+        ok = am.updateAuthenticationConfig(config)
+    else:
+        ok = am.storeAuthenticationConfig(config)
+    ok = ok[0] if isinstance(ok, tuple) else ok
+    if not ok:
+        raise SpecError("QGIS could not store the passphrase: set or unlock the master password "
+                        "of the authentication database (Settings > Options > Authentication)")
+    return config.id()
+
+
+def load_passphrase(authcfg: str) -> str | None:
+    """The passphrase behind an authcfg id, or ``None`` (no id, or the database is locked)."""
+    if not authcfg:
+        return None
+    config = QgsAuthMethodConfig()
+    result = QgsApplication.authManager().loadAuthenticationConfig(authcfg, config, True)
+    ok = result[0] if isinstance(result, tuple) else result
+    if not ok:
+        log.warning("could not read authentication configuration %s", authcfg)
+        return None
+    return config.config("password") or None
+
+
+# -- job records -----------------------------------------------------------------------------------
+def load_jobs() -> list[JobRecord]:
+    s = QgsSettings()
+    s.beginGroup(JOBS)
+    try:
+        keys = s.childKeys()
+        texts = [s.value(k, "", type=str) for k in keys]
+    finally:
+        s.endGroup()
+    records = []
+    for key, text in zip(keys, texts):
+        try:
+            records.append(JobRecord.from_json(text))
+        except (ValueError, TypeError) as e:
+            log.warning("forgetting unreadable job record %s: %s", key, e)
+            QgsSettings().remove(f"{JOBS}/{key}")
+    return sorted(records, key=lambda r: r.created or r.job_id, reverse=True)
+
+
+def save_job(record: JobRecord) -> None:
+    QgsSettings().setValue(f"{JOBS}/{record.job_id}", record.to_json())
+
+
+def forget_job(job_id: str) -> None:
+    QgsSettings().remove(f"{JOBS}/{job_id}")

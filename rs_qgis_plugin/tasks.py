@@ -1,0 +1,377 @@
+"""The long steps of a job as ``QgsTask``s: export, upload and submit, watch, download.
+
+``run()`` does background work only: it talks to the cluster through the QGIS-free core, checks
+``isCanceled()`` between steps and calls ``setProgress``. Nothing here touches the project, a
+widget or the message bar; ``finished()`` hands the outcome to the callback the controller gave,
+which runs in the GUI thread. The blocking helpers at the top are shared with the Processing
+algorithms, which already run off the GUI thread.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsCoordinateTransformContext,
+    QgsRasterBlockFeedback,
+    QgsRasterDataProvider,
+    QgsRasterFileWriter,
+    QgsRasterLayer,
+    QgsRasterPipe,
+    QgsRectangle,
+    QgsTask,
+)
+from qgis.PyQt.QtCore import QCoreApplication, pyqtSignal
+
+from rs_qgis_plugin.core.errors import (
+    CancelledError,
+    HostUnreachableError,
+    RemoteCommandError,
+    RsPluginError,
+)
+from rs_qgis_plugin.core.jobs import RemoteJobs
+from rs_qgis_plugin.core.profile import ConnectionProfile
+from rs_qgis_plugin.core.protocol import JobStatus
+from rs_qgis_plugin.core.ssh import SshClient
+from rs_qgis_plugin.log import get_logger
+from rs_qgis_plugin.logic import MODEL_INPUT, MODEL_OUTPUT, PlannedJob
+
+log = get_logger("tasks")
+
+# Dropped links while watching: reconnect this many times in a row before giving up.
+RECONNECT_TRIES = 5
+RECONNECT_PAUSE_S = 2.0
+
+
+def tr(text: str) -> str:
+    return QCoreApplication.translate("RsTasks", text)
+
+
+class TaskCancelFlag:
+    """The core's cancel protocol (``is_set()``) over a ``QgsTask`` (or a Processing feedback)."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def is_set(self) -> bool:
+        return bool(self._source.isCanceled())
+
+
+def connect(profile: ConnectionProfile, known_hosts: str | Path,
+            passphrase: str | None) -> SshClient:
+    return SshClient(profile, known_hosts).connect(passphrase)
+
+
+# -- blocking steps, shared with Processing -------------------------------------------------------
+def submit_planned(jobs: RemoteJobs, planned: PlannedJob, *,
+                   progress: Callable[[float], None] | None = None, cancel: Any = None) -> JobStatus:
+    """Uploads the inputs, reuses a training job's model on the cluster, starts the job."""
+    if planned.model_job:
+        # The spec only names paths inside its own job folder, so the earlier job's model is
+        # copied there (on the cluster, nothing crosses the network).
+        job_dir = jobs.job_dir(planned.spec.job_id)
+        target = posixpath.join(job_dir, MODEL_INPUT)
+        jobs.transfers.makedirs(posixpath.dirname(target))
+        source = posixpath.join(jobs.job_dir(planned.model_job), MODEL_OUTPUT)
+        jobs.client.run(["cp", "-R", "--", source, target], timeout=600)
+
+    def on_bytes(done: int, total: int, percent: float) -> None:
+        if progress:
+            progress(percent)
+
+    return jobs.submit(planned.spec, planned.inputs, progress=on_bytes, cancel=cancel)
+
+
+def watch(jobs: RemoteJobs, job_id: str, *, on_status: Callable[[JobStatus], None] | None = None,
+          cancel: Any = None, poll_s: float = 2.0) -> JobStatus:
+    """Follows a job to its end, reconnecting after a dropped link."""
+    failures = 0
+    while True:
+        try:
+            return jobs.wait(job_id, poll_s=poll_s, on_status=on_status, cancel=cancel)
+        except (EOFError, HostUnreachableError, ConnectionError) as e:
+            failures += 1
+            if failures > RECONNECT_TRIES:
+                raise
+            log.warning("connection lost while watching job %s (%s); reconnecting", job_id, e)
+            end = time.monotonic() + RECONNECT_PAUSE_S
+            while time.monotonic() < end:
+                if cancel is not None and cancel.is_set():
+                    raise CancelledError(f"stopped watching job {job_id}") from None
+                time.sleep(0.1)
+            try:
+                jobs.client.connect()
+            except (HostUnreachableError, OSError) as again:
+                log.warning("reconnect failed: %s", again)
+
+
+def fetch(jobs: RemoteJobs, job_id: str, paths: tuple[str, ...], local_dir: str | Path, *,
+          progress: Callable[[float], None] | None = None, cancel: Any = None) -> list[Path]:
+    """Downloads the results into a temporary folder, then moves them into place, so a
+    cancelled or broken download never leaves partial results where they would be loaded."""
+    final = Path(local_dir)
+    staging = final.parent / f".{final.name}.partial"
+
+    def on_bytes(done: int, total: int, percent: float) -> None:
+        if progress:
+            progress(percent)
+
+    # Only what the job says it produced (an evaluation without polygons has none, say).
+    results = jobs.status(job_id).results
+    present = [p for p in paths if any(p == r or p.startswith(r + "/") for r in results)]
+    files = jobs.fetch_outputs(job_id, staging, present, progress=on_bytes, cancel=cancel)
+    final.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for f in files:
+        target = final / f.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f.replace(target)
+        moved.append(target)
+    return moved
+
+
+# -- tasks ------------------------------------------------------------------------------------------
+class RsTask(QgsTask):
+    """Runs :meth:`work` in the background; ``finished`` calls ``on_done(task)`` in the GUI thread.
+
+    After ``run``: ``self.error`` holds the exception that stopped it (``None`` when it worked or
+    was cancelled), ``self.result`` what :meth:`work` returned.
+    """
+
+    def __init__(self, description: str, on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(description, QgsTask.CanCancel)
+        self.on_done = on_done
+        self.error: BaseException | None = None
+        self.result: Any = None
+        self.cancel_flag = TaskCancelFlag(self)
+
+    def work(self) -> Any:
+        raise NotImplementedError
+
+    def run(self) -> bool:
+        try:
+            self.result = self.work()
+        except CancelledError as e:
+            log.info("%s: %s", self.description(), e)
+            return False
+        except Exception as e:  # noqa: BLE001 - the edge: every failure reaches the user
+            if self.isCanceled():
+                log.info("%s: cancelled (%s)", self.description(), e)
+                return False
+            self.error = e
+            log.error("%s failed: %s", self.description(), e, exc_info=not isinstance(e, RsPluginError))
+            return False
+        return not self.isCanceled()
+
+    def finished(self, result: bool) -> None:  # noqa: FBT001 - QgsTask's signature
+        if self.on_done is not None:
+            self.on_done(self)
+
+
+class ExportRasterTask(RsTask):
+    """Writes a raster layer that is no local file (WMS, VRT, virtual) to a GeoTIFF.
+
+    The provider is cloned in the constructor (GUI thread); ``run`` only reads the clone.
+    """
+
+    def __init__(self, layer: QgsRasterLayer, target: str | Path, *,
+                 extent: QgsRectangle | None = None, extent_crs: Any = None,
+                 units_per_pixel: float | None = None,
+                 transform_context: QgsCoordinateTransformContext | None = None,
+                 on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(tr("Export {name} to GeoTIFF").format(name=layer.name()), on_done)
+        self.layer_id = layer.id()
+        self.layer_name = layer.name()
+        self.target = Path(target)
+        self.crs = QgsCoordinateReferenceSystem(layer.crs())
+        provider = layer.dataProvider().clone()
+        self.pipe = QgsRasterPipe()
+        if not self.pipe.set(provider):
+            raise RsPluginError(f"cannot read layer {layer.name()} for export")
+        full = layer.extent()
+        if extent is not None:
+            if extent_crs is not None and extent_crs != self.crs:
+                ct = QgsCoordinateTransform(extent_crs, self.crs,
+                                            transform_context or QgsCoordinateTransformContext())
+                extent = ct.transformBoundingBox(extent)
+            extent = extent.intersect(full)
+            if extent.isEmpty():
+                raise RsPluginError(f"layer {layer.name()} does not overlap the chosen extent")
+        self.extent = QgsRectangle(extent if extent is not None else full)
+        if provider.capabilities() & QgsRasterDataProvider.Size and layer.width() > 0:
+            # native resolution
+            ux = full.width() / layer.width()
+            uy = full.height() / layer.height()
+        else:
+            ux = uy = units_per_pixel or (self.extent.width() / 2048.0)
+        self.cols = max(1, round(self.extent.width() / ux))
+        self.rows = max(1, round(self.extent.height() / uy))
+        self.transform_context = transform_context or QgsCoordinateTransformContext()
+        self.feedback = QgsRasterBlockFeedback()
+
+    def cancel(self) -> None:
+        self.feedback.cancel()
+        super().cancel()
+
+    def work(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.target.with_name(self.target.stem + ".part.tif")
+        self.feedback.progressChanged.connect(self.setProgress)
+        writer = QgsRasterFileWriter(str(tmp))
+        writer.setOutputFormat("GTiff")
+        writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
+        err = writer.writeRaster(self.pipe, self.cols, self.rows, self.extent, self.crs,
+                                 self.transform_context, self.feedback)
+        if self.isCanceled() or self.feedback.isCanceled():
+            tmp.unlink(missing_ok=True)
+            raise CancelledError(f"export of {self.layer_name} cancelled")
+        if err != QgsRasterFileWriter.NoError:
+            tmp.unlink(missing_ok=True)
+            raise RsPluginError(f"could not export layer {self.layer_name} to {self.target} "
+                                f"(GDAL writer error {int(err)}); check free disk space")
+        tmp.replace(self.target)
+        self.setProgress(100.0)
+        return self.target
+
+
+class _RemoteTask(RsTask):
+    """A task that opens its own SSH connection (paramiko objects stay in one thread)."""
+
+    def __init__(self, description: str, profile: ConnectionProfile, known_hosts: str | Path,
+                 passphrase: str | None, on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(description, on_done)
+        self.profile = profile
+        self.known_hosts = Path(known_hosts)
+        self._passphrase = passphrase
+
+    def open_jobs(self) -> RemoteJobs:
+        return RemoteJobs(connect(self.profile, self.known_hosts, self._passphrase))
+
+
+class EnvTask(_RemoteTask):
+    """"Test connection": connects and returns what ``rs-cluster env`` reports."""
+
+    def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
+                 on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(tr("Test connection to {host}").format(host=profile.host), profile,
+                         known_hosts, passphrase, on_done)
+
+    def work(self) -> dict[str, Any]:
+        jobs = self.open_jobs()
+        try:
+            return jobs.env()
+        finally:
+            jobs.client.close()
+
+
+class SubmitJobTask(_RemoteTask):
+    """Uploads the inputs (progress = bytes sent) and starts the job; ``result`` is its status.
+
+    Cancelled after the job started, it cancels the job on the cluster too.
+    """
+
+    def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
+                 planned: PlannedJob, on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(tr("Upload and start {name}").format(name=planned.spec.name), profile,
+                         known_hosts, passphrase, on_done)
+        self.planned = planned
+        self.job_id = planned.spec.job_id
+
+    def work(self) -> JobStatus:
+        jobs = self.open_jobs()
+        try:
+            status = submit_planned(jobs, self.planned, progress=self.setProgress,
+                                    cancel=self.cancel_flag)
+            if self.isCanceled():
+                jobs.cancel(self.job_id)
+                raise CancelledError(f"job {self.job_id} cancelled right after it started")
+            return status
+        finally:
+            jobs.client.close()
+
+
+class WatchJobTask(_RemoteTask):
+    """Follows a job until it ends; ``status_changed`` carries each new status to the GUI.
+
+    ``cancel()`` cancels the job on the cluster as well; ``detach()`` only stops watching
+    (the plugin unloading, QGIS closing), so the job keeps running and is found again later.
+    """
+
+    status_changed = pyqtSignal(object)
+
+    def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
+                 job_id: str, on_done: Callable[[RsTask], None] | None = None,
+                 poll_s: float = 2.0) -> None:
+        super().__init__(tr("Cluster job {job}").format(job=job_id), profile, known_hosts,
+                         passphrase, on_done)
+        self.job_id = job_id
+        self.poll_s = poll_s
+        self.cancel_remote = True
+        self.remote_cancelled: JobStatus | None = None
+
+    def detach(self) -> None:
+        self.cancel_remote = False
+        self.cancel()
+
+    def _status(self, status: JobStatus) -> None:
+        self.setProgress(status.progress)
+        self.status_changed.emit(status)
+
+    def work(self) -> JobStatus:
+        jobs = self.open_jobs()
+        try:
+            try:
+                return watch(jobs, self.job_id, on_status=self._status, cancel=self.cancel_flag,
+                             poll_s=self.poll_s)
+            except CancelledError:
+                if self.cancel_remote:
+                    self.remote_cancelled = jobs.cancel(self.job_id)
+                    self.status_changed.emit(self.remote_cancelled)
+                raise
+        finally:
+            jobs.client.close()
+
+
+class CancelJobTask(_RemoteTask):
+    def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
+                 job_id: str, on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(tr("Cancel cluster job {job}").format(job=job_id), profile, known_hosts,
+                         passphrase, on_done)
+        self.job_id = job_id
+
+    def work(self) -> JobStatus:
+        jobs = self.open_jobs()
+        try:
+            return jobs.cancel(self.job_id)
+        finally:
+            jobs.client.close()
+
+
+class FetchResultsTask(_RemoteTask):
+    """Downloads a finished job's results; ``result`` is the list of local files."""
+
+    def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
+                 job_id: str, paths: tuple[str, ...], local_dir: str | Path,
+                 on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(tr("Download results of {job}").format(job=job_id), profile, known_hosts,
+                         passphrase, on_done)
+        self.job_id = job_id
+        self.paths = paths
+        self.local_dir = Path(local_dir)
+
+    def work(self) -> list[Path]:
+        jobs = self.open_jobs()
+        try:
+            status = jobs.status(self.job_id)  # fetch() reads it again; cheap, and keeps it simple
+            if status.state != "succeeded":
+                raise RemoteCommandError(f"job {self.job_id} is {status.state}, not succeeded: "
+                                         f"{status.message or 'nothing to download'}")
+            return fetch(jobs, self.job_id, self.paths, self.local_dir,
+                         progress=self.setProgress, cancel=self.cancel_flag)
+        finally:
+            jobs.client.close()

@@ -1,0 +1,161 @@
+"""The plugin's QGIS-free decisions: which job a run becomes, what is uploaded and fetched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rs_qgis_plugin.core.errors import SpecError
+from rs_qgis_plugin.core.protocol import parse_status
+from rs_qgis_plugin.logic import (
+    JobRecord,
+    RasterPick,
+    RunParams,
+    classify_results,
+    local_raster_path,
+    plan_evaluation,
+    plan_job,
+    summarize_report,
+    unique_stems,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_logic_imports_neither_qgis_nor_qt():
+    probe = ("import sys\nfor n in ('qgis', 'PyQt5', 'sip'): sys.modules[n] = None\n"
+             "import rs_qgis_plugin.logic")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, env={"PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+
+
+def test_train_then_predict_pairs_masks_by_image_name_and_predicts_every_image():
+    picks = [RasterPick("/data/a b.tif", "/masks/whatever.tif"),
+             RasterPick("/other/a b.tif", "/masks/x.tiff"),
+             RasterPick("/data/Ω only.jp2")]
+    planned = plan_job("Xiamen", RunParams(mode="train_predict", epochs=3, workers=2), picks,
+                       job_id="20260101-000000-abcdef")
+    spec = planned.spec.to_dict()
+    assert [s["stage"] for s in spec["steps"]] == ["prepare", "train", "predict"]
+    assert spec["steps"][1]["params"]["epochs"] == 3 and spec["steps"][1]["params"]["num_proc"] == 2
+    assert spec["steps"][2]["params"]["model"] == "outputs/model"
+    assert planned.inputs == {
+        "inputs/train/images/a_b.tif": "/data/a b.tif",
+        "inputs/train/masks/a_b.tif": "/masks/whatever.tif",
+        "inputs/train/images/a_b_2.tif": "/other/a b.tif",
+        "inputs/train/masks/a_b_2.tiff": "/masks/x.tiff",
+        "inputs/images/a_b.tif": "/data/a b.tif",
+        "inputs/images/a_b_2.tif": "/other/a b.tif",
+        "inputs/images/only.jp2": "/data/Ω only.jp2",
+    }
+    assert planned.fetch == ("outputs/model", "outputs/masks")
+
+
+def test_predict_uploads_a_local_model_or_reuses_a_cluster_job():
+    local = plan_job("p", RunParams(mode="predict", model_dir="/models/m1", threshold=0.4),
+                     [RasterPick("/d/x.tif")])
+    assert local.inputs["inputs/model"] == "/models/m1" and local.model_job is None
+    step = local.spec.to_dict()["steps"][0]
+    assert step == {"stage": "predict", "params": {
+        "model": "inputs/model", "input": "inputs/images", "output": "outputs/masks",
+        "overlap": 32, "batch_size": 16, "threshold": 0.4, "polygons": True}}
+    remote = plan_job("p", RunParams(mode="predict", model_job="20260101-000000-aaaaaa"),
+                      [RasterPick("/d/x.tif")])
+    assert "inputs/model" not in remote.inputs and remote.model_job == "20260101-000000-aaaaaa"
+
+
+def test_evaluate_predicts_then_scores_against_the_reference_masks():
+    planned = plan_job("e", RunParams(mode="evaluate", model_dir="/m"),
+                       [RasterPick("/d/x.tif", "/g/x.tif")])
+    assert [s.stage for s in planned.spec.steps] == ["predict", "evaluate"]
+    assert planned.spec.steps[1].params == {"pred": "outputs/masks", "truth": "inputs/masks",
+                                            "json": "outputs/report.json"}
+    assert planned.inputs["inputs/masks/x.tif"] == "/g/x.tif"
+    assert planned.fetch == ("outputs/masks", "outputs/report.json")
+
+
+@pytest.mark.parametrize("params, picks, message", [
+    (RunParams(mode="train"), [RasterPick("/a.tif")], "reference mask"),
+    (RunParams(mode="evaluate", model_dir="/m"), [RasterPick("/a.tif", "/g.tif"),
+                                                   RasterPick("/b.tif")], "missing for b.tif"),
+    (RunParams(mode="predict", model_dir="/m"), [], "at least one imagery"),
+])
+def test_impossible_runs_are_refused_with_the_reason(params, picks, message):
+    with pytest.raises(SpecError, match=message):
+        plan_job("x", params, picks)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mode": "predict"}, "choose a model"),
+    ({"overlap": 128, "model_dir": "/m"}, "overlap"),
+    ({"threshold": 1.0, "model_dir": "/m"}, "threshold"),
+    ({"mode": "paint"}, "unknown mode"),
+])
+def test_bad_parameters_are_refused(changes, message):
+    with pytest.raises(SpecError, match=message):
+        RunParams(**changes)
+
+
+def test_evaluation_of_existing_masks_pairs_them_in_order():
+    planned = plan_evaluation("e", ["/p/a_mask.tif", "/p/b.tif"], ["/g/1.tif", "/g/2.tif"])
+    assert planned.inputs == {"inputs/predicted/a_mask_mask.tif": "/p/a_mask.tif",
+                              "inputs/masks/a_mask.tif": "/g/1.tif",
+                              "inputs/predicted/b_mask.tif": "/p/b.tif",
+                              "inputs/masks/b.tif": "/g/2.tif"}
+    with pytest.raises(SpecError, match="as many"):
+        plan_evaluation("e", ["/p/a.tif"], [])
+
+
+def test_unique_stems_are_safe_and_distinct():
+    assert unique_stems(["/a/x y.tif", "/b/X y.tif", "/c/$(rm -rf).tif", "/d/建筑.tif"]) == [
+        "x_y", "X_y_2", "rm_-rf", "raster"]
+
+
+@pytest.mark.parametrize("provider, source, expected", [
+    ("gdal", "/data/a.tif", "/data/a.tif"),
+    ("gdal", "/data/a.tif|option:x", "/data/a.tif"),
+    ("gdal", "/data/a.vrt", None),  # its sources would not travel with it
+    ("gdal", "/vsicurl/https://host/a.tif", None),
+    ("gdal", "GPKG:/data/a.gpkg:table", None),
+    ("wms", "url=https://tiles/{z}/{x}/{y}.png", None),
+    ("virtualraster", "?crs=EPSG:3857", None),
+])
+def test_which_layers_are_uploaded_as_they_are(provider, source, expected):
+    assert local_raster_path(provider, source, exists=True) == expected
+
+
+def test_results_are_sorted_into_masks_polygons_report_model(tmp_path):
+    files = [tmp_path / "outputs/masks/a_mask.tif", tmp_path / "outputs/masks/a_buildings.gpkg",
+             tmp_path / "outputs/masks/predict.json", tmp_path / "outputs/report.json",
+             tmp_path / "outputs/model/model.json", tmp_path / "outputs/model/model.keras"]
+    r = classify_results(files)
+    assert r.masks == (str(files[0]),) and r.polygons == (str(files[1]),)
+    assert r.report == str(files[3]) and r.model == str(tmp_path / "outputs/model")
+
+
+def test_report_summary_names_the_pooled_scores():
+    report = {"pooled": {"iou": 0.1672, "f1": 0.2866, "precision": 0.2221, "recall": 0.4036,
+                         "accuracy": 0.7293}, "images": [{"name": "a"}]}
+    assert summarize_report(report) == ("1 image(s): IoU 0.167, F1 0.287, precision 0.222, "
+                                        "recall 0.404, accuracy 0.729")
+
+
+def test_job_records_survive_a_round_trip_and_follow_the_status():
+    record = JobRecord("j1", "Bâtiments", "loopback", "predict", fetch=("outputs/masks",))
+    assert JobRecord.from_json(record.to_json()) == record
+    status = parse_status(json.dumps({"schema_version": 1, "job_id": "j1", "state": "running",
+                                      "stage": "predict", "progress": 40.0,
+                                      "started": "2026-01-01T00:00:00Z"}))
+    running = record.with_status(status)
+    assert running.remote_active and running.stage == "predict" and running.progress == 40.0
+    done = running.with_status(parse_status({"schema_version": 1, "job_id": "j1",
+                                             "state": "succeeded", "progress": 100.0}))
+    assert done.needs_fetch and not done.remote_active
+    # a record written by a newer plugin with extra keys still loads
+    data = json.loads(record.to_json()) | {"future_key": 1}
+    assert JobRecord.from_json(json.dumps(data)).job_id == "j1"
