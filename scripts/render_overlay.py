@@ -23,6 +23,8 @@ def main() -> int:
     parser.add_argument("--title", default="")
     args = parser.parse_args()
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    # QGIS would otherwise leave .aux.xml statistics beside the user's rasters.
+    os.environ["GDAL_PAM_ENABLED"] = "NO"
 
     from qgis.core import (QgsApplication, QgsMapRendererParallelJob, QgsMapSettings,
                            QgsPalettedRasterRenderer, QgsRasterLayer)
