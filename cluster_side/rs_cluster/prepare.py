@@ -7,14 +7,16 @@ hidden staging folder beside the output and renamed into place when complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import re
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from pyspark.accumulators import AccumulatorParam
 
@@ -31,7 +33,9 @@ from rs_cluster.windows import Window, tile_windows, window_rows
 # find the message meant for the user.
 _MARK = "<<RS-CLUSTER-ERROR>>"
 _SEP = "<<IN>>"
-MAX_TILES_PER_TASK = 64
+MAX_TILES_PER_TASK = 256
+# Formats GDAL decodes from the top for any window: a task low in such a raster costs its rows above.
+_SEQUENTIAL_FORMATS = (".png", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -164,8 +168,32 @@ def _plan_tasks(info: PairInfo, tile_size: int, stride: int) -> list[_Task]:
     return tasks
 
 
+def _task_cost(task: _Task) -> int:
+    """Pixels a task decodes: its rows, or every row down to its last for sequential formats."""
+    top = 0 if task.info.pair.image.lower().endswith(_SEQUENTIAL_FORMATS) else task.windows[0].row_off
+    return task.info.width * (max(w.row_stop for w in task.windows) - top)
+
+
+def _balance(tasks: list[tuple[str, _Task]], buckets: int) -> list[list[tuple[str, bytes]]]:
+    """Longest-first greedy packing of tasks into ``buckets`` of similar cost (one per partition).
+
+    Consecutive tasks of a list are not alike (big PNG scenes cluster together), so Spark's
+    plain slicing leaves one core working long after the other has finished.
+    """
+    loads = [0] * buckets
+    out: list[list[tuple[str, bytes]]] = [[] for _ in range(buckets)]
+    for split, task in sorted(tasks, key=lambda st: (-_task_cost(st[1]), st[1].info.pair.raster_id,
+                                                     st[1].windows[0].row_off)):
+        i = loads.index(min(loads))
+        loads[i] += _task_cost(task)
+        out[i].append((split, pickle.dumps(task)))
+    for bucket in out:  # each partition writes one file per split: group its tasks by split
+        bucket.sort(key=lambda st: SPLITS.index(st[0]))
+    return [b for b in out if b]
+
+
 def _arrow_schema(schema: Any):
-    """The Arrow schema of the encoded rows, matching ``schema.as_spark_schema()``."""
+    """The Arrow schema of encoded rows, the types of ``schema.as_spark_schema()``."""
     import pyarrow as pa
     from pyspark.sql.types import BinaryType, IntegerType, StringType
 
@@ -173,45 +201,86 @@ def _arrow_schema(schema: Any):
     return pa.schema([(f.name, types[type(f.dataType)]) for f in schema.as_spark_schema().fields])
 
 
-def _encode_tasks(batches: Iterable[Any], schema: Any, accumulator: Any) -> Iterable[Any]:
-    """Executor side (``mapInArrow``): read each task's windows, yield encoded Arrow batches.
+def _encoded_rows(task: _Task, schema: Any) -> Iterator[tuple[dict[str, Any], int]]:
+    """(row encoded by the Unischema's codecs, building pixels) for each window of a task."""
+    info = task.info
+    for w, image, mask in read_tiles(info, task.windows):
+        row = {
+            "tile_id": f"{info.pair.raster_id}:{w.row_off}:{w.col_off}",
+            "raster_id": info.pair.raster_id,
+            "row_off": w.row_off,
+            "col_off": w.col_off,
+            "image": image,
+            "mask": mask,
+            "crs": info.crs_wkt,
+            "transform": _as_float_array(window_transform(info, w)),
+        }
+        encoded = {}
+        for name, value in row.items():
+            field_ = schema.fields[name]
+            value = field_.codec.encode(field_, value)
+            encoded[name] = bytes(value) if isinstance(value, (bytearray, memoryview)) else value
+        yield encoded, int(mask.sum())
 
-    Rows go to the JVM as Arrow columns rather than pickled Row objects: the same bytes Petastorm's
-    codecs produce, at a fraction of the serialisation cost.
+
+def _write_partition(index: int, items: Iterable[tuple[str, bytes]], staging: str, schema: Any,
+                     rows_per_group: int, accumulator: Any) -> Iterator[tuple[str, str, int, int]]:
+    """Executor side: tiles this partition's tasks into ``<split>/part-<index>.parquet`` files.
+
+    The files are written with pyarrow straight from the executor (no row crosses into the JVM)
+    under a temporary name and renamed when complete. Names depend only on the partition index,
+    so a retried or speculative attempt replaces its own file and never adds duplicate rows.
+    Yields (raster id, split, tiles, building pixels) for the driver's exact counts.
     """
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     arrow_schema = _arrow_schema(schema)
-    fields_ = schema.fields
-    for batch in batches:
-        for blob in batch.column(0).to_pylist():
+    writers: dict[str, tuple[Any, Any, str, str]] = {}  # split: (writer, filesystem, tmp, final)
+    pending: dict[str, dict[str, list]] = {}
+
+    def flush(split: str) -> None:
+        batch = pending.pop(split, None)
+        if batch and batch["tile_id"]:
+            writers[split][0].write_table(pa.Table.from_pydict(batch, schema=arrow_schema),
+                                          row_group_size=rows_per_group)
+
+    try:
+        for split, blob in items:
             task: _Task = pickle.loads(blob)
-            info = task.info
-            columns: dict[str, list] = {name: [] for name in arrow_schema.names}
-            building = 0
+            if split not in writers:
+                filesys, folder = storage.filesystem(storage.join(staging, split))
+                filesys.create_dir(folder, recursive=True)
+                final = f"{folder}/part-{index:05d}.parquet"
+                tmp = f"{folder}/.part-{index:05d}.parquet.{uuid.uuid4().hex}.tmp"
+                writers[split] = (pq.ParquetWriter(tmp, arrow_schema, filesystem=filesys,
+                                                   compression="snappy"), filesys, tmp, final)
+            batch = pending.setdefault(split, {name: [] for name in arrow_schema.names})
+            tiles = building = 0
             try:
-                for w, image, mask in read_tiles(info, task.windows):
-                    building += int(mask.sum())
-                    row = {
-                        "tile_id": f"{info.pair.raster_id}:{w.row_off}:{w.col_off}",
-                        "raster_id": info.pair.raster_id,
-                        "row_off": w.row_off,
-                        "col_off": w.col_off,
-                        "image": image,
-                        "mask": mask,
-                        "crs": info.crs_wkt,
-                        "transform": _as_float_array(window_transform(info, w)),
-                    }
+                for row, px in _encoded_rows(task, schema):
                     for name, value in row.items():
-                        field_ = fields_[name]
-                        columns[name].append(field_.codec.encode(field_, value))
+                        batch[name].append(value)
+                    tiles += 1
+                    building += px
+                    if len(batch["tile_id"]) >= rows_per_group:
+                        flush(split)
+                        batch = pending.setdefault(split, {name: [] for name in arrow_schema.names})
             except RsClusterError as e:
-                raise RuntimeError(f"{_MARK}{info.pair.raster_id}{_SEP}{e}{_MARK}") from None
-            columns["image"] = [bytes(v) for v in columns["image"]]
-            columns["mask"] = [bytes(v) for v in columns["mask"]]
-            columns["transform"] = [bytes(v) for v in columns["transform"]]
-            accumulator.add({info.pair.raster_id: (len(columns["tile_id"]), building)})
-            yield pa.RecordBatch.from_pydict(columns, schema=arrow_schema)
+                raise RuntimeError(f"{_MARK}{task.info.pair.raster_id}{_SEP}{e}{_MARK}") from None
+            accumulator.add({task.info.pair.raster_id: (tiles, building)})
+            yield task.info.pair.raster_id, split, tiles, building
+        for split, (writer, filesys, tmp, final) in list(writers.items()):
+            flush(split)
+            writer.close()
+            filesys.move(tmp, final)
+            del writers[split]
+    finally:
+        for writer, filesys, tmp, _ in writers.values():  # only after a failure: drop partial files
+            with contextlib.suppress(Exception):
+                writer.close()
+            with contextlib.suppress(Exception):
+                filesys.delete_file(tmp)
 
 
 def _as_float_array(values: Iterable[float]):
@@ -295,106 +364,63 @@ def run_prepare(cfg: PrepareConfig, *, reporter: Reporter | None = None, spark: 
 def _write_splits(session: Any, schema: Any, infos: list[PairInfo], split_of: dict[str, str],
                   cfg: PrepareConfig, stride: int, staging: str, reporter: Reporter,
                   bad: list[dict[str, str]]) -> tuple[dict[str, tuple[int, int]], set[str]]:
-    """Writes every split; returns {raster_id: (tiles, building pixels)} and the skipped ids.
+    """Writes every split in one Spark job; returns {raster_id: (tiles, building px)} and skipped ids.
 
-    The splits are written by concurrent Spark jobs (one driver thread each), so the cores stay
-    busy through each job's tail and Petastorm's metadata pass. With ``skip_bad`` a raster that
-    fails while being read is dropped and its split written again.
+    With ``skip_bad`` a raster that fails while being read is dropped and the job run again.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from petastorm.etl.dataset_metadata import materialize_dataset
 
     sc = session.sparkContext
     expected = {i.pair.raster_id: len(tile_windows(i.height, i.width, cfg.tile_size, stride)) for i in infos}
     total_tiles = sum(expected.values())
     reporter.start("prepare", total=total_tiles, unit="tiles",
                    message=f"tiling {len(infos)} rasters into {total_tiles} tiles")
-    # Set once for all jobs: materialize_dataset sets and restores it around each write, and the
-    # concurrent writes must not restore each other's value.
-    hadoop = sc._jsc.hadoopConfiguration()
-    hadoop.setInt("parquet.block.size", cfg.rowgroup_size_mb * 1024 * 1024)
-    accumulators: dict[str, Any] = {}
+    row_bytes = cfg.tile_size * cfg.tile_size * 4 + 1024
+    rows_per_group = max(1, cfg.rowgroup_size_mb * 1024 * 1024 // row_bytes)
+    skipped: set[str] = set()
+    while True:
+        tasks = [(split_of[i.pair.raster_id], t) for i in infos if i.pair.raster_id not in skipped
+                 for t in _plan_tasks(i, cfg.tile_size, stride)]
+        acc = sc.accumulator({}, _TaskSums())
 
-    def report() -> None:
-        merged: dict[str, tuple[int, int]] = {}
-        for acc in list(accumulators.values()):
-            merged.update(acc.value)
-        tiles = sum(n for n, _ in merged.values())
-        rasters = sum(1 for rid, (n, _) in merged.items() if n >= expected[rid])
-        reporter.progress(tiles, total_tiles, f"{rasters}/{len(infos)} rasters",
-                          rasters_done=rasters, rasters_total=len(infos))
+        def report(acc: Any = acc) -> None:
+            done = acc.value
+            tiles = sum(n for n, _ in done.values())
+            rasters = sum(1 for rid, (n, _) in done.items() if n >= expected[rid])
+            reporter.progress(tiles, total_tiles, f"{rasters}/{len(infos)} rasters",
+                              rasters_done=rasters, rasters_total=len(infos))
 
-    def write(split: str) -> tuple[dict[str, tuple[int, int]], set[str], list[dict[str, str]]]:
-        skipped: set[str] = set()
-        skipped_info: list[dict[str, str]] = []
-        while True:
-            members = [i for i in infos if split_of[i.pair.raster_id] == split
-                       and i.pair.raster_id not in skipped]
-            tasks = [t for i in members for t in _plan_tasks(i, cfg.tile_size, stride)]
-            if not tasks:
-                return {}, skipped, skipped_info
-            acc = accumulators[split] = sc.accumulator({}, _TaskSums())
-            url = storage.join(staging, split)
-            try:
-                _write_split(session, schema, tasks, url, acc, cfg.rowgroup_size_mb)
-            except Exception as e:
-                found = _user_error(e)
-                if found is None:
-                    raise
-                raster_id, message = found
-                if not cfg.skip_bad:
-                    raise InputError(message) from None
-                skipped.add(raster_id)
-                skipped_info.append({"image": raster_id, "error": message})
-                reporter.warning(f"skipped: {message}")
-                storage.delete_dir(url)
-                continue
-            sums = dict(acc.value)
-            if session.read.parquet(url).count() != sum(n for n, _ in sums.values()):
-                sums = _recount(sc, tasks)  # a retried task counted twice; count again exactly
-            return sums, skipped, skipped_info
-
-    stats: dict[str, tuple[int, int]] = {}
-    skipped_all: set[str] = set()
-    with Poller(report), ThreadPoolExecutor(len(SPLITS), thread_name_prefix="rs-split") as pool:
-        futures = [pool.submit(write, split) for split in SPLITS]
+        buckets = _balance(tasks, max(1, min(len(tasks), sc.defaultParallelism * 4)))
         try:
-            for future in futures:
-                sums, skipped, skipped_info = future.result()
-                stats.update(sums)
-                skipped_all |= skipped
-                bad.extend(skipped_info)
-        except BaseException:
-            sc.cancelAllJobs()
-            raise
-    return stats, skipped_all
-
-
-def _write_split(session: Any, schema: Any, tasks: list[_Task], url: str, acc: Any,
-                 rowgroup_size_mb: int) -> None:
-    from petastorm.etl.dataset_metadata import materialize_dataset
-
-    sc = session.sparkContext
-    slices = max(1, min(len(tasks), sc.defaultParallelism * 8))
-    blobs = sc.parallelize([(pickle.dumps(t),) for t in tasks], slices)
-    with materialize_dataset(session, url, schema, rowgroup_size_mb):
-        session.createDataFrame(blobs, "task binary") \
-            .mapInArrow(lambda it, s=schema, a=acc: _encode_tasks(it, s, a), schema.as_spark_schema()) \
-            .write.mode("overwrite").parquet(url)
-
-
-def _recount(sc: Any, tasks: list[_Task]) -> dict[str, tuple[int, int]]:
-    def count(task: _Task) -> tuple[str, tuple[int, int]]:
-        n = px = 0
-        for _, _, mask in read_tiles(task.info, task.windows):
-            n += 1
-            px += int(mask.sum())
-        return task.info.pair.raster_id, (n, px)
-
-    sums: dict[str, tuple[int, int]] = {}
-    for rid, (n, px) in sc.parallelize(tasks, max(1, len(tasks))).map(count).collect():
-        n0, px0 = sums.get(rid, (0, 0))
-        sums[rid] = (n0 + n, px0 + px)
-    return sums
+            with Poller(report):
+                counts = sc.parallelize(buckets, len(buckets)).mapPartitionsWithIndex(
+                    lambda i, it, a=acc: _write_partition(
+                        i, (task for bucket in it for task in bucket), staging, schema, rows_per_group, a)
+                ).collect()
+        except Exception as e:
+            found = _user_error(e)
+            if found is None:
+                raise
+            raster_id, message = found
+            if not cfg.skip_bad:
+                raise InputError(message) from None
+            skipped.add(raster_id)
+            bad.append({"image": raster_id, "error": message})
+            reporter.warning(f"skipped: {message}")
+            storage.delete_dir(staging)
+            continue
+        break
+    stats: dict[str, tuple[int, int]] = {}
+    for raster_id, _split, tiles, building in counts:
+        n0, px0 = stats.get(raster_id, (0, 0))
+        stats[raster_id] = (n0 + tiles, px0 + building)
+    for split in SPLITS:
+        url = storage.join(staging, split)
+        if storage.exists(url):
+            # The files are in place: Petastorm adds its Unischema and row-group metadata.
+            with materialize_dataset(session, url, schema, cfg.rowgroup_size_mb):
+                pass
+    return stats, skipped
 
 
 def _dataset_meta(cfg: PrepareConfig, stride: int, infos: list[PairInfo], split_of: dict[str, str],
