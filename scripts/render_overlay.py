@@ -18,7 +18,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image")
     parser.add_argument("mask")
-    parser.add_argument("out")
+    parser.add_argument("out", help="picture to write (.png or .jpg)")
     parser.add_argument("--size", type=int, default=1024, help="longest side of the picture in px")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
@@ -66,7 +66,7 @@ def main() -> int:
             painter.drawText(8, 0, width - 16, max(24, width // 30), int(Qt.AlignVCenter), args.title)
             painter.end()
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        if not picture.save(args.out, "PNG"):
+        if not picture.save(args.out, None, 85):  # format from the suffix (.png, .jpg)
             print(f"render_overlay: cannot write {args.out}", file=sys.stderr)
             return 1
         print(f"render_overlay: wrote {args.out} ({width}x{height}, CRS {image.crs().authid() or 'none'})")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import numpy as np
 
 from rs_cluster import __version__
 from rs_cluster.atomic import write_json_atomic
+from rs_cluster.config import check_keys
 from rs_cluster.errors import ConfigError, InputError
 from rs_cluster.progress import Reporter
 from rs_cluster.rasters import _open, _short, list_rasters
@@ -49,11 +50,7 @@ class EvaluateConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvaluateConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"evaluate: unknown setting(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(known))}")
+        data = check_keys(cls, data, "evaluate")
         return cls(**data)
 
 

@@ -30,7 +30,7 @@ import re
 import secrets
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +39,7 @@ import numpy as np
 
 from rs_cluster import __version__
 from rs_cluster.atomic import write_json_atomic
+from rs_cluster.config import check_keys
 from rs_cluster.errors import ClusterError, ConfigError, InputError, OutputExistsError, RasterReadError, RsClusterError
 from rs_cluster.progress import Reporter
 from rs_cluster.rasters import RASTER_SUFFIXES, _open, _short, list_rasters
@@ -168,11 +169,7 @@ class PredictConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PredictConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"predict: unknown setting(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(known))}")
+        data = check_keys(cls, data, "predict")
         return cls(**data)
 
 

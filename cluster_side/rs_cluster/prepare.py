@@ -14,7 +14,7 @@ import random
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
@@ -23,6 +23,7 @@ from pyspark.accumulators import AccumulatorParam
 from rs_cluster import __version__, storage
 from rs_cluster.dataset import (DATASET_FORMAT, DATASET_FORMAT_VERSION, DATASET_JSON, SPLITS,
                                 tile_schema)
+from rs_cluster.config import check_keys
 from rs_cluster.errors import ConfigError, InputError, OutputExistsError, RsClusterError
 from rs_cluster.progress import Reporter
 from rs_cluster.rasters import PairInfo, RasterPair, inspect_pair, pair_rasters, read_tiles, window_transform
@@ -70,12 +71,7 @@ class PrepareConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrepareConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"prepare: unknown setting(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(known))}")
-        data = dict(data)
+        data = check_keys(cls, data, "prepare")
         if "split" in data:
             data["split"] = tuple(float(x) for x in data["split"])
         return cls(**data)

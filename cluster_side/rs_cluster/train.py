@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +34,7 @@ from typing import IO, Any
 from rs_cluster import __version__
 from rs_cluster.atomic import write_json_atomic, write_text_atomic
 from rs_cluster.dataset import DatasetInfo, load_dataset
+from rs_cluster.config import check_keys
 from rs_cluster.errors import ClusterError, ConfigError, InputError, OutputExistsError
 from rs_cluster.progress import Reporter
 from rs_cluster.spark import Poller, quiet_library_warnings, resolve_master, spark_session
@@ -106,12 +107,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"train: unknown setting(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(known))}")
-        data = dict(data)
+        data = check_keys(cls, data, "train")
         if data.get("nics") is not None:
             data["nics"] = tuple(data["nics"])
         return cls(**data)
