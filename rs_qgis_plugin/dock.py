@@ -85,6 +85,12 @@ class RunDock(QgsDockWidget):
         self.layers.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         self.layers.verticalHeader().setVisible(False)
         self.clip = QCheckBox(tr("Clip to the current map extent"), run_page)
+        # Or to the extent of a polygon layer (an area of interest); it wins over the map extent.
+        self.clip_layer = QgsMapLayerComboBox(run_page)
+        self.clip_layer.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.clip_layer.setAllowEmptyLayer(True)
+        self.clip_layer.setLayer(None)
+        self.clip_layer.setToolTip(tr("Send only the part of the imagery inside this layer's extent"))
 
         # model
         self.model_source = QComboBox(run_page)
@@ -123,6 +129,10 @@ class RunDock(QgsDockWidget):
         layout.addLayout(form)
         layout.addWidget(self.layers, 1)
         layout.addWidget(self.clip)
+        clip_row = QHBoxLayout()
+        clip_row.addWidget(QLabel(tr("or clip to the extent of"), run_page))
+        clip_row.addWidget(self.clip_layer, 1)
+        layout.addLayout(clip_row)
         model_box = QGroupBox(tr("Model"), run_page)
         model_form = QFormLayout(model_box)
         model_form.addRow(tr("Use"), self.model_source)
@@ -280,7 +290,10 @@ class RunDock(QgsDockWidget):
     def prepare_run(self) -> PreparedRun:
         picks = self.picks()
         clip = crs = upp = None
-        if self.clip.isChecked() and self.iface is not None:
+        area = self.clip_layer.currentLayer()
+        if area is not None:
+            clip, crs = area.extent(), area.crs()
+        elif self.clip.isChecked() and self.iface is not None:
             canvas = self.iface.mapCanvas()
             clip, crs = canvas.extent(), canvas.mapSettings().destinationCrs()
             upp = canvas.mapUnitsPerPixel()

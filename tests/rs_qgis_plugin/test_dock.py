@@ -117,6 +117,31 @@ def test_clipping_to_the_map_extent_exports_only_that_part(dock, qgis_iface, res
     assert written.width() == pytest.approx(256 * visible.width() / extent.width(), abs=2)
 
 
+def test_clipping_to_a_polygon_layers_extent(dock, qgis_iface, results_root):
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+
+    image = add_raster(dev_image(0), "tile")
+    extent = image.extent()
+    area = QgsVectorLayer(f"Polygon?crs={image.crs().authid()}", "area of interest", "memory")
+    quarter = type(extent)(extent.xMinimum(), extent.yMinimum(),
+                           extent.xMinimum() + extent.width() / 4, extent.yMaximum())
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromRect(quarter))
+    area.dataProvider().addFeatures([feature])
+    area.updateExtents()
+    QgsProject.instance().addMapLayer(area)
+    dock.set_imagery(image)
+    dock.mode.setCurrentIndex(dock.mode.findData("predict"))
+    dock.model_dir.setFilePath("/models/m")
+    dock.clip_layer.setLayer(area)
+    export = dock.prepare_run().exports[0]
+    assert export.run()
+    written = QgsRasterLayer(str(export.target), "clip", "gdal")
+    assert written.extent().width() == pytest.approx(quarter.width(), rel=0.02)
+    assert written.extent().height() == pytest.approx(extent.height(), rel=0.02)
+    assert written.width() == pytest.approx(64, abs=2)  # native resolution kept
+
+
 def test_a_cancelled_export_leaves_no_file(dock, tmp_path, results_root):
     vrt = tmp_path / "mosaic.vrt"
     subprocess.run(["gdalbuildvrt", "-q", str(vrt), str(dev_image(0))], check=True)
