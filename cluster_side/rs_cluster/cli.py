@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -67,6 +68,8 @@ def make_reporter(events: str | None, quiet: bool) -> tuple[Reporter, Callable[[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # TensorFlow's start-up INFO lines (oneDNN, CPU features) say nothing a user can act on.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     reporter, close = make_reporter(args.events, args.quiet)

@@ -45,6 +45,7 @@ def spark_session(master: str | None = None, app_name: str = "rs-cluster",
         "spark.executor.extraJavaOptions": java_opts,
         "spark.executorEnv.PYSPARK_PYTHON": os.environ["PYSPARK_PYTHON"],
         "spark.executorEnv.PYTHONWARNINGS": os.environ["PYTHONWARNINGS"],
+        "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1"),
         "spark.sql.parquet.compression.codec": "snappy",
     }
     if master.startswith("local") or "127.0.0.1" in master or "localhost" in master:
