@@ -1,9 +1,8 @@
-"""Atomic outputs: a result is either complete at its final path or absent.
+"""Atomic files: a result is either complete at its final path or absent.
 
-Files are written to a temporary sibling and renamed over the target. Directories (a dataset, a
-model) are built in a hidden sibling ``.<name>.partial-<pid>`` and renamed into place at the end, so
-an interrupted run never leaves something that looks complete. Local paths only; for remote
-filesystems (``hdfs://``) the same is done through pyarrow's filesystem ``move``.
+Files are written to a temporary sibling and renamed over the target. Stages build whole folders
+(a dataset, a model) the same way, in a hidden sibling renamed into place at the end; for URLs
+(``hdfs://``) see :mod:`rs_cluster.storage`.
 """
 
 from __future__ import annotations
@@ -11,10 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -48,33 +46,3 @@ def _umask() -> int:
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh staging directory that becomes ``final`` only if the block succeeds.
-
-    With ``overwrite`` an existing ``final`` is replaced (moved aside, then deleted) at commit time,
-    so the old result stays intact until the new one is complete.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        if not overwrite:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise FileExistsError(f"{final} appeared while this run was writing; left it untouched")
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,7 @@ building is any non-zero mask value. Files are only ever opened read-only.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -38,7 +38,6 @@ class PairInfo:
     mask_bands: int
     crs_wkt: str
     transform: tuple[float, float, float, float, float, float]
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 def list_rasters(folder: str | os.PathLike[str]) -> list[Path]:
