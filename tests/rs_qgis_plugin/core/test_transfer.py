@@ -63,9 +63,11 @@ def test_upload_and_download_resume_after_the_connection_is_cut(sshd, client, bi
     assert state["calls"][-1] == (SIZE, SIZE, 100.0)
 
     local = tmp_path / "back" / "big.bin"
-    progress, state = cut_connection_at(sshd, 40 * MB)
+    # Cut early: the download reads ahead, and on a busy machine a late cut could come after the
+    # last byte had already been received.
+    progress, state = cut_connection_at(sshd, 15 * MB)
     down = transfers.download(remote, local, progress=progress)
-    assert down.attempts == 2 and down.resumed_from > 20 * MB
+    assert down.attempts == 2 and down.resumed_from > 10 * MB
     assert down.last_attempt_bytes == SIZE - down.resumed_from < SIZE
     assert down.bytes_sent < SIZE + 8 * MB
     assert sha256(local) == up.sha256
