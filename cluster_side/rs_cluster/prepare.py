@@ -96,7 +96,10 @@ class _Task:
 
 
 class _TaskSums(AccumulatorParam):
-    """Adds {raster_id: (tiles, building pixels)} dicts from the tasks."""
+    """Adds {raster_id: (tiles, building pixels)} dicts: live progress while the job runs.
+
+    The exact counts come back with the tasks' results; a retried task may add here twice.
+    """
 
     def zero(self, value: dict) -> dict:
         return {}
