@@ -18,8 +18,8 @@ from rs_cluster.progress import JsonLinesReporter, Reporter, TeeReporter, Termin
 
 # Modules that add their own sub-commands with ``register(subparsers)``; each keeps its imports
 # light for the same reason as this one.
-_COMMAND_MODULES = ("rs_cluster.prepare_cli",)
-_OPTIONAL_COMMAND_MODULES = ("rs_cluster.jobs_cli", "rs_cluster.train_cli", "rs_cluster.predict_cli")
+_COMMAND_MODULES = ("rs_cluster.prepare_cli", "rs_cluster.train_cli", "rs_cluster.predict_cli",
+                    "rs_cluster.jobs_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,14 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
-    for name in _OPTIONAL_COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.register(sub)
     return parser
 
 
