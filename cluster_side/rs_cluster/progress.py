@@ -78,11 +78,12 @@ class JsonLinesReporter(Reporter):
 class TerminalReporter(Reporter):
     """A progress bar on stderr (tqdm) plus one-line messages; quiet when stderr is not a TTY."""
 
-    def __init__(self, stream: IO[str] | None = None, min_interval: float = 0.5) -> None:
+    def __init__(self, stream: IO[str] | None = None, line_interval: float = 10.0) -> None:
         super().__init__()
         self._stream = stream or sys.stderr
         self._bar: Any = None
-        self._min_interval = min_interval
+        # Without a terminal (a log file) there is no bar: one progress line this often, at most.
+        self._line_interval = line_interval
         self._last = 0.0
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -105,7 +106,7 @@ class TerminalReporter(Reporter):
                     self._bar.set_postfix_str(event["message"], refresh=False)
                 self._bar.refresh()
                 now = time.monotonic()
-                if self._bar.disable and now - self._last >= self._min_interval * 20:
+                if self._bar.disable and now - self._last >= self._line_interval:
                     self._last = now
                     self._line(f"{event['done']}/{event.get('total') or '?'} {event.get('message', '')}")
             elif kind in ("info", "warning", "finish"):
