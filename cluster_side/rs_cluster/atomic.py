@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rs_cluster.errors import disk_full_error, is_disk_full
+
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     path = Path(path)
@@ -26,9 +28,11 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and is_disk_full(e):
+            raise disk_full_error(e, path, "writing it") from e
         raise
 
 

@@ -7,13 +7,14 @@ stage imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 from typing import Callable, Sequence
 
 from rs_cluster import __version__
-from rs_cluster.errors import RsClusterError
+from rs_cluster.errors import DiskFullError, RsClusterError, disk_full_error, is_disk_full
 from rs_cluster.progress import JsonLinesReporter, Reporter, TeeReporter, TerminalReporter
 
 # Modules that add their own sub-commands with ``register(subparsers)``; each keeps its imports
@@ -54,7 +55,10 @@ def make_reporter(events: str | None, quiet: bool) -> tuple[Reporter, Callable[[
     def close() -> None:
         reporter.close()
         for c in closers:
-            c()
+            # Each event was flushed as written; a close that still fails found the disk full
+            # and must not hide the error that the stage is reporting.
+            with contextlib.suppress(OSError):
+                c()
 
     return reporter, close
 
@@ -70,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(args.func(args, reporter) or 0)
     except RsClusterError as e:
         error, code = f"error: {e}", e.exit_code
+    except Exception as e:
+        # A full disk can surface from any library (GDAL, Arrow, the JVM): say so on one line.
+        if not is_disk_full(e):
+            raise
+        error, code = f"error: {disk_full_error(e)}", DiskFullError.exit_code
     except KeyboardInterrupt:
         error, code = "interrupted; nothing was left half-written", 130
     finally:

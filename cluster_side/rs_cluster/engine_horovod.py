@@ -22,6 +22,10 @@ class HorovodEngine:
             return [fn(*args)]
         import horovod.spark
 
+        # Horovod: workers out of step this long (one lost, or waiting on a collective the others
+        # never reach) shut down with an error instead of waiting for ever.
+        env = {**(env if env is not None else os.environ)}
+        env.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "600")
         # Horovod: one Spark task per worker; Gloo rendezvous through the driver on `nics`.
         return horovod.spark.run(fn, args=tuple(args), num_proc=num_proc, start_timeout=start_timeout,
                                  use_gloo=True, env=env, stdout=output, stderr=output, verbose=0,

@@ -17,6 +17,7 @@ session or carries ``RS_CLUSTER_JOB_ID`` in its environment; ``cancel`` stops al
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rs_cluster.atomic import write_json_atomic
-from rs_cluster.errors import ConfigError, RsClusterError
+from rs_cluster.errors import ConfigError, DiskFullError, RsClusterError, disk_full_error, is_disk_full
 from rs_cluster.jobspec import JobSpec, check_job_id, parse_job_spec, step_argv
 from rs_cluster.progress import JsonLinesReporter, parse_event, utc_now
 
@@ -40,6 +41,9 @@ ENV_WORKSPACE = "RS_CLUSTER_WORKSPACE"
 
 JOB_FILE, STATUS_FILE, EVENTS_FILE, LOG_FILE = "job.json", "status.json", "events.jsonl", "log.txt"
 INPUTS_DIR, OUTPUTS_DIR, CANCEL_FILE = "inputs", "outputs", ".cancel-requested"
+# Disk space the runner holds back while steps run and frees for its last words (the final
+# status.json, event and log line), so a job that fills the disk still ends "failed", not "running".
+RESERVE_FILE, _RESERVE_BYTES = ".disk-reserve", 64 * 1024
 
 ACTIVE_STATES = frozenset({"queued", "running"})
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -102,13 +106,19 @@ def initial_status(spec: JobSpec) -> dict[str, Any]:
         "state": "queued", "stage": None, "step": 0, "steps": len(spec.steps), "progress": 0.0,
         "message": "queued", "submitted": now, "started": None, "finished": None, "updated": now,
         "exit_code": None, "pid": None, "pgid": None, "pid_started": None,
-        "results": spec.outputs(),
+        "results": [],  # what the job produced: filled in only when it succeeds
     }
 
 
 def write_status(job_dir: Path, status: dict[str, Any]) -> None:
+    """Replaces ``status.json``. A progress update of an active job that finds the disk full is
+    skipped: the previous ``status.json`` stays whole, and a later update replaces it."""
     status["updated"] = utc_now()
-    write_json_atomic(job_dir / STATUS_FILE, status)
+    try:
+        write_json_atomic(job_dir / STATUS_FILE, status)
+    except DiskFullError:
+        if status.get("state") not in ACTIVE_STATES or not (job_dir / STATUS_FILE).exists():
+            raise
 
 
 def _process_start_time(pid: int) -> float | None:
@@ -154,7 +164,8 @@ def read_status(job_dir: Path) -> dict[str, Any]:
                      "or the machine restarted; see log.txt, and run `rs-cluster job cancel "
                      f"{status.get('job_id')}` to stop any step it left running" if pid else
                      "the job runner never started; see log.txt"))
-        write_status(job_dir, status)
+        with contextlib.suppress(DiskFullError):  # the verdict is reached again on every read
+            write_status(job_dir, status)
     return status
 
 
@@ -167,14 +178,25 @@ def _age_s(iso: str | None) -> float:
 
 
 def read_events(job_dir: Path, since: int = 0) -> tuple[list[str], int]:
-    """Complete event lines from number ``since`` on (0-based), and the number to ask for next."""
+    """Complete event lines from number ``since`` on (0-based), and the number to ask for next.
+
+    A line that is not a JSON object was cut short by a full disk; it is left out (and not
+    counted), so readers that parse every line still can.
+    """
     try:
         data = (job_dir / EVENTS_FILE).read_bytes()
     except FileNotFoundError:
         return [], since
     complete = data[: data.rfind(b"\n") + 1].decode("utf-8", errors="replace")
-    lines = complete.splitlines()
+    lines = [line for line in complete.splitlines() if _is_json_object(line)]
     return lines[since:], max(since, len(lines))
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 # -- submit -----------------------------------------------------------------------------------------
@@ -304,6 +326,7 @@ def run_job(job_dir: Path) -> int:
     status.update(state="running", pid=pid, pgid=os.getpgid(0), pid_started=_process_start_time(pid),
                   started=utc_now(), message="started")
     write_status(job_dir, status)
+    _reserve_space(job_dir)
 
     stop = threading.Event()
 
@@ -316,38 +339,85 @@ def run_job(job_dir: Path) -> int:
     events_path = job_dir / EVENTS_FILE
     env = {**os.environ, ENV_JOB_ID: spec.job_id}
     exit_code = 0
-    with open(events_path, "a", encoding="utf-8") as events_stream, \
-            open(job_dir / LOG_FILE, "ab") as log:
+    full_disk: OSError | None = None
+    events_stream = open(events_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    log = open(job_dir / LOG_FILE, "ab")  # noqa: SIM115 - closed below
+    try:
         reporter = JsonLinesReporter(events_stream)
-        reporter.start("job", total=len(spec.steps), unit="steps", message=spec.name)
-        for index, step in enumerate(spec.steps):
-            if stop.is_set() or (job_dir / CANCEL_FILE).exists():
-                break
-            argv = [sys.executable, "-m", "rs_cluster", "--quiet", "--events", str(events_path),
-                    *step_argv(step, job_dir)]
-            log.write(f"$ {shlex.join(argv)}\n".encode())
-            log.flush()
-            follower = _EventFollower(events_path)
-            status.update(stage=step.stage, step=index + 1, message=f"{step.stage} started")
-            write_status(job_dir, status)
-            proc = subprocess.Popen(argv, cwd=job_dir, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=env)
-            exit_code = _follow_step(proc, follower, status, job_dir, index, len(spec.steps), stop)
-            reporter.progress(index + 1, len(spec.steps), message=f"{step.stage} exit {exit_code}")
-            if exit_code != 0:
-                break
+        try:
+            reporter.start("job", total=len(spec.steps), unit="steps", message=spec.name)
+            for index, step in enumerate(spec.steps):
+                if stop.is_set() or (job_dir / CANCEL_FILE).exists():
+                    break
+                argv = [sys.executable, "-m", "rs_cluster", "--quiet", "--events", str(events_path),
+                        *step_argv(step, job_dir)]
+                log.write(f"$ {shlex.join(argv)}\n".encode())
+                log.flush()
+                follower = _EventFollower(events_path)
+                status.update(stage=step.stage, step=index + 1, message=f"{step.stage} started")
+                write_status(job_dir, status)
+                proc = subprocess.Popen(argv, cwd=job_dir, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+                exit_code = _follow_step(proc, follower, status, job_dir, index, len(spec.steps), stop)
+                _end_cut_line(events_path, events_stream)
+                reporter.progress(index + 1, len(spec.steps), message=f"{step.stage} exit {exit_code}")
+                if exit_code != 0:
+                    break
+        except OSError as e:  # the runner's own log and event lines, written between steps
+            if not is_disk_full(e):
+                raise
+            full_disk = e
         cancelled = stop.is_set() or (job_dir / CANCEL_FILE).exists()
         if cancelled:
             status.update(state="cancelled", message="cancelled")
+        elif full_disk is not None:
+            status.update(state="failed", message=str(disk_full_error(
+                full_disk, job_dir, "writing the job's log and events")))
         elif exit_code != 0:
-            status.update(state="failed", message=_last_error(job_dir / LOG_FILE, status))
+            message = _last_error(job_dir / LOG_FILE, status)
+            disk_full = shutil.disk_usage(job_dir).free < _RESERVE_BYTES  # the reserve still held
+            if disk_full and "no space left" not in message.lower():
+                # The step's own error line may have found no room in log.txt.
+                message = str(disk_full_error(None, job_dir, f"running {status.get('stage')}"))
+            status.update(state="failed", message=message)
         else:
             status.update(state="succeeded", progress=100.0, message="done",
                           results=[r for r in spec.outputs() if (job_dir / r).exists()])
         status.update(exit_code=exit_code, finished=utc_now())
-        reporter.finish(status["message"], state=status["state"])
+        (job_dir / RESERVE_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            reporter.finish(status["message"], state=status["state"])
+    finally:
+        for stream in (events_stream, log):
+            with contextlib.suppress(OSError):  # a line the full disk did not take is lost
+                stream.close()
     write_status(job_dir, status)
     return 0 if status["state"] == "succeeded" else 1
+
+
+def _end_cut_line(path: Path, stream: Any) -> None:
+    """Ends the step's last event line when a full disk cut it short, so the runner's next event
+    starts a line of its own instead of being glued to a fragment."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        last = f.read(1)
+    if last != b"\n":
+        stream.write("\n")
+        stream.flush()
+
+
+def _reserve_space(job_dir: Path) -> None:
+    path = job_dir / RESERVE_FILE
+    try:
+        with open(path, "wb") as f:
+            f.write(bytes(_RESERVE_BYTES))  # written, not truncated: a sparse file holds nothing
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        path.unlink(missing_ok=True)  # already full: run without it
 
 
 def _follow_step(proc: subprocess.Popen[bytes], follower: _EventFollower, status: dict[str, Any],
@@ -365,6 +435,9 @@ def _follow_step(proc: subprocess.Popen[bytes], follower: _EventFollower, status
                 status["progress"] = round(100.0 * (index + fraction) / steps, 1)
             if kind in ("start", "progress", "info", "warning", "finish") and event.get("message"):
                 status["message"] = str(event["message"])[:500]
+            if kind == "warning" and isinstance(event.get("restart"), int):
+                # training restarted its workers from the last checkpoint after losing one
+                status["restarts"] = event["restart"]
         if status != last_written:
             write_status(job_dir, status)
             last_written = dict(status)

@@ -55,7 +55,8 @@ STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
         data=_PATH, model_dir=_PATH, epochs=_INT, batch_size=_INT, num_proc=_INT, master=_STR,
         lr=_FLOAT, patience=_INT, resume=_FLAG, overwrite=_FLAG, base_filters=_INT, seed=_INT,
         dice=_FLAG, tile_size=_INT, steps_per_epoch=_INT, validation_steps=_INT,
-        warmup_epochs=_INT, threads_per_worker=_INT, nics=_STR, no_augment=_FLAG)),
+        warmup_epochs=_INT, threads_per_worker=_INT, nics=_STR, no_augment=_FLAG,
+        max_restarts=_INT)),
     "predict": ("predict", _rules(
         model=_PATH, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
         probabilities=_FLAG, polygons=_FLAG, master=_STR, fail_fast=_FLAG, overwrite=_FLAG)),

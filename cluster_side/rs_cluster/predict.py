@@ -23,7 +23,9 @@ into place when complete; the input is only ever opened read-only):
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -33,14 +35,16 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from rs_cluster import __version__
 from rs_cluster.atomic import write_json_atomic
 from rs_cluster.config import check_keys
-from rs_cluster.errors import ClusterError, ConfigError, InputError, OutputExistsError, RasterReadError, RsClusterError
+from rs_cluster.errors import (ClusterError, ConfigError, DiskFullError, InputError, OutputExistsError,
+                               OutputWriteError, RasterReadError, RsClusterError, disk_full_error,
+                               is_disk_full)
 from rs_cluster.progress import Reporter
 from rs_cluster.rasters import RASTER_SUFFIXES, _open, _short, list_rasters
 from rs_cluster.spark import Poller, resolve_master, spark_session
@@ -274,7 +278,8 @@ def _identity() -> Any:
 
 
 class _GeoTiffSink:
-    """One single-band output GeoTIFF under a hidden name, renamed into place by :meth:`commit`."""
+    """One single-band output GeoTIFF under a hidden name: :meth:`finish` closes it, checking that
+    GDAL wrote all of it, :meth:`commit` renames it into place."""
 
     def __init__(self, final: str, profile: dict[str, Any], gcps: Any, token: str) -> None:
         import rasterio
@@ -283,7 +288,8 @@ class _GeoTiffSink:
         self.tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{token}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NotGeoreferencedWarning: intended for pixel-grid input
-            self.dst = rasterio.open(self.tmp, "w", **profile)
+            with _naming_a_full_disk(self.final, "creating it"):
+                self.dst = rasterio.open(self.tmp, "w", **profile)
         if gcps is not None:
             self.dst.gcps = gcps
 
@@ -291,12 +297,26 @@ class _GeoTiffSink:
         from rasterio.windows import Window as RioWindow
 
         window = RioWindow(0, row, array.shape[1], array.shape[0])
-        self.dst.write(array, 1, window=window)
-        if valid is not None:
-            self.dst.write_mask(valid, window=window)
+        with _naming_a_full_disk(self.final, "writing it"):
+            self.dst.write(array, 1, window=window)
+            if valid is not None:
+                self.dst.write_mask(valid, window=window)
+
+    def finish(self) -> None:
+        import rasterio
+
+        # rasterio's close() does not raise when GDAL fails to write the last blocks or the TIFF
+        # directory (rasterio 1.4, GDAL 3.9): it logs the errors and returns, and the broken file
+        # would be renamed into place as if complete.
+        with rasterio.Env(), _gdal_errors() as errors:
+            self.dst.close()
+        if errors:
+            failure = OSError("; ".join(errors))
+            if is_disk_full(failure):
+                raise disk_full_error(failure, self.final, "writing it")
+            raise OutputWriteError(f"{self.final}: could not finish writing it ({errors[0]})")
 
     def commit(self) -> None:
-        self.dst.close()
         os.replace(self.tmp, self.final)
 
     def discard(self) -> None:
@@ -304,6 +324,39 @@ class _GeoTiffSink:
             self.dst.close()
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
+
+
+@contextlib.contextmanager
+def _naming_a_full_disk(path: str, doing: str) -> Iterator[None]:
+    """GDAL says "Write failed"; when ENOSPC lies underneath, raise the error naming the output."""
+    try:
+        yield
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full_error(e, path, doing) from e
+        raise
+
+
+@contextlib.contextmanager
+def _gdal_errors() -> Iterator[list[str]]:
+    """Collects the errors GDAL signals meanwhile, which rasterio logs (at INFO) instead of raising."""
+    found: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if "GDAL signalled an error" in message:
+                found.append(message)
+
+    logger = logging.getLogger("rasterio")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 class _RowWriter:
@@ -508,6 +561,9 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
             if writing is not None:
                 writing.result()
         writer.close()
+        # All finished before any is renamed: a raster's outputs appear together or not at all.
+        for sink in sinks.values():
+            sink.finish()
         for sink in sinks.values():
             sink.commit()
     except BaseException:
@@ -598,8 +654,8 @@ def _run_job(job: _RasterJob) -> dict[str, Any]:
     try:
         return _predict_job(job, started, progress)
     finally:
-        with open(job.progress_file + ".end", "w", encoding="utf-8"):
-            pass
+        with contextlib.suppress(OSError), open(job.progress_file + ".end", "w", encoding="utf-8"):
+            pass  # only for the progress count; a full disk must not hide the raster's own result
 
 
 def _predict_job(job: _RasterJob, started: float, progress: Callable[[int, int], None]) -> dict[str, Any]:
@@ -623,12 +679,17 @@ def _predict_job(job: _RasterJob, started: float, progress: Callable[[int, int],
         summary["seconds"] = round(time.monotonic() - started, 3)
         return summary
     except ModelError as e:
-        return {"input": job.input, "error": str(e), "fatal": True}
+        return {"input": job.input, "error": str(e), "fatal": "model"}
+    except DiskFullError as e:  # every raster after it would fail the same way
+        return {"input": job.input, "error": str(e), "fatal": "disk"}
     except RsClusterError as e:
         if job.fail_fast:
             raise RuntimeError(f"{_MARK}{e}{_MARK}") from None
         return {"input": job.input, "error": str(e)}
     except Exception as e:  # an unexpected library error is still reported against its file
+        if is_disk_full(e):
+            return {"input": job.input, "fatal": "disk",
+                    "error": str(disk_full_error(e, doing=f"predicting {job.input}"))}
         message = f"{job.input}: prediction failed ({type(e).__name__}: {_short(e)})"
         if job.fail_fast:
             raise RuntimeError(f"{_MARK}{message}{_MARK}") from None
@@ -637,9 +698,12 @@ def _predict_job(job: _RasterJob, started: float, progress: Callable[[int, int],
 
 def _write_progress(path: str, done: int) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(str(done))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(str(done))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # only for the progress bar; the outputs report a full disk themselves
 
 
 def _read_progress(folder: str) -> int:
@@ -779,7 +843,7 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                     raise InputError(message) from None
             for r in results:
                 if r.get("fatal"):
-                    raise ConfigError(r["error"])
+                    raise (DiskFullError if r["fatal"] == "disk" else ModelError)(r["error"])
                 if "error" in r:
                     failures.append({"input": r["input"], "error": r["error"]})
                     reporter.warning(f"failed: {r['error']}")

@@ -22,7 +22,9 @@ import collections
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -83,6 +85,7 @@ class TrainConfig:
     start_timeout: int = 120
     slot_wait_s: float = 30.0
     augment: bool = True
+    max_restarts: int = 2  # times a run that lost a worker starts again from its last checkpoint
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "num_proc": self.num_proc,
@@ -94,8 +97,9 @@ class TrainConfig:
                 raise ConfigError(f"train: {name} must be a whole number of at least 1 (got {value!r})")
         if not self.lr > 0:
             raise ConfigError(f"train: lr must be above 0 (got {self.lr})")
-        if self.patience < 0 or self.warmup_epochs < 0 or self.min_delta < 0:
-            raise ConfigError("train: patience, min_delta and warmup_epochs must not be negative")
+        if self.patience < 0 or self.warmup_epochs < 0 or self.min_delta < 0 or self.max_restarts < 0:
+            raise ConfigError("train: patience, min_delta, warmup_epochs and max_restarts must not "
+                              "be negative")
         if self.tile_size is not None and (self.tile_size < DIVISOR or self.tile_size % DIVISOR):
             raise ConfigError(f"train: the U-Net needs a tile size that is a multiple of {DIVISOR} "
                               f"(got {self.tile_size})")
@@ -113,6 +117,11 @@ class TrainConfig:
         return cls(**data)
 
 
+class WorkerLostError(ClusterError):
+    """A training worker process was killed (by a signal: OOM killer, pre-emption, an operator),
+    as opposed to failing with an error of its own, which restarting would only repeat."""
+
+
 @dataclass(frozen=True)
 class TrainResult:
     model_dir: str
@@ -123,6 +132,7 @@ class TrainResult:
     wall_time_s: float
     resumed_from: int = 0
     workers: list[dict[str, Any]] = field(default_factory=list)
+    restarts: int = 0
 
 
 def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any = None) -> TrainResult:
@@ -172,8 +182,9 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
         reporter.progress(resumed_from * steps, cfg.epochs * steps,
                           f"resuming after epoch {resumed_from}", epoch=resumed_from, step=0)
 
+    restarts: list[int] = []  # epochs done when each restart began
     try:
-        workers = _launch(cfg, spec, relay, reporter, spark)
+        workers = _launch(cfg, spec, relay, reporter, spark, restarts)
     except BaseException:
         if _read_state(work) is None:  # nothing to resume: leave no trace
             shutil.rmtree(work, ignore_errors=True)
@@ -183,14 +194,15 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
     if final_state is None:  # pragma: no cover - rank 0 always writes a state after an epoch
         raise ClusterError(f"{work}: training ended without a checkpoint state")
     wall = prior_wall + time.monotonic() - started
-    card = _model_card(info, cfg, spec, final_state, workers, wall, resumed_from)
+    card = _model_card(info, cfg, spec, final_state, workers, wall, resumed_from, restarts)
     staged = work / STAGED_MODEL
     write_json_atomic(staged / MODEL_JSON, card)  # last: its presence means the model is complete
     _commit(staged, final, cfg.overwrite)
     shutil.rmtree(work, ignore_errors=True)
     result = TrainResult(model_dir=str(final), epochs=card["epochs"], best_epoch=card["best_epoch"],
                          stopped_early=card["training"]["stopped_early"], world_size=world,
-                         wall_time_s=round(wall, 3), resumed_from=resumed_from, workers=workers)
+                         wall_time_s=round(wall, 3), resumed_from=resumed_from, workers=workers,
+                         restarts=len(restarts))
     best = card["epochs"][card["best_epoch"] - 1] if card["best_epoch"] else {}
     reporter.finish(f"model written to {final} after {len(card['epochs'])} epoch(s) in {wall:.1f} s; "
                     f"best epoch {card['best_epoch']} (val_loss {best.get('val_loss', float('nan')):.4f}, "
@@ -200,8 +212,14 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
 
 
 def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", reporter: Reporter,
-            spark: Any) -> list[dict[str, Any]]:
-    """Runs the workers through the engine: here for one, as Spark tasks for more."""
+            spark: Any, restarts: list[int]) -> list[dict[str, Any]]:
+    """Runs the workers through the engine: here for one, as Spark tasks for more.
+
+    When a worker process is killed, the surviving workers fail too; the whole set then starts
+    again from the last checkpoint (rank 0 reads it), up to ``cfg.max_restarts`` times. Each
+    restart is reported as a warning event carrying ``restart`` (its number). A worker that fails
+    with an error of its own is not restarted: the same error would come back.
+    """
     from rs_cluster.engine import get_engine
 
     engine = get_engine(cfg.engine)
@@ -213,20 +231,56 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
     with spark_session(cfg.master, "rs-cluster train", spark=spark) as session:
         sc = session.sparkContext
         _wait_for_slots(sc, world, 0 if sc.master.startswith("local") else cfg.slot_wait_s)
-        reporter.info(f"starting {world} {engine.name} workers on {sc.master}")
-        output = _TailStream(sys.stderr)  # worker output goes to stderr: stdout may carry events
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-        try:
-            with Poller(relay.poll):
-                return engine.launch(train_worker, (spec,), num_proc=world, env=env,
-                                     nics=_nics(cfg, sc.master), start_timeout=cfg.start_timeout,
-                                     output=output)
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise ClusterError(f"training on {sc.master} with {world} workers failed "
-                               f"({type(e).__name__}: {first}); last worker error: "
-                               f"{output.last_error() or 'none'}; continue with --resume once "
-                               "fixed") from e
+        while True:
+            reporter.info(f"starting {world} {engine.name} workers on {sc.master}")
+            output = _TailStream(sys.stderr)  # worker output to stderr: stdout may carry events
+            try:
+                with Poller(relay.poll):
+                    return engine.launch(train_worker, (spec,), num_proc=world, env=env,
+                                         nics=_nics(cfg, sc.master),
+                                         start_timeout=cfg.start_timeout, output=output)
+            except Exception as e:
+                lost = _lost_worker(e)
+                if lost is None or len(restarts) >= cfg.max_restarts:
+                    tried = f" after {len(restarts)} restart(s)" if restarts else ""
+                    raise ClusterError(
+                        f"training on {sc.master} with {world} workers failed{tried} "
+                        f"({lost or type(e).__name__ + ': ' + _first_line(e)}); last worker "
+                        f"error: {output.last_error() or 'none'}; continue with --resume once "
+                        "fixed") from e
+            state = _read_state(Path(spec["work"]))
+            done = int(state["epochs_done"]) if state else 0
+            restarts.append(done)
+            where = f"its checkpoint after epoch {done}" if done else "epoch 1 (no checkpoint yet)"
+            reporter.warning(f"{lost}; restarting all {world} workers from {where} "
+                             f"(restart {len(restarts)} of at most {cfg.max_restarts})",
+                             restart=len(restarts), max_restarts=cfg.max_restarts,
+                             resume_epoch=done)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _lost_worker(e: BaseException) -> str | None:
+    """What killed a worker, when Horovod says one exited by a signal; None for other failures.
+
+    Horovod names the first worker to exit non-zero and its exit code: a shell's 128+N or -N
+    for signal N. The others then fail with "Horovod has been shut down" (exit code 1).
+    """
+    match = re.search(r"Process name: (\S+)\s+Exit code: (-?\d+)", str(e))
+    if match is None:
+        return None
+    code = int(match.group(2))
+    signum = -code if code < 0 else code - 128 if code > 128 else 0
+    if not signum:
+        return None
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    return f"training worker {match.group(1)} was killed ({name})"
 
 
 # -- driver-side checks ------------------------------------------------------------------------------
@@ -416,7 +470,8 @@ def _commit(staged: Path, final: Path, overwrite: bool) -> None:
 
 
 def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state: dict[str, Any],
-                workers: list[dict[str, Any]], wall: float, resumed_from: int) -> dict[str, Any]:
+                workers: list[dict[str, Any]], wall: float, resumed_from: int,
+                restarts: list[int]) -> dict[str, Any]:
     meta = info.meta
     return {
         "format": MODEL_FORMAT,
@@ -458,6 +513,7 @@ def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state
             "validation_steps": spec["validation_steps"] or "whole val split",
             "augmentation": ["flip_left_right", "flip_up_down", "rot90"] if cfg.augment else [],
             "resumed_from_epoch": resumed_from or None,
+            "restarts_after_lost_worker": restarts,  # epochs done at each restart
         },
     }
 
@@ -542,9 +598,12 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer = engine.wrap_optimizer(tf.keras.optimizers.Adam(lr))
         net.compile(optimizer=optimizer, loss=unet.make_loss(spec["dice"]), metrics=unet.make_metrics())
     checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer)
-    if chief and state is not None:
+    if state is not None:
+        # Every worker builds its optimizer now, as rank 0 must to restore into it: the start-of-
+        # training broadcast of rank 0's variables needs the same variables on every worker.
         optimizer.build(net.trainable_variables)
-        checkpoint.restore(str(work / state["checkpoint"])).assert_existing_objects_matched()
+        if chief:
+            checkpoint.restore(str(work / state["checkpoint"])).assert_existing_objects_matched()
         optimizer.learning_rate.assign(lr)  # the world size may differ from the interrupted run's
 
     readers = []

@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="network interfaces for Horovod (default: lo on a local master, else "
                    "$RS_HOROVOD_NICS or auto-detected)")
     p.add_argument("--no-augment", action="store_true", help="no flips or rotations")
+    p.add_argument("--max-restarts", type=int, default=2, metavar="N",
+                   help="when a worker process is killed, start all workers again from the last "
+                   "checkpoint up to N times (default 2)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(func=_run)
 
@@ -71,7 +74,8 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
         resume=args.resume, overwrite=args.overwrite, base_filters=args.base_filters, seed=args.seed,
         dice=args.dice, tile_size=args.tile_size, steps_per_epoch=args.steps_per_epoch,
         validation_steps=args.validation_steps, warmup_epochs=args.warmup_epochs,
-        threads=args.threads_per_worker, nics=args.nics, augment=not args.no_augment)
+        threads=args.threads_per_worker, nics=args.nics, augment=not args.no_augment,
+        max_restarts=args.max_restarts)
     result = run_train(cfg, reporter=reporter)
     if args.json:
         print(json.dumps(asdict(result), indent=2))

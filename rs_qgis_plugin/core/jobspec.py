@@ -27,7 +27,7 @@ STAGE_PARAMS: dict[str, dict[str, str]] = {
               "resume": "flag", "overwrite": "flag", "base_filters": "int", "seed": "int",
               "dice": "flag", "tile_size": "int", "steps_per_epoch": "int",
               "validation_steps": "int", "warmup_epochs": "int", "threads_per_worker": "int",
-              "nics": "str", "no_augment": "flag"},
+              "nics": "str", "no_augment": "flag", "max_restarts": "int"},
     "predict": {"model": "path", "input": "path", "output": "path", "overlap": "int",
                 "batch_size": "int", "threshold": "float", "probabilities": "flag",
                 "polygons": "flag", "master": "str", "fail_fast": "flag", "overwrite": "flag"},
