@@ -20,12 +20,13 @@ export PYTHONDONTWRITEBYTECODE := 1
 # Spark and Horovod talk over loopback only.
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: help setup setup-system setup-venvs demo test test-cluster test-plugin lint bench \
+.PHONY: help setup setup-system setup-venvs demo train-full test test-cluster test-plugin lint bench \
         bench-prepare package install-plugin clean
 
 help:
 	@echo "make demo   - run the whole pipeline on real dev imagery (writes $(BUILD)/demo/)"
 	@echo "make test   - run every test tier"
+	@echo "make train-full - train on all dev data until early stopping; val and test IoU"
 	@echo "make bench  - run the benchmarks (prints ratios against their baselines)"
 	@echo "make lint   - ruff on both packages"
 	@echo "Options: DATA=$(DATA) EPOCHS=$(EPOCHS) WORKERS=$(WORKERS)"
@@ -39,9 +40,15 @@ setup-venvs:
 	@bash scripts/setup-venv.sh $(VENV) $(PYTHON)
 	@bash scripts/setup-qgis-venv.sh $(QGIS_VENV)
 
+# The plugin's code (QGIS venv) drives a throwaway Spark + OpenSSH cluster on 127.0.0.1.
 demo: setup
-	@$(VENV)/bin/python scripts/demo.py --data "$(DATA)" --out $(BUILD)/demo \
-	    --epochs $(EPOCHS) --workers $(WORKERS) --qgis-python $(QGIS_VENV)/bin/python
+	@QT_QPA_PLATFORM=offscreen $(QGIS_VENV)/bin/python scripts/demo.py --data "$(DATA)" \
+	    --out $(BUILD)/demo --epochs $(EPOCHS) --workers $(WORKERS)
+
+# Longer: all dev data until early stopping, then validation and test IoU (build/train-full/).
+train-full: setup
+	@$(VENV)/bin/python scripts/train_full.py --data "$(DATA)" --out $(BUILD)/train-full \
+	    --workers $(WORKERS)
 
 test: setup test-cluster test-plugin
 

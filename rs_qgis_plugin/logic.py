@@ -63,6 +63,12 @@ class RunParams:
     model_dir: str | None = None
     model_job: str | None = None
     master: str | None = None
+    # Training settings left to the cluster's defaults unless given (Processing, scripts).
+    stride: int | None = None
+    base_filters: int | None = None
+    learning_rate: float | None = None
+    patience: int | None = None
+    dice: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +79,12 @@ class RunParams:
         if not 0 <= self.overlap < self.tile_size:
             raise SpecError(f"overlap {self.overlap} must be between 0 and the tile size "
                             f"{self.tile_size}")
+        for name, low in (("stride", 1), ("base_filters", 1), ("patience", 0)):
+            value = getattr(self, name)
+            if value is not None and int(value) < low:
+                raise SpecError(f"{name} must be at least {low}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise SpecError(f"learning rate {self.learning_rate} must be above 0")
         if not 0.0 < self.threshold < 1.0:
             raise SpecError(f"threshold {self.threshold} must be between 0 and 1")
         if self.mode in (MODE_PREDICT, MODE_EVALUATE) and not (self.model_dir or self.model_job):
@@ -153,11 +165,17 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
         for stem, pick in paired:
             inputs[f"{TRAIN_IMAGES}/{stem}{ext(pick.image)}"] = pick.image
             inputs[f"{TRAIN_MASKS}/{stem}{ext(pick.mask or '')}"] = pick.mask or ""
+        chosen = {"base_filters": params.base_filters, "lr": params.learning_rate,
+                  "patience": params.patience}
+        training = {k: v for k, v in chosen.items() if v is not None}
+        if params.dice:
+            training["dice"] = True
+        stride = {"stride": params.stride} if params.stride else {}
         builder.prepare(images=TRAIN_IMAGES, masks=TRAIN_MASKS, output=DATASET,
-                        tile_size=params.tile_size, **common)
+                        tile_size=params.tile_size, **stride, **common)
         builder.train(data=DATASET, model_dir=MODEL_OUTPUT, epochs=params.epochs,
                       batch_size=params.batch_size, num_proc=params.workers,
-                      tile_size=params.tile_size, **common)
+                      tile_size=params.tile_size, **training, **common)
         fetch.append(MODEL_OUTPUT)
     if mode in (MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE):
         for stem, pick in to_predict:

@@ -1,9 +1,18 @@
-"""`make demo`: the whole pipeline on real dev imagery, ending in a picture of the mask on the map.
+"""`make demo`: from QGIS to a cluster and back, on real imagery, on this one machine.
 
-prepare (Spark + Petastorm) -> train (U-Net, Horovod workers as Spark tasks) -> predict on a
-georeferenced raster held out from training -> evaluate against its reference mask -> render the
-mask over the imagery with QGIS. Everything lands in build/demo/. Each step is the real
-`rs-cluster` command, so what runs here is what runs on a cluster.
+It starts a throwaway cluster on 127.0.0.1 (a Spark standalone master and worker, and an OpenSSH
+server with its own host key and user key, all under build/demo/), then drives the plugin's own
+code, the same functions its QGIS tasks run:
+
+1. upload the training rasters over SFTP and run a job there: prepare tiles (Spark + Petastorm),
+   train the U-Net with Horovod workers as Spark tasks;
+2. upload rasters held out from training and run a second job: predict with the first job's model
+   (it stays on the cluster), evaluate against the reference masks;
+3. download the masks, polygons and report, load them into a QGIS project as the plugin does,
+   and render the mask over the imagery with QGIS.
+
+Ctrl-C (or a kill) cancels the job on the cluster and stops everything the demo started.
+Runs in the QGIS venv (.venv-qgis); the cluster side runs in the cluster venv (.venv).
 """
 
 from __future__ import annotations
@@ -12,99 +21,284 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RS_CLUSTER = [sys.executable, "-m", "rs_cluster"]
-# Training subsets: aerial imagery at about 0.3 m, as the held-out raster (see the data README).
+sys.path.insert(0, str(REPO))
+
+from rs_qgis_plugin.core.jobs import RemoteJobs  # noqa: E402
+from rs_qgis_plugin.core.profile import ConnectionProfile  # noqa: E402
+from rs_qgis_plugin.core.protocol import JobStatus  # noqa: E402
+from rs_qgis_plugin.core.ssh import SshClient, trust_host_key  # noqa: E402
+from rs_qgis_plugin.logic import (  # noqa: E402
+    MODE_EVALUATE,
+    MODE_TRAIN,
+    RasterPick,
+    RunParams,
+    classify_results,
+    plan_job,
+)
+from tests.spark_cluster import StandaloneCluster  # noqa: E402
+from tests.sshd import Sshd  # noqa: E402
+
+# Training: aerial imagery at about 0.3 m, like the held-out raster (see the data README).
 TRAIN_SUBSETS = ("inria_austin_chicago", "inria_png_austin_chicago", "whu_aerial_christchurch")
-# Held out from training: an Inria Austin crop that kept its CRS (EPSG:26914), 1000x1000 px.
-HOLDOUT = ("deeposlandia_georef_samples", "inria_austin_sample.tif")
+# Held out from training: an Inria Austin crop that kept its CRS (EPSG:26914), 1000 x 1000 px.
+HOLDOUT = (("deeposlandia_georef_samples", "inria_austin_sample.tif"),)
+CLUSTER_PYTHON = REPO / ".venv" / "bin" / "python"
 
 
-def step(title: str, argv: list[str]) -> None:
-    print(f"\n== {title}\n   $ {' '.join(argv)}", flush=True)
-    started = time.monotonic()
-    proc = subprocess.run(argv, cwd=REPO)
-    if proc.returncode != 0:
-        sys.exit(f"demo: step '{title}' failed (exit {proc.returncode}); see the messages above")
-    print(f"   ({time.monotonic() - started:.0f} s)", flush=True)
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: cancel on the cluster, stop the throwaway cluster, exit."""
 
 
-def link_inputs(data: Path, out: Path) -> tuple[Path, Path]:
-    images, masks = out / "images", out / "masks"
-    shutil.rmtree(out, ignore_errors=True)
-    images.mkdir(parents=True)
-    masks.mkdir(parents=True)
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def training_picks(data: Path) -> list[RasterPick]:
+    picks = []
     for subset in TRAIN_SUBSETS:
         for image in sorted((data / subset / "images").iterdir()):
-            (images / f"{subset}__{image.name}").symlink_to(image)
-            (masks / f"{subset}__{image.name}").symlink_to(data / subset / "gt" / image.name)
-    return images, masks
+            picks.append(RasterPick(str(image), str(data / subset / "gt" / image.name), predict=False))
+    return picks
 
 
-def main() -> None:
+def holdout_picks(data: Path) -> list[RasterPick]:
+    return [RasterPick(str(data / subset / "images" / name), str(data / subset / "gt" / name))
+            for subset, name in HOLDOUT]
+
+
+class StatusPrinter:
+    """The job's status as the plugin's jobs panel shows it: a line per new message, but step
+    counts ("epoch 2/10 step 3/10") at most every ``every_s`` seconds."""
+
+    def __init__(self, every_s: float = 15.0) -> None:
+        self.every_s = every_s
+        self.last = ("", "")
+        self.last_time = 0.0
+
+    def __call__(self, status: JobStatus) -> None:
+        key = (status.stage or "", status.message)
+        counting = " step " in status.message or status.message.endswith("rasters")
+        now = time.monotonic()
+        if key == self.last or (counting and key[0] == self.last[0]
+                                and now - self.last_time < self.every_s):
+            return
+        self.last, self.last_time = key, now
+        say(f"   [{status.state:9s} {status.progress:5.1f}%] {status.stage or '-'}: "
+            f"{status.message[:110]}")
+
+
+def run_job(jobs: RemoteJobs, planned, title: str) -> JobStatus:
+    """Uploads and starts a planned job, then follows it to its end (as the plugin's tasks do)."""
+    from rs_qgis_plugin.tasks import submit_planned, watch
+
+    say(f"\n== {title}\n   job {planned.spec.job_id}: "
+        + " -> ".join(s.stage for s in planned.spec.steps))
+    started = time.monotonic()
+    uploaded = [0.0]
+
+    def upload_progress(percent: float) -> None:
+        if percent >= uploaded[0] + 25 or percent >= 100 > uploaded[0]:
+            uploaded[0] = percent
+            say(f"   upload {percent:5.1f}%")
+
+    submit_planned(jobs, planned, progress=upload_progress)
+    status = watch(jobs, planned.spec.job_id, on_status=StatusPrinter(), poll_s=2.0)
+    if status.state != "succeeded":
+        raise SystemExit(f"demo: job {planned.spec.job_id} {status.state}: {status.message}")
+    say(f"   ({time.monotonic() - started:.0f} s)")
+    return status
+
+
+def render(image_path: str, layers: list, out: Path, title: str) -> None:
+    """The loaded result layers over the imagery, drawn by QGIS's own map renderer."""
+    from qgis.core import QgsMapRendererParallelJob, QgsMapSettings, QgsRasterLayer
+    from qgis.PyQt.QtCore import QSize, Qt
+    from qgis.PyQt.QtGui import QColor, QFont, QPainter
+
+    image = QgsRasterLayer(image_path, "imagery", "gdal")
+    if not image.isValid():
+        raise SystemExit(f"demo: QGIS cannot open {image_path}")
+    extent = image.extent()
+    width = 1024
+    height = int(width * extent.height() / extent.width())
+    settings = QgsMapSettings()
+    settings.setLayers([*layers, image])  # the first is drawn on top
+    settings.setDestinationCrs(image.crs())
+    settings.setExtent(extent)
+    settings.setOutputSize(QSize(width, height))
+    settings.setBackgroundColor(QColor("white"))
+    job = QgsMapRendererParallelJob(settings)
+    job.start()
+    job.waitForFinished()
+    picture = job.renderedImage()
+    painter = QPainter(picture)
+    band = max(24, width // 30)
+    painter.setFont(QFont("Sans", max(10, width // 60)))
+    painter.fillRect(0, 0, width, band, QColor(255, 255, 255, 200))
+    painter.setPen(QColor("black"))
+    painter.drawText(8, 0, width - 16, band, int(Qt.AlignVCenter), title)
+    painter.end()
+    if not picture.save(str(out), None, 85):
+        raise SystemExit(f"demo: cannot write {out}")
+
+
+def spark_home() -> Path:
+    out = subprocess.run([str(CLUSTER_PYTHON), "-c",
+                          "import os, pyspark; print(os.path.dirname(pyspark.__file__))"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "dev")
     parser.add_argument("--out", type=Path, default=REPO / "build" / "demo")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--base-filters", type=int, default=16)
-    parser.add_argument("--qgis-python", default=str(REPO / ".venv-qgis" / "bin" / "python"))
+    parser.add_argument("--workers", type=int, default=2, help="Horovod workers (Spark tasks)")
     args = parser.parse_args()
     data, out = args.data.resolve(), args.out.resolve()
-    if not (data / TRAIN_SUBSETS[0]).is_dir():
-        sys.exit(f"demo: {data} does not hold the dev imagery (expected {TRAIN_SUBSETS[0]}/); "
-                 "pass DATA=/path/to/dev")
-    out.mkdir(parents=True, exist_ok=True)
+    if not (data / TRAIN_SUBSETS[0] / "images").is_dir():
+        raise SystemExit(f"demo: {data} does not hold the dev imagery (expected "
+                         f"{TRAIN_SUBSETS[0]}/images); pass DATA=/path/to/dev")
+    if not CLUSTER_PYTHON.exists():
+        raise SystemExit("demo: the cluster venv .venv is missing; run make setup")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     started = time.monotonic()
 
-    images, masks = link_inputs(data, out / "inputs")
-    holdout_dir = out / "holdout"
-    shutil.rmtree(holdout_dir, ignore_errors=True)
-    (holdout_dir / "images").mkdir(parents=True)
-    (holdout_dir / "masks").mkdir(parents=True)
-    subset, name = HOLDOUT
-    (holdout_dir / "images" / name).symlink_to(data / subset / "images" / name)
-    (holdout_dir / "masks" / name).symlink_to(data / subset / "gt" / name)
+    def interrupted(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
 
-    step("prepare: tiles with Spark, written through Petastorm",
-         [*RS_CLUSTER, "prepare", "--images", str(images), "--masks", str(masks),
-          "--output", str(out / "tiles"), "--stride", "64", "--split", "0.8,0.2,0.0", "--overwrite"])
-    step(f"train: U-Net, {args.workers} Horovod worker(s) on Spark, {args.epochs} epoch(s)",
-         [*RS_CLUSTER, "train", "--data", str(out / "tiles"), "--model-dir", str(out / "model"),
-          "--epochs", str(args.epochs), "--num-proc", str(args.workers),
-          "--base-filters", str(args.base_filters), "--batch-size", "16", "--lr", "1e-3", "--dice",
-          "--patience", "0", "--overwrite"])
-    step("predict: sliding windows over the held-out georeferenced raster",
-         [*RS_CLUSTER, "predict", "--model", str(out / "model"), "--input", str(holdout_dir / "images"),
-          "--output", str(out / "masks"), "--polygons", "--overwrite"])
-    step("evaluate: against the reference mask",
-         [*RS_CLUSTER, "evaluate", "--pred", str(out / "masks"), "--truth", str(holdout_dir / "masks"),
-          "--json", str(out / "report.json")])
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
 
-    mask = next(p for p in sorted((out / "masks").glob("*.tif")) if "prob" not in p.name)
-    report = json.loads((out / "report.json").read_text())
-    pooled = report.get("pooled", report)
-    title = (f"predicted buildings, {args.epochs} epoch(s) - IoU {pooled['iou']:.3f}, "
-             f"F1 {pooled['f1']:.3f}")
-    step("render: the mask over the imagery, drawn by QGIS",
-         [args.qgis_python, str(REPO / "scripts" / "render_overlay.py"),
-          str(holdout_dir / "images" / name), str(mask), str(out / "overlay.png"), "--title", title])
+    from qgis.core import QgsApplication, QgsProject
 
-    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; results in {out}:")
-    for path in sorted(out.rglob("*")):
-        if path.is_file() and "tiles" not in path.parts and "inputs" not in path.parts \
-                and "holdout" not in path.parts:
-            print(f"  {path.relative_to(out)}")
-    print(f"\nbuilding IoU on the held-out raster: {pooled['iou']:.3f} "
-          f"(precision {pooled['precision']:.3f}, recall {pooled['recall']:.3f})")
-    print(f"picture: {out / 'overlay.png'}")
+    # QGIS keeps its settings under build/demo, not in the user's profile.
+    app = QgsApplication([], False, str(out / "qgis-profile"))
+    app.initQgis()
+
+    cluster = sshd = client = None
+    active: str | None = None
+    try:
+        say(f"== throwaway cluster on 127.0.0.1 (in {out})")
+        cluster = StandaloneCluster(out / "spark", cores=max(2, args.workers), memory="4g",
+                                    python=str(CLUSTER_PYTHON), spark_home=spark_home()).start()
+        say(f"   Spark master {cluster.master_url}, one worker with {cluster.cores} cores")
+        sshd = Sshd(out / "sshd").start()
+        say(f"   OpenSSH server on 127.0.0.1:{sshd.port}, host key {sshd.host_key_fingerprint}")
+
+        # The plugin's connection profile. Its host key is trusted from the server's own key file
+        # (what an administrator hands out), never from what the connection offers.
+        known_hosts = out / "known_hosts"
+        key_type, key_b64 = sshd.host_key.with_suffix(".pub").read_text().split()[:2]
+        trust_host_key(known_hosts, "127.0.0.1", sshd.port, key_type, key_b64)
+        profile = ConnectionProfile(
+            name="demo", host="127.0.0.1", port=sshd.port, user=sshd.user,
+            key_file=str(sshd.user_key), remote_workspace=str(out / "cluster-workspace"),
+            remote_command=("/usr/bin/env", "SPARK_LOCAL_IP=127.0.0.1",
+                            str(REPO / ".venv" / "bin" / "rs-cluster")))
+        client = SshClient(profile, known_hosts).connect()
+        jobs = RemoteJobs(client)
+        env = jobs.env()
+        say(f"   connected over SSH: rs-cluster {env.get('rs_cluster')}, Spark {env.get('spark')}, "
+            f"Horovod {env.get('horovod')}, TensorFlow {env.get('tensorflow')}")
+
+        common = {"workers": args.workers, "epochs": args.epochs, "master": cluster.master_url}
+        train = plan_job("demo training", RunParams(
+            mode=MODE_TRAIN, stride=64, base_filters=16, learning_rate=1e-3, patience=0, dice=True,
+            **common), training_picks(data))
+        active = train.spec.job_id
+        run_job(jobs, train, f"train: {len(train.inputs) // 2} image/mask pairs uploaded, "
+                f"U-Net with {args.workers} Horovod worker(s), {args.epochs} epoch(s)")
+        active = None
+
+        holdout = holdout_picks(data)
+        evaluate = plan_job("demo held-out", RunParams(
+            mode=MODE_EVALUATE, model_job=train.spec.job_id, **common), holdout)
+        active = evaluate.spec.job_id
+        run_job(jobs, evaluate, f"predict + evaluate: {len(holdout)} raster(s) held out from "
+                "training, with the model left on the cluster by the training job")
+        active = None
+
+        from rs_qgis_plugin.results import load_results
+        from rs_qgis_plugin.tasks import fetch
+
+        say("\n== download the results and load them into QGIS")
+        fetched = fetch(jobs, evaluate.spec.job_id, evaluate.fetch, out / "download")
+        project = QgsProject.instance()
+        layers, summary = load_results(project, evaluate.spec.job_id, "held-out predictions",
+                                       classify_results(fetched))
+        for layer in layers:
+            say(f"   layer '{layer.name()}' ({layer.crs().authid() or 'no CRS'})")
+        results = classify_results(fetched)
+        (out / "masks").mkdir()
+        for path in [*results.masks, *results.polygons]:
+            shutil.copy2(path, out / "masks" / Path(path).name)
+        shutil.copy2(results.report, out / "report.json")
+        project.write(str(out / "demo.qgz"))
+
+        report = json.loads((out / "report.json").read_text())
+        pooled = report.get("pooled", report)
+        from qgis.core import QgsRasterLayer
+
+        polygons_first = sorted(layers, key=lambda lyr: isinstance(lyr, QgsRasterLayer))
+        render(holdout[0].image, polygons_first,
+               out / "overlay.png", f"predicted buildings after {args.epochs} epoch(s) - "
+               f"IoU {pooled['iou']:.3f}, F1 {pooled['f1']:.3f}")
+
+        say(f"\ndemo finished in {time.monotonic() - started:.0f} s. In {out}:")
+        for rel in ("overlay.png", "report.json", "demo.qgz"):
+            say(f"  {rel}")
+        for path in sorted((out / "masks").iterdir()):
+            say(f"  masks/{path.name}")
+        say(f"\nbuilding IoU on the held-out raster: {pooled['iou']:.3f} "
+            f"(F1 {pooled['f1']:.3f}, precision {pooled['precision']:.3f}, "
+            f"recall {pooled['recall']:.3f}); {summary or ''}")
+        say(f"picture: {out / 'overlay.png'}")
+        return 0
+    except (KeyboardInterrupt, Interrupted) as e:
+        say(f"\ndemo: interrupted ({type(e).__name__} {e}); cancelling and stopping the cluster")
+        if active and client is not None:
+            try:
+                state = RemoteJobs(client).cancel(active).state
+                say(f"   job {active} {state}")
+            except Exception as cancel_error:  # noqa: BLE001 - report and go on stopping
+                say(f"   could not cancel job {active}: {cancel_error}")
+        return 130
+    finally:
+        if client is not None:
+            client.close()
+        for part in (sshd, cluster):
+            if part is not None:
+                part.stop()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    main()
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(REPO / "build" / ".xdg-runtime"))
+    Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.environ["GDAL_PAM_ENABLED"] = "NO"  # no .aux.xml beside the shared dev rasters
+    try:
+        code = main()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 1
+    except Exception as e:  # noqa: BLE001 - one clear line, then out without QGIS's teardown
+        import traceback
+
+        traceback.print_exc()
+        print(f"demo: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # QGIS 3.22 can crash while tearing down after a headless render; everything is written.
+    os._exit(code)

@@ -1,5 +1,8 @@
 """A real Spark standalone cluster on 127.0.0.1: one master and one worker, started through
 pyspark's own ``bin/spark-class`` (pip's pyspark has no start-master.sh), for tests and the demo.
+
+``spark_home`` and ``python`` let a process without pyspark (the demo, in the QGIS venv) start it
+from the cluster venv.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from tests.sshd import free_port
 
 
 class StandaloneCluster:
-    def __init__(self, workdir: Path, cores: int = 2, memory: str = "2g", python: str = sys.executable):
-        import pyspark
+    def __init__(self, workdir: Path, cores: int = 2, memory: str = "2g", python: str = sys.executable,
+                 spark_home: Path | None = None):
+        if spark_home is None:
+            import pyspark
 
-        self.spark_home = Path(pyspark.__file__).parent
+            spark_home = Path(pyspark.__file__).parent
+        self.spark_home = Path(spark_home)
         self.workdir = workdir
         self.cores = cores
         self.memory = memory

@@ -54,6 +54,18 @@ def test_train_then_predict_pairs_masks_by_image_name_and_predicts_every_image()
         "inputs/images/only.jp2": "/data/Ω only.jp2",
     }
     assert planned.fetch == ("outputs/model", "outputs/masks")
+    # settings not chosen are left to the cluster's defaults
+    assert "stride" not in spec["steps"][0]["params"] and "lr" not in spec["steps"][1]["params"]
+
+
+def test_chosen_training_settings_reach_prepare_and_train():
+    params = RunParams(mode="train", stride=64, base_filters=16, learning_rate=1e-3, patience=0,
+                       dice=True, master="spark://127.0.0.1:7077")
+    steps = plan_job("x", params, [RasterPick("/a.tif", "/m.tif")]).spec.to_dict()["steps"]
+    assert steps[0]["params"]["stride"] == 64
+    assert {k: steps[1]["params"][k] for k in ("base_filters", "lr", "patience", "dice", "master")} \
+        == {"base_filters": 16, "lr": 1e-3, "patience": 0, "dice": True,
+            "master": "spark://127.0.0.1:7077"}
 
 
 def test_predict_uploads_a_local_model_or_reuses_a_cluster_job():
@@ -95,6 +107,8 @@ def test_impossible_runs_are_refused_with_the_reason(params, picks, message):
     ({"overlap": 128, "model_dir": "/m"}, "overlap"),
     ({"threshold": 1.0, "model_dir": "/m"}, "threshold"),
     ({"mode": "paint"}, "unknown mode"),
+    ({"mode": "train", "stride": 0}, "stride must be at least 1"),
+    ({"mode": "train", "learning_rate": 0.0}, "learning rate"),
 ])
 def test_bad_parameters_are_refused(changes, message):
     with pytest.raises(SpecError, match=message):
