@@ -285,6 +285,11 @@ class JobController(QObject):
                 self._update(replace(record, message=str(task.error)))
                 self.notify(tr("Could not download the results of {name}: {reason}").format(
                     name=record.name, reason=task.error), Qgis.Critical, 0)
+            else:
+                self._update(replace(record, message=tr(
+                    "download cancelled; the results stay on the cluster")))
+                self.notify(tr("Download of {name} cancelled; nothing was loaded, and the results "
+                               "stay on the cluster").format(name=record.name))
             return
         self.load(record, task.result)
 

@@ -59,7 +59,7 @@ def main() -> int:
     parser.add_argument("--max-epochs", type=int, default=100)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--base-filters", type=int, default=32)
+    parser.add_argument("--base-filters", type=int, default=16)
     parser.add_argument("--stride", type=int, default=128)
     args = parser.parse_args()
     data, out = args.data.resolve(), args.out.resolve()
