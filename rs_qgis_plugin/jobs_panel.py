@@ -74,7 +74,8 @@ class JobsPanel(QWidget):
         busy = set(self.controller.active_job_ids())
         for row, r in enumerate(records):
             state = r.state + (" ✓" if r.loaded else "") + (" …" if r.job_id in busy else "")
-            values = (r.name, state, r.stage, progress_text(r), (r.started or r.created or "")
+            stage = r.stage + (f" (restarted {r.restarts}×)" if r.restarts else "")
+            values = (r.name, state, stage, progress_text(r), (r.started or r.created or "")
                       .replace("T", " ")[:19], r.profile, r.job_id)
             for col, value in enumerate(values):
                 item = QTableWidgetItem(value)

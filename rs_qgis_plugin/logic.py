@@ -275,6 +275,7 @@ class JobRecord:
     local_dir: str = ""
     fetch: tuple[str, ...] = ()
     loaded: bool = False
+    restarts: int = 0
 
     @property
     def remote_active(self) -> bool:
@@ -288,7 +289,8 @@ class JobRecord:
         return replace(self, state=status.state, stage=status.stage or self.stage,
                        progress=status.progress, message=status.message or self.message,
                        started=status.started or self.started,
-                       finished=status.finished or self.finished)
+                       finished=status.finished or self.finished,
+                       restarts=max(status.restarts, self.restarts))
 
     def to_json(self) -> str:
         data = asdict(self)

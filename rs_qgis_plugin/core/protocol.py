@@ -46,6 +46,7 @@ class JobStatus:
     finished: str | None = None
     exit_code: int | None = None
     results: tuple[str, ...] = ()
+    restarts: int = 0  # times training restarted its workers after losing one
 
     @property
     def is_finished(self) -> bool:
@@ -99,4 +100,4 @@ def parse_status(text: str | dict[str, Any]) -> JobStatus:
         progress=float(data.get("progress") or 0.0), message=str(data.get("message") or ""),
         submitted=data.get("submitted"), started=data.get("started"),
         finished=data.get("finished"), exit_code=data.get("exit_code"),
-        results=tuple(data.get("results") or ()))
+        results=tuple(data.get("results") or ()), restarts=int(data.get("restarts") or 0))

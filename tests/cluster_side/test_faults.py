@@ -15,6 +15,7 @@ import psutil
 import pytest
 from rs_cluster import jobs
 from rs_cluster.train import _lost_worker
+from rs_qgis_plugin.core.protocol import parse_status
 
 from tests.cluster_side.test_jobs import job_pids
 
@@ -120,6 +121,8 @@ def test_a_horovod_worker_killed_mid_epoch_restarts_the_job_from_its_checkpoint(
                         jobs.ACTIVE_STATES and s, 300, "the job to end")
     assert status["state"] == "succeeded", status["message"]
     assert status["restarts"] == 1
+    # and the plugin reads it (its jobs panel shows "train (restarted 1×)")
+    assert parse_status((job_dir / jobs.STATUS_FILE).read_text()).restarts == 1
     warnings = [e for e in events_of(job_dir) if e["event"] == "warning" and "restart" in e]
     assert len(warnings) == 1 and warnings[0]["restart"] == 1
     assert "was killed (SIGKILL)" in warnings[0]["message"]

@@ -167,6 +167,9 @@ def test_job_records_survive_a_round_trip_and_follow_the_status():
                                       "started": "2026-01-01T00:00:00Z"}))
     running = record.with_status(status)
     assert running.remote_active and running.stage == "predict" and running.progress == 40.0
+    restarted = running.with_status(parse_status({"schema_version": 1, "job_id": "j1",
+                                                  "state": "running", "restarts": 1}))
+    assert restarted.restarts == 1 and JobRecord.from_json(restarted.to_json()).restarts == 1
     done = running.with_status(parse_status({"schema_version": 1, "job_id": "j1",
                                              "state": "succeeded", "progress": 100.0}))
     assert done.needs_fetch and not done.remote_active
