@@ -63,6 +63,9 @@ def say(text: str) -> None:
 def training_picks(data: Path) -> list[RasterPick]:
     picks = []
     for subset in TRAIN_SUBSETS:
+        if not (data / subset / "images").is_dir():
+            say(f"   ({data / subset} is missing; training without it)")
+            continue
         for image in sorted((data / subset / "images").iterdir()):
             picks.append(RasterPick(str(image), str(data / subset / "gt" / image.name), predict=False))
     return picks
@@ -164,9 +167,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="Horovod workers (Spark tasks)")
     args = parser.parse_args()
     data, out = args.data.resolve(), args.out.resolve()
-    if not (data / TRAIN_SUBSETS[0] / "images").is_dir():
-        raise SystemExit(f"demo: {data} does not hold the dev imagery (expected "
-                         f"{TRAIN_SUBSETS[0]}/images); pass DATA=/path/to/dev")
+    needed = [data / TRAIN_SUBSETS[0] / "images",
+              *(data / subset / "images" / name for subset, name in HOLDOUT)]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise SystemExit(f"demo: {data} does not hold the dev imagery ({', '.join(missing)} "
+                         "missing); pass DATA=/path/to/dev")
     if not CLUSTER_PYTHON.exists():
         raise SystemExit("demo: the cluster venv .venv is missing; run make setup")
     shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""`make demo`'s driver on a few real dev rasters: the whole loop through its own throwaway cluster
+(a real Spark standalone master and worker, a real sshd, real Horovod workers, QGIS offscreen), and
+an interrupt that must leave nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from qgis.core import QgsRasterLayer
+
+from tests import devdata
+from tests.rs_qgis_plugin.conftest import CLUSTER_PYTHON, REPO
+
+pytestmark = [pytest.mark.qgis, pytest.mark.ssh, pytest.mark.spark, pytest.mark.horovod,
+              pytest.mark.slow]
+HOLDOUT = ("deeposlandia_georef_samples", "inria_austin_sample.tif")
+
+
+@pytest.fixture
+def mini_dev(tmp_path) -> Path:
+    """A dev tree with six training pairs and the held-out raster, linked from the real set."""
+    if not CLUSTER_PYTHON.exists():
+        pytest.skip("the cluster venv (.venv) is not built; run make setup")
+    root = tmp_path / "dev"
+    training = "inria_austin_chicago"
+    devdata.link_pairs(root / training, {training: devdata.first_files(training, 6)})
+    (root / training / "masks").rename(root / training / "gt")  # the dev set's layout
+    subset, name = HOLDOUT
+    (root / subset / "images").mkdir(parents=True)
+    (root / subset / "gt").mkdir(parents=True)
+    (root / subset / "images" / name).symlink_to(devdata.subset(subset) / "images" / name)
+    (root / subset / "gt" / name).symlink_to(devdata.subset(subset) / "gt" / name)
+    return root
+
+
+class Demo:
+    """scripts/demo.py in its own process, its output collected line by line."""
+
+    def __init__(self, data: Path, out: Path, epochs: int) -> None:
+        env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+        self.out = out
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "demo.py"), "--data", str(data), "--out",
+             str(out), "--epochs", str(epochs), "--workers", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if match := re.search(pattern, line):
+                    return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r}:\n{self.text[-3000:]}")
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line or environment names ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes().decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (text in cmdline or text in environ):
+            found.append(f"{entry.name} {cmdline[:160]}")
+    return found
+
+
+def test_demo_takes_rasters_through_ssh_and_spark_and_back_onto_the_map(mini_dev, tmp_path):
+    before = devdata.tree_digest(mini_dev)
+    out = tmp_path / "out"
+    demo = Demo(mini_dev, out, epochs=1)
+    code = demo.wait(timeout=900)
+    assert code == 0, demo.text[-4000:]
+    iou = float(demo.wait_for_line(r"building IoU on the held-out raster: ([0-9.]+)", 1).group(1))
+    report = json.loads((out / "report.json").read_text())
+    assert report["pooled"]["iou"] == pytest.approx(iou, abs=1e-3) and 0.0 <= iou <= 1.0
+    assert "2 Horovod worker(s)" in demo.text and "spark://127.0.0.1:" in demo.text
+
+    # the mask came back georeferenced exactly on the held-out raster
+    mask = QgsRasterLayer(str(out / "masks" / "inria_austin_sample_mask.tif"), "mask", "gdal")
+    source = QgsRasterLayer(str(mini_dev / HOLDOUT[0] / "images" / HOLDOUT[1]), "src", "gdal")
+    assert mask.isValid() and mask.crs().authid() == "EPSG:26914" == source.crs().authid()
+    assert mask.extent() == source.extent()
+    assert (out / "masks" / "inria_austin_sample_buildings.gpkg").is_file()
+    assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "demo.qgz").is_file()
+    # everything it started has stopped; the dev rasters are untouched
+    assert processes_mentioning(str(out)) == []
+    assert devdata.tree_digest(mini_dev) == before
+
+
+def test_interrupting_the_demo_cancels_the_job_and_stops_the_cluster(mini_dev, tmp_path):
+    out = tmp_path / "out"
+    demo = Demo(mini_dev, out, epochs=50)
+    job = demo.wait_for_line(r"job (\S+): prepare -> train", 300).group(1)
+    demo.wait_for_line(r"train: (starting|2 worker|epoch)", 300)  # Horovod workers on the way
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.wait(timeout=120) == 130, demo.text[-3000:]
+    assert f"job {job} cancelled" in demo.text
+    status = json.loads((out / "cluster-workspace" / "jobs" / job / "status.json").read_text())
+    assert status["state"] == "cancelled" and not status["results"]
+    assert processes_mentioning(f"RS_CLUSTER_JOB_ID={job}") == []
+    assert processes_mentioning(str(out)) == []
