@@ -17,7 +17,7 @@ from rs_cluster import jobs
 from rs_cluster.train import _lost_worker
 from rs_qgis_plugin.core.protocol import parse_status
 
-from tests.cluster_side.test_jobs import job_pids
+from tests.cluster_side.test_jobs import job_pids, wait_for
 
 HOROVOD_WORKER = "horovod.spark.task.gloo_exec_fn"
 QUICK_TRAIN = {"num_proc": 2, "master": "local[2]", "base_filters": 4, "batch_size": 4,
@@ -46,16 +46,6 @@ def describe(pids: list[int]) -> list[str]:
         except psutil.Error:
             continue
     return out
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def events_of(job_dir: Path) -> list[dict]:
@@ -111,13 +101,13 @@ def test_a_horovod_worker_killed_mid_epoch_restarts_the_job_from_its_checkpoint(
             raise AssertionError(f"the job ended early: {jobs.read_status(job_dir)}")
         return state_file.exists() and job_processes("lost-worker", HOROVOD_WORKER)
 
-    workers = wait_until(first_checkpoint_and_workers, 240, "the first checkpoint")
+    workers = wait_for(first_checkpoint_and_workers, 240, "the first checkpoint")
     assert len(workers) == 2
     workers[0].send_signal(signal.SIGKILL)  # as the OOM killer or a lost node would
     killed_after = json.loads(state_file.read_text())["epochs_done"]
     assert killed_after < epochs, "training finished before a worker could be killed"
 
-    status = wait_until(lambda: (s := jobs.read_status(job_dir))["state"] not in
+    status = wait_for(lambda: (s := jobs.read_status(job_dir))["state"] not in
                         jobs.ACTIVE_STATES and s, 300, "the job to end")
     assert status["state"] == "succeeded", status["message"]
     assert status["restarts"] == 1
@@ -132,7 +122,7 @@ def test_a_horovod_worker_killed_mid_epoch_restarts_the_job_from_its_checkpoint(
     assert card["training"]["restarts_after_lost_worker"] == [warnings[0]["resume_epoch"]]
     assert not state_file.parent.exists()  # the staging folder is gone once the model is in place
     # the runner and its Spark JVM exit just after the final status: nothing stays behind
-    wait_until(lambda: not job_pids("lost-worker"), 30,
+    wait_for(lambda: not job_pids("lost-worker"), 30,
                f"the job's processes to exit: {describe(job_pids('lost-worker'))}")
 
 
@@ -169,7 +159,7 @@ def test_cancel_at_each_stage_stops_every_process_and_leaves_no_result(
             raise AssertionError(f"the job ended before its {stage} stage: {status}")
         return status.get("stage") == stage and job_processes(job_id, STAGE_MARKERS[stage])
 
-    wait_until(in_stage, 300, f"the {stage} stage to run")
+    wait_for(in_stage, 300, f"the {stage} stage to run")
     cancelled = jobs.cancel(workspace, job_id)
     assert cancelled["state"] == "cancelled"
     assert job_pids(job_id) == []  # no Spark JVM, Python worker or Horovod worker left

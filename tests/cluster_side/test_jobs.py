@@ -43,14 +43,14 @@ def write_spec(tmp_path: Path, spec: dict) -> Path:
     return path
 
 
-def wait_for(predicate, timeout: float = 30.0):
+def wait_for(predicate, timeout: float = 30.0, what: str = "a condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError("timed out waiting")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def status_of(workspace: Path, job_id: str) -> dict:
