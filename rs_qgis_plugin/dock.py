@@ -104,6 +104,18 @@ class RunDock(QgsDockWidget):
         self.epochs = self._spin(1, 1000, 10)
         self.batch_size = self._spin(1, 1024, 16)
         self.workers = self._spin(1, 256, 1)
+        # 0 leaves the choice to the cluster's rs-cluster defaults (64 filters, 1e-4)
+        self.base_filters = self._spin(0, 256, 0, 8)
+        self.base_filters.setSpecialValueText(tr("cluster default"))
+        self.base_filters.setToolTip(tr("Filters of the U-Net's first level: smaller trains "
+                                        "faster, larger learns more"))
+        self.learning_rate = QDoubleSpinBox(run_page)
+        self.learning_rate.setDecimals(5)
+        self.learning_rate.setRange(0.0, 0.1)
+        self.learning_rate.setSingleStep(0.0001)
+        self.learning_rate.setSpecialValueText(tr("cluster default"))
+        self.learning_rate.setToolTip(tr("Adam learning rate of one worker (scaled by the "
+                                         "number of workers on the cluster)"))
         self.threshold = QDoubleSpinBox(run_page)
         self.threshold.setRange(0.01, 0.99)
         self.threshold.setSingleStep(0.05)
@@ -146,6 +158,8 @@ class RunDock(QgsDockWidget):
         pform.addRow(tr("Epochs"), self.epochs)
         pform.addRow(tr("Batch size"), self.batch_size)
         pform.addRow(tr("Workers"), self.workers)
+        pform.addRow(tr("Model width"), self.base_filters)
+        pform.addRow(tr("Learning rate"), self.learning_rate)
         pform.addRow(tr("Threshold"), self.threshold)
         pform.addRow("", self.polygons)
         layout.addWidget(params)
@@ -246,7 +260,7 @@ class RunDock(QgsDockWidget):
         self.model_box.setEnabled(needs_model)
         self.model_dir.setEnabled(needs_model and not self.model_source.currentData())
         trains = mode in (MODE_TRAIN, MODE_TRAIN_PREDICT)
-        for w in (self.epochs, self.workers):
+        for w in (self.epochs, self.workers, self.base_filters, self.learning_rate):
             w.setEnabled(trains)
         predicts = mode != MODE_TRAIN
         for w in (self.overlap, self.threshold, self.polygons):
@@ -278,7 +292,9 @@ class RunDock(QgsDockWidget):
             epochs=self.epochs.value(), batch_size=self.batch_size.value(),
             workers=self.workers.value(), threshold=round(self.threshold.value(), 4),
             polygons=self.polygons.isChecked(), model_job=model_job,
-            model_dir=None if model_job else (self.model_dir.filePath() or None))
+            model_dir=None if model_job else (self.model_dir.filePath() or None),
+            base_filters=self.base_filters.value() or None,
+            learning_rate=round(self.learning_rate.value(), 6) or None)
 
     def job_name(self, picks: list[LayerPick]) -> str:
         name = self.name.text().strip()

@@ -13,6 +13,7 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
+    QgsProcessingParameterDefinition,
     QgsProcessingException,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputFile,
@@ -230,6 +231,7 @@ class PredictAlgorithm(_ClusterAlgorithm):
 class TrainAlgorithm(_ClusterAlgorithm):
     INPUT, MASKS = "INPUT", "MASKS"
     TILE_SIZE, EPOCHS, BATCH_SIZE, WORKERS = "TILE_SIZE", "EPOCHS", "BATCH_SIZE", "WORKERS"
+    BASE_FILTERS, LEARNING_RATE = "BASE_FILTERS", "LEARNING_RATE"
     MODEL = "MODEL"
 
     def name(self) -> str:
@@ -256,8 +258,25 @@ class TrainAlgorithm(_ClusterAlgorithm):
                                     (self.WORKERS, tr("Horovod workers"), 1)):
             self.addParameter(QgsProcessingParameterNumber(key, label, defaultValue=default,
                                                            minValue=1))
+        # Advanced, optional: left out, the cluster's defaults apply (64 filters, 1e-4).
+        for key, label, kind, low in (
+                (self.BASE_FILTERS, tr("Model width (filters of the first level)"),
+                 QgsProcessingParameterNumber.Integer, 1),
+                (self.LEARNING_RATE, tr("Learning rate of one worker"),
+                 QgsProcessingParameterNumber.Double, 1e-7)):
+            parameter = QgsProcessingParameterNumber(key, label, kind, optional=True, minValue=low)
+            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(parameter)
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Results folder")))
         self.addOutput(QgsProcessingOutputFile(self.MODEL, tr("Model folder")))
+
+    def _optional(self, parameters: dict[str, Any], key: str,
+                  context: QgsProcessingContext) -> Any:
+        if parameters.get(key) in (None, ""):
+            return None
+        if key == self.BASE_FILTERS:
+            return self.parameterAsInt(parameters, key, context)
+        return self.parameterAsDouble(parameters, key, context)
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
                          feedback: Any) -> dict[str, Any]:
@@ -276,7 +295,8 @@ class TrainAlgorithm(_ClusterAlgorithm):
                 epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
                 batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
                 workers=self.parameterAsInt(parameters, self.WORKERS, context),
-                overlap=0)
+                overlap=0, base_filters=self._optional(parameters, self.BASE_FILTERS, context),
+                learning_rate=self._optional(parameters, self.LEARNING_RATE, context))
             planned = plan_job("train", params, [RasterPick(i, m) for i, m in zip(images, masks)])
         except RsPluginError as e:
             raise QgsProcessingException(str(e)) from e

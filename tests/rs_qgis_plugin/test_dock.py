@@ -62,6 +62,22 @@ def test_dock_builds_the_job_from_the_chosen_layers_and_parameters(dock, tiny_mo
     assert str(dev_image(1)) not in run.planned.inputs.values() and other.isValid()
 
 
+def test_training_width_and_rate_are_the_clusters_unless_chosen(dock, results_root):
+    image = add_raster(dev_image(0), "Xiamen tile")
+    truth = add_raster(dev_mask(0), "reference")
+    dock.set_imagery(image, mask=truth)
+    dock.mode.setCurrentIndex(dock.mode.findData("train"))
+    assert dock.base_filters.isEnabled() and dock.learning_rate.isEnabled()
+    train = dock.prepare_run().planned.spec.to_dict()["steps"][1]["params"]
+    assert "base_filters" not in train and "lr" not in train
+    dock.base_filters.setValue(16)
+    dock.learning_rate.setValue(0.001)
+    train = dock.prepare_run().planned.spec.to_dict()["steps"][1]["params"]
+    assert (train["base_filters"], train["lr"]) == (16, 0.001)
+    dock.mode.setCurrentIndex(dock.mode.findData("predict"))
+    assert not dock.base_filters.isEnabled()
+
+
 def test_predict_mode_hides_masks_and_a_missing_model_is_reported(dock, qgis_iface, results_root):
     image = add_raster(dev_image(0), "tile")
     truth = add_raster(dev_mask(0), "reference")

@@ -7,7 +7,13 @@ import json
 import shutil
 
 import pytest
-from qgis.core import QgsApplication, QgsProcessingException, QgsProject, QgsRasterLayer
+from qgis.core import (
+    QgsApplication,
+    QgsProcessingException,
+    QgsProcessingParameterDefinition,
+    QgsProject,
+    QgsRasterLayer,
+)
 
 from rs_qgis_plugin.processing_provider import RsProvider
 from tests.rs_qgis_plugin.conftest import dev_mask
@@ -34,6 +40,11 @@ def test_train_predict_evaluate_are_in_the_toolbox(provider):
     assert {d.name() for d in train.parameterDefinitions()} >= {
         "PROFILE", "INPUT", "MASKS", "EPOCHS", "WORKERS", "OUTPUT"}
     assert {o.name() for o in evaluate.outputDefinitions()} >= {"REPORT", "IOU", "F1"}
+    # the model's width and learning rate are optional advanced choices
+    for name in ("BASE_FILTERS", "LEARNING_RATE"):
+        definition = train.parameterDefinition(name)
+        assert definition.flags() & QgsProcessingParameterDefinition.FlagOptional
+        assert definition.flags() & QgsProcessingParameterDefinition.FlagAdvanced
 
 
 @pytest.mark.ssh
