@@ -29,6 +29,7 @@ from rs_cluster.predict import _GeoTiffSink
 from rs_cluster.progress import parse_event
 from tests import devdata
 from tests.cluster_side.test_predict import build_channel_model
+from tests.procs import wait_for
 
 pytestmark = pytest.mark.spark
 
@@ -148,25 +149,19 @@ def test_a_job_ends_failed_when_something_else_fills_its_disk(small_disk, tmp_pa
     workspace = jobs.Workspace(disk)
     jobs.submit(workspace, spec)
     job_dir = workspace.job_dir("sleeper")
-    deadline = time.monotonic() + 60
-    while jobs.read_status(job_dir)["message"] in ("queued", "started", "sleep started"):
-        assert time.monotonic() < deadline, "the sleep step never reported progress"
-        time.sleep(0.1)
+    wait_for(lambda: jobs.read_status(job_dir)["message"] not in
+             ("queued", "started", "sleep started"), 60, "the sleep step to report progress")
 
     with open(disk / "filler", "wb", buffering=0) as f, pytest.raises(OSError, match="No space"):
         while True:
             f.write(bytes(64 * 1024))
-    deadline = time.monotonic() + 60
-    while (status := jobs.read_status(job_dir))["state"] in jobs.ACTIVE_STATES:
-        assert time.monotonic() < deadline, "the job did not end once its disk was full"
-        time.sleep(0.2)
+    status = wait_for(lambda: (s := jobs.read_status(job_dir))["state"] not in jobs.ACTIVE_STATES
+                      and s, 60, "the job to end once its disk was full", interval=0.2)
 
     assert status["state"] == "failed" and status["finished"], status
     assert "no space left on device (disk full)" in status["message"], status["message"]
-    deadline = time.monotonic() + 10  # the runner exits right after writing its final status
-    while jobs.runner_alive(status):
-        assert time.monotonic() < deadline, "the runner kept running after the job ended"
-        time.sleep(0.1)
+    # the runner exits right after writing its final status
+    wait_for(lambda: not jobs.runner_alive(status), 10, "the runner to exit after the job ended")
     # The full disk may have cut the step's last event line short: `job events` leaves such a
     # fragment out, so every line it gives parses, ending with the job's own verdict.
     events = [parse_event(line) for line in jobs.read_events(job_dir)[0]]

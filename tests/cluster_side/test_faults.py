@@ -6,46 +6,33 @@ the faults are real signals sent to real processes, found by the job id in their
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from rs_cluster import jobs
 from rs_cluster.train import _lost_worker
 from rs_qgis_plugin.core.protocol import parse_status
 
-from tests.cluster_side.test_jobs import job_pids, wait_for
+from tests.procs import ENV_JOB_ID, job_pids, live_processes, wait_for
 
 HOROVOD_WORKER = "horovod.spark.task.gloo_exec_fn"
 QUICK_TRAIN = {"num_proc": 2, "master": "local[2]", "base_filters": 4, "batch_size": 4,
                "steps_per_epoch": 6, "validation_steps": 2, "lr": 1e-3, "patience": 0}
 
 
-def job_processes(job_id: str, marker: str) -> list[psutil.Process]:
+def job_processes(job_id: str, marker: str) -> list[int]:
     """Live processes of the job with ``marker`` as one of their arguments (a Python module) or
     as their name (``java``)."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(jobs.ENV_JOB_ID) == job_id and proc.status() != "zombie" \
-                    and (marker in proc.cmdline() or proc.name() == marker):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+    return [p.pid for p in live_processes()
+            if p.environ.get(ENV_JOB_ID) == job_id and (marker in p.argv or p.name == marker)]
 
 
 def describe(pids: list[int]) -> list[str]:
-    out = []
-    for pid in pids:
-        try:
-            out.append(f"{pid} {' '.join(psutil.Process(pid).cmdline())[:150]}")
-        except psutil.Error:
-            continue
-    return out
+    return [f"{p.pid} {p.command[:150]}" for p in live_processes() if p.pid in pids]
 
 
 def events_of(job_dir: Path) -> list[dict]:
@@ -103,7 +90,7 @@ def test_a_horovod_worker_killed_mid_epoch_restarts_the_job_from_its_checkpoint(
 
     workers = wait_for(first_checkpoint_and_workers, 240, "the first checkpoint")
     assert len(workers) == 2
-    workers[0].send_signal(signal.SIGKILL)  # as the OOM killer or a lost node would
+    os.kill(workers[0], signal.SIGKILL)  # as the OOM killer or a lost node would
     killed_after = json.loads(state_file.read_text())["epochs_done"]
     assert killed_after < epochs, "training finished before a worker could be killed"
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from rs_cluster import jobs
 from rs_cluster.errors import ConfigError
 from rs_cluster.jobspec import STAGES, parse_job_spec, resolve_in_job, step_argv
+
+from tests.procs import job_pids, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,29 +44,8 @@ def write_spec(tmp_path: Path, spec: dict) -> Path:
     return path
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "a condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def status_of(workspace: Path, job_id: str) -> dict:
     return json.loads(cli(workspace, "job", "status", job_id, "--json").stdout)
-
-
-def job_pids(job_id: str) -> list[int]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(jobs.ENV_JOB_ID) == job_id and proc.status() != "zombie":
-                found.append(proc.pid)
-        except psutil.Error:
-            continue
-    return found
 
 
 # -- spec ---------------------------------------------------------------------------------------

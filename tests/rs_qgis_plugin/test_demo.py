@@ -18,6 +18,7 @@ import pytest
 from qgis.core import QgsRasterLayer
 
 from tests import devdata
+from tests.procs import live_processes
 from tests.rs_qgis_plugin.conftest import CLUSTER_PYTHON, REPO
 
 pytestmark = [pytest.mark.qgis, pytest.mark.ssh, pytest.mark.spark, pytest.mark.horovod,
@@ -83,19 +84,7 @@ class Demo:
 
 def processes_mentioning(text: str) -> list[str]:
     """Live processes whose command line or environment names ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (entry / "environ").read_bytes().decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and (text in cmdline or text in environ):
-            found.append(f"{entry.name} {cmdline[:160]}")
-    return found
+    return [f"{p.pid} {p.command[:160]}" for p in live_processes() if p.mentions(text)]
 
 
 def test_demo_takes_rasters_through_ssh_and_spark_and_back_onto_the_map(mini_dev, tmp_path):

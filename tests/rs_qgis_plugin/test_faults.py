@@ -25,6 +25,7 @@ from rs_qgis_plugin.core.ssh import SshClient
 from rs_qgis_plugin.logic import MODE_PREDICT, PlannedJob, RasterPick, RunParams, plan_job
 from rs_qgis_plugin.results import JOB_PROPERTY
 from rs_qgis_plugin.tasks import FetchResultsTask, WatchJobTask
+from tests.procs import ENV_JOB_ID, live_processes
 from tests.rs_qgis_plugin.conftest import dev_image, wait_for
 
 pytestmark = [pytest.mark.qgis, pytest.mark.ssh, pytest.mark.usefixtures("qgis_env")]
@@ -76,21 +77,8 @@ def job_processes(job_id: str) -> list[int]:
     """Live processes of the job on the (loopback) cluster: those carrying its id in their
     environment, as every process of a job does, or naming its folder on their command line
     (the upload's hash follower)."""
-    found = []
-    marker = f"\0RS_CLUSTER_JOB_ID={job_id}\0".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            environ = b"\0" + (entry / "environ").read_bytes()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:  # gone meanwhile, or not ours
-            continue
-        if marker in environ or f"/jobs/{job_id}/".encode() in cmdline:
-            found.append(int(entry.name))
-    return found
+    return [p.pid for p in live_processes()
+            if p.environ.get(ENV_JOB_ID) == job_id or f"/jobs/{job_id}/" in p.command]
 
 
 def running_a_command(sshd) -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -12,41 +10,11 @@ from rs_qgis_plugin.core.errors import RemoteCommandError
 from rs_qgis_plugin.core.jobs import RemoteJobs
 from rs_qgis_plugin.core.jobspec import JobSpecBuilder
 from rs_qgis_plugin.core.ssh import SshClient
+from tests.procs import job_pids, wait_for
 
 pytestmark = [pytest.mark.ssh, pytest.mark.usefixtures("need_cluster_python")]
 
 ODD_NAME = "Bâtiments \"test\" $(touch canary); `id` 建筑"
-
-
-def processes_of_job(job_id: str, session: int | None) -> list[int]:
-    """Pids (no zombies) carrying the job id in their environment or in the job's session."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            if fields[0] == b"Z":
-                continue
-            sid = int(fields[3])
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if (session and sid == session) or f"RS_CLUSTER_JOB_ID={job_id}".encode() in env:
-            found.append(int(entry))
-    return found
-
-
-def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out")
 
 
 def test_env_check_reports_the_cluster_stack(client):
@@ -91,14 +59,14 @@ def test_cancel_from_a_new_session_stops_every_process_of_the_job(profile, known
     with SshClient(profile, known_hosts) as second:
         jobs = RemoteJobs(second)
         # runner, step, and two children (one in a session of its own)
-        wait_until(lambda: len(processes_of_job(spec.job_id, None)) >= 4)
+        wait_for(lambda: len(job_pids(spec.job_id)) >= 4, what="the job's processes", interval=0.2)
         status_file = Path(profile.remote_workspace, "jobs", spec.job_id, "status.json")
         import json
 
         session = json.loads(status_file.read_text())["pgid"]
         cancelled = jobs.cancel(spec.job_id)
         assert cancelled.state == "cancelled"
-        assert processes_of_job(spec.job_id, session) == []
+        assert job_pids(spec.job_id, session) == []
         assert jobs.status(spec.job_id).state == "cancelled"
 
 
