@@ -31,6 +31,10 @@ class Engine(Protocol):
         One worker runs in this process; more run as tasks of the active SparkContext.
         """
 
+    def lost_worker(self, error: BaseException) -> str | None:
+        """What killed a worker, when ``launch`` failed because one was killed by a signal (worth
+        restarting from a checkpoint); None when the workers failed in any other way."""
+
     # -- worker side --------------------------------------------------------------------------------
     def init(self, threads: int | None = None) -> str:
         """Joins the worker group, pins a device, sets CPU threads; returns the device used."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 from typing import IO, Any, Callable, ContextManager, Sequence
 
 
@@ -30,6 +32,23 @@ class HorovodEngine:
         return horovod.spark.run(fn, args=tuple(args), num_proc=num_proc, start_timeout=start_timeout,
                                  use_gloo=True, env=env, stdout=output, stderr=output, verbose=0,
                                  nics=nics)
+
+    @staticmethod
+    def lost_worker(error: BaseException) -> str | None:
+        # Horovod names the first worker to exit non-zero and its exit code: a shell's 128+N or
+        # -N for signal N. The others then fail with "Horovod has been shut down" (exit code 1).
+        match = re.search(r"Process name: (\S+)\s+Exit code: (-?\d+)", str(error))
+        if match is None:
+            return None
+        code = int(match.group(2))
+        signum = -code if code < 0 else code - 128 if code > 128 else 0
+        if not signum:
+            return None
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"training worker {match.group(1)} was killed ({name})"
 
     # -- worker side --------------------------------------------------------------------------------
     def init(self, threads: int | None = None) -> str:

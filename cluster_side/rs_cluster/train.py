@@ -22,9 +22,7 @@ import collections
 import json
 import math
 import os
-import re
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -115,11 +113,6 @@ class TrainConfig:
         if data.get("nics") is not None:
             data["nics"] = tuple(data["nics"])
         return cls(**data)
-
-
-class WorkerLostError(ClusterError):
-    """A training worker process was killed (by a signal: OOM killer, pre-emption, an operator),
-    as opposed to failing with an error of its own, which restarting would only repeat."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +234,7 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
                                          nics=_nics(cfg, sc.master),
                                          start_timeout=cfg.start_timeout, output=output)
             except Exception as e:
-                lost = _lost_worker(e)
+                lost = engine.lost_worker(e)
                 if lost is None or len(restarts) >= cfg.max_restarts:
                     tried = f" after {len(restarts)} restart(s)" if restarts else ""
                     raise ClusterError(
@@ -261,26 +254,6 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-def _lost_worker(e: BaseException) -> str | None:
-    """What killed a worker, when Horovod says one exited by a signal; None for other failures.
-
-    Horovod names the first worker to exit non-zero and its exit code: a shell's 128+N or -N
-    for signal N. The others then fail with "Horovod has been shut down" (exit code 1).
-    """
-    match = re.search(r"Process name: (\S+)\s+Exit code: (-?\d+)", str(e))
-    if match is None:
-        return None
-    code = int(match.group(2))
-    signum = -code if code < 0 else code - 128 if code > 128 else 0
-    if not signum:
-        return None
-    try:
-        name = signal.Signals(signum).name
-    except ValueError:
-        name = f"signal {signum}"
-    return f"training worker {match.group(1)} was killed ({name})"
 
 
 # -- driver-side checks ------------------------------------------------------------------------------

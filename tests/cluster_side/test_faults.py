@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from rs_cluster import jobs
-from rs_cluster.train import _lost_worker
+from rs_cluster.engine_horovod import HorovodEngine
 from rs_qgis_plugin.core.protocol import parse_status
 
 from tests.procs import ENV_JOB_ID, job_pids, live_processes, wait_for
@@ -63,11 +63,11 @@ def test_a_worker_killed_by_a_signal_is_told_from_one_that_failed():
     killed = RuntimeError("Horovod detected that one or more processes exited with non-zero "
                           "status, thus causing the job to be terminated. The first process to do "
                           "so was:\nProcess name: 1\nExit code: 137\n")
-    assert _lost_worker(killed) == "training worker 1 was killed (SIGKILL)"
-    assert _lost_worker(RuntimeError(str(killed).replace("137", "-15"))) == \
+    assert HorovodEngine.lost_worker(killed) == "training worker 1 was killed (SIGKILL)"
+    assert HorovodEngine.lost_worker(RuntimeError(str(killed).replace("137", "-15"))) == \
         "training worker 1 was killed (SIGTERM)"
-    assert _lost_worker(RuntimeError(str(killed).replace("137", "1"))) is None  # its own error
-    assert _lost_worker(RuntimeError("Timed out waiting for Spark tasks to start")) is None
+    assert HorovodEngine.lost_worker(RuntimeError(str(killed).replace("137", "1"))) is None  # its own error
+    assert HorovodEngine.lost_worker(RuntimeError("Timed out waiting for Spark tasks to start")) is None
 
 
 @pytest.mark.spark
