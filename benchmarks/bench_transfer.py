@@ -56,7 +56,7 @@ def main() -> int:
             for _ in range(args.size_mb // 8):
                 f.write(os.urandom(8 * MB))
         with Sshd(base / "sshd") as server:
-            key_type, key_b64 = server.host_key.with_suffix(".pub").read_text().split()[:2]
+            key_type, key_b64 = server.public_host_key
             trust_host_key(base / "known_hosts", "127.0.0.1", server.port, key_type, key_b64)
             profile = ConnectionProfile(name="bench", host="127.0.0.1", port=server.port,
                                         user=server.user, key_file=str(server.user_key))

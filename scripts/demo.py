@@ -204,7 +204,7 @@ def main() -> int:
         # The plugin's connection profile. Its host key is trusted from the server's own key file
         # (what an administrator hands out), never from what the connection offers.
         known_hosts = out / "known_hosts"
-        key_type, key_b64 = sshd.host_key.with_suffix(".pub").read_text().split()[:2]
+        key_type, key_b64 = sshd.public_host_key
         trust_host_key(known_hosts, "127.0.0.1", sshd.port, key_type, key_b64)
         profile = ConnectionProfile(
             name="demo", host="127.0.0.1", port=sshd.port, user=sshd.user,
@@ -240,11 +240,11 @@ def main() -> int:
         say("\n== download the results and load them into QGIS")
         fetched = fetch(jobs, evaluate.spec.job_id, evaluate.fetch, out / "download")
         project = QgsProject.instance()
+        results = classify_results(fetched)
         layers, summary = load_results(project, evaluate.spec.job_id, "held-out predictions",
-                                       classify_results(fetched))
+                                       results)
         for layer in layers:
             say(f"   layer '{layer.name()}' ({layer.crs().authid() or 'no CRS'})")
-        results = classify_results(fetched)
         (out / "masks").mkdir()
         for path in [*results.masks, *results.polygons]:
             shutil.copy2(path, out / "masks" / Path(path).name)

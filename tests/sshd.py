@@ -84,6 +84,12 @@ Subsystem sftp internal-sftp
 """)
 
     @property
+    def public_host_key(self) -> tuple[str, str]:
+        """(key type, base64 key) of the server's host key, as known_hosts lists it."""
+        key_type, key_b64 = self.host_key.with_suffix(".pub").read_text().split()[:2]
+        return key_type, key_b64
+
+    @property
     def host_key_fingerprint(self) -> str:
         return fingerprint(self.host_key.with_suffix(".pub"))
 
@@ -145,8 +151,8 @@ Subsystem sftp internal-sftp
     def scp_argv(self, source: str, target: str) -> list[str]:
         """OpenSSH's ``scp`` to this server, trusting exactly its host key."""
         known = self.base / "scp_known_hosts"
-        key = self.host_key.with_suffix(".pub").read_text().split()
-        known.write_text(f"[127.0.0.1]:{self.port} {key[0]} {key[1]}\n")
+        key_type, key_b64 = self.public_host_key
+        known.write_text(f"[127.0.0.1]:{self.port} {key_type} {key_b64}\n")
         return ["scp", "-q", "-P", str(self.port), "-i", str(self.user_key),
                 "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
                 "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", source, target]

@@ -142,7 +142,7 @@ def trust(server: Sshd) -> None:
     from rs_qgis_plugin import settings
     from rs_qgis_plugin.core.ssh import trust_host_key
 
-    key_type, key_b64 = server.host_key.with_suffix(".pub").read_text().split()[:2]
+    key_type, key_b64 = server.public_host_key
     trust_host_key(settings.known_hosts_path(), "127.0.0.1", server.port, key_type, key_b64)
 
 

@@ -56,7 +56,7 @@ def fresh_sshd(tmp_path):
 def trusted_known_hosts(server: Sshd, path: Path) -> Path:
     from rs_qgis_plugin.core.ssh import trust_host_key
 
-    key_type, key_b64 = server.host_key.with_suffix(".pub").read_text().split()[:2]
+    key_type, key_b64 = server.public_host_key
     trust_host_key(path, "127.0.0.1", server.port, key_type, key_b64)
     return path
 
