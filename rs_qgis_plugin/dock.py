@@ -128,6 +128,8 @@ class RunDock(QgsDockWidget):
         self.cancel_button.setEnabled(False)
         self.status = QLabel(run_page)
         self.status.setWordWrap(True)
+        # It shows error messages, which may quote the cluster: text, never markup or links.
+        self.status.setTextFormat(Qt.PlainText)
 
         layout = QVBoxLayout(run_page)
         row = QHBoxLayout()

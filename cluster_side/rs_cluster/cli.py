@@ -11,7 +11,7 @@ import contextlib
 import importlib
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from rs_cluster import __version__
 from rs_cluster.errors import DiskFullError, RsClusterError, disk_full_error, is_disk_full
@@ -21,9 +21,11 @@ from rs_cluster.progress import JsonLinesReporter, Reporter, TeeReporter, Termin
 # light for the same reason as this one.
 _COMMAND_MODULES = ("rs_cluster.prepare_cli", "rs_cluster.train_cli", "rs_cluster.predict_cli",
                     "rs_cluster.jobs_cli")
+# What job runners and their steps run with ``python -m``.
+ENTRY_MODULE = "rs_cluster"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rs-cluster",
         description="Building masks from aerial imagery on a Spark cluster: prepare tiles, train a "
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for register in extra_commands:
+        register(sub)
     return parser
 
 
@@ -63,10 +67,16 @@ def make_reporter(events: str | None, quiet: bool) -> tuple[Reporter, Callable[[
     return reporter, close
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, entry_module: str = ENTRY_MODULE,
+         extra_commands: Sequence[Callable[[Any], None]] = ()) -> int:
+    """Runs one command. A wrapper that adds ``extra_commands`` (the tests' self-test stage, see
+    tests/cluster_selftest.py) passes its own module as ``entry_module``: the job runners it starts,
+    and their steps, then run that wrapper too. The commands are fixed in code on purpose: no
+    environment variable or job spec can add one to the ``rs-cluster`` users run."""
     # TensorFlow's start-up INFO lines (oneDNN, CPU features) say nothing a user can act on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    parser = build_parser()
+    parser = build_parser(extra_commands)
+    parser.set_defaults(entry_module=entry_module)
     args = parser.parse_args(argv)
     reporter, close = make_reporter(args.events, args.quiet)
     error = ""

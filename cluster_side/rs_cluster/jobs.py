@@ -8,18 +8,27 @@ Layout of ``<workspace>/jobs/<job-id>/``::
     events.jsonl   JSON-lines progress events of every step (:mod:`rs_cluster.progress`)
     log.txt        stdout and stderr of every step
     outputs/       what the steps write
+    .status.lock   taken around every read-modify-write of status.json
 
 ``submit`` starts a runner detached from the caller (double fork into a new session), so closing
 the SSH connection does not stop it. The runner runs each step as ``python -m rs_cluster <stage>``
-and turns its events into ``status.json``. Every process of a job either belongs to the runner's
+(the entry module that submitted, see :func:`submit`) and turns its events into ``status.json``. Every process of a job either belongs to the runner's
 session or carries ``RS_CLUSTER_JOB_ID`` in its environment; ``cancel`` stops all of them.
+
+Status changes are serialised by the job's lock, and a terminal state is final: whoever writes
+second (a slow submit, a late cancel, a reader declaring a dead runner failed) finds the newer
+state and leaves it. The workspace holds the user's imagery, models and results, on login nodes
+shared with other users: its folders are 0700, and the files that submit, the runner and its steps
+write are 0600 (the runner runs with umask 077), whatever umask the login shell left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -28,7 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rs_cluster.atomic import write_json_atomic
 from rs_cluster.errors import ConfigError, DiskFullError, RsClusterError, disk_full_error, is_disk_full
@@ -41,12 +50,17 @@ ENV_WORKSPACE = "RS_CLUSTER_WORKSPACE"
 
 JOB_FILE, STATUS_FILE, EVENTS_FILE, LOG_FILE = "job.json", "status.json", "events.jsonl", "log.txt"
 INPUTS_DIR, OUTPUTS_DIR, CANCEL_FILE = "inputs", "outputs", ".cancel-requested"
+LOCK_FILE = ".status.lock"
+PRIVATE_DIR, PRIVATE_FILE, PRIVATE_UMASK = 0o700, 0o600, 0o077
 # Disk space the runner holds back while steps run and frees for its last words (the final
 # status.json, event and log line), so a job that fills the disk still ends "failed", not "running".
 RESERVE_FILE, _RESERVE_BYTES = ".disk-reserve", 64 * 1024
 
 ACTIVE_STATES = frozenset({"queued", "running"})
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+ENTRY_MODULE = "rs_cluster"
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 # How long a job may sit in "queued" without a runner pid before it is declared failed.
 _QUEUED_GRACE_S = 60.0
@@ -72,6 +86,18 @@ class Workspace:
         self.root = (Path(root).expanduser() if root else default_workspace()).absolute()
         self.jobs_dir = self.root / "jobs"
 
+    def create(self) -> None:
+        """Creates the workspace private to its user, or makes an existing one so."""
+        for folder in (self.root, self.jobs_dir):
+            private_dir(folder)
+
+    def tighten(self) -> None:
+        """Makes an existing workspace that others can read private (as older versions left
+        them); creates nothing."""
+        for folder in (self.root, self.jobs_dir):
+            with contextlib.suppress(FileNotFoundError):
+                _tighten(folder)
+
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / check_job_id(job_id)
 
@@ -85,6 +111,21 @@ class Workspace:
         if not self.jobs_dir.is_dir():
             return []
         return sorted(p.name for p in self.jobs_dir.iterdir() if (p / JOB_FILE).is_file())
+
+
+def private_dir(path: Path) -> None:
+    """Creates the folder ``path`` as 0700 (its missing parents get the usual mode: they are not
+    the workspace's to decide), or tightens it to 0700 when it exists."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=PRIVATE_DIR, parents=True)
+    _tighten(path)
+
+
+def _tighten(path: Path) -> None:
+    st = path.stat()
+    # Only the owner may chmod; a folder someone else made (a shared root) is theirs to decide.
+    if st.st_mode & 0o777 != PRIVATE_DIR and st.st_uid == os.geteuid():
+        os.chmod(path, PRIVATE_DIR)
 
 
 # -- status -----------------------------------------------------------------------------------------
@@ -112,13 +153,41 @@ def initial_status(spec: JobSpec) -> dict[str, Any]:
 
 def write_status(job_dir: Path, status: dict[str, Any]) -> None:
     """Replaces ``status.json``. A progress update of an active job that finds the disk full is
-    skipped: the previous ``status.json`` stays whole, and a later update replaces it."""
+    skipped: the previous ``status.json`` stays whole, and a later update replaces it. Callers
+    that may race another writer use :func:`update_status` instead."""
     status["updated"] = utc_now()
     try:
-        write_json_atomic(job_dir / STATUS_FILE, status)
+        write_json_atomic(job_dir / STATUS_FILE, status, mode=PRIVATE_FILE)
     except DiskFullError:
         if status.get("state") not in ACTIVE_STATES or not (job_dir / STATUS_FILE).exists():
             raise
+
+
+@contextlib.contextmanager
+def status_lock(job_dir: Path) -> Iterator[None]:
+    """Holds the job's lock: submit, the runner, cancel and readers that change ``status.json``
+    read, decide and write it under this lock, so none writes back a state older than it read."""
+    try:
+        fd = os.open(job_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(e, job_dir / LOCK_FILE, "creating the job's lock file") from e
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes, even on a crash
+        yield
+    finally:
+        os.close(fd)
+
+
+def update_status(job_dir: Path, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Reads ``status.json`` under the job's lock, lets ``change`` update it, writes it back when
+    ``change`` returns True, and returns the status as it now stands."""
+    with status_lock(job_dir):
+        status: dict[str, Any] = load_json(job_dir / STATUS_FILE)
+        if change(status):
+            write_status(job_dir, status)
+        return status
 
 
 def _process_start_time(pid: int) -> float | None:
@@ -150,23 +219,36 @@ def runner_alive(status: dict[str, Any]) -> bool:
 def read_status(job_dir: Path) -> dict[str, Any]:
     """The job's status; a queued/running job whose runner died is marked failed (and saved)."""
     status: dict[str, Any] = load_json(job_dir / STATUS_FILE)
-    if status.get("state") not in ACTIVE_STATES or runner_alive(status):
+    if not _runner_lost(status):
         return status
-    if status.get("pid") is None and _age_s(status.get("submitted")) < _QUEUED_GRACE_S:
-        return status  # submit is still starting the runner
-    # Read again: the runner may have written its final state just before it exited.
-    status = load_json(job_dir / STATUS_FILE)
-    if status.get("state") in ACTIVE_STATES:
-        pid = status.get("pid")
-        status.update(
-            state="failed", finished=utc_now(),
-            message=(f"the job runner (pid {pid}) stopped without reporting an end: it was killed "
-                     "or the machine restarted; see log.txt, and run `rs-cluster job cancel "
-                     f"{status.get('job_id')}` to stop any step it left running" if pid else
-                     "the job runner never started; see log.txt"))
-        with contextlib.suppress(DiskFullError):  # the verdict is reached again on every read
-            write_status(job_dir, status)
-    return status
+    try:
+        return update_status(job_dir, _declare_lost)
+    except DiskFullError:  # not saved: the verdict is reached again on every read
+        status = load_json(job_dir / STATUS_FILE)
+        _declare_lost(status)
+        return status
+
+
+def _runner_lost(status: dict[str, Any]) -> bool:
+    if status.get("state") not in ACTIVE_STATES or runner_alive(status):
+        return False
+    # Without a pid, submit may still be starting the runner.
+    return status.get("pid") is not None or _age_s(status.get("submitted")) >= _QUEUED_GRACE_S
+
+
+def _declare_lost(status: dict[str, Any]) -> bool:
+    # Checked again under the lock: the runner may have written its final state just before it
+    # exited.
+    if not _runner_lost(status):
+        return False
+    pid = status.get("pid")
+    status.update(
+        state="failed", finished=utc_now(),
+        message=(f"the job runner (pid {pid}) stopped without reporting an end: it was killed "
+                 "or the machine restarted; see log.txt, and run `rs-cluster job cancel "
+                 f"{status.get('job_id')}` to stop any step it left running" if pid else
+                 "the job runner never started; see log.txt"))
+    return True
 
 
 def _age_s(iso: str | None) -> float:
@@ -201,12 +283,16 @@ def _is_json_object(line: str) -> bool:
 
 # -- submit -----------------------------------------------------------------------------------------
 
-def submit(workspace: Workspace, source: str | os.PathLike[str], *, wait_s: float = 30.0) -> dict[str, Any]:
+def submit(workspace: Workspace, source: str | os.PathLike[str], *, wait_s: float = 30.0,
+           entry_module: str = ENTRY_MODULE) -> dict[str, Any]:
     """Creates (or takes) the job folder and starts its runner detached; returns its status.
 
     ``source`` is either a spec file (copied into a new job folder) or a job folder under the
-    workspace already holding ``job.json`` and the uploaded inputs.
+    workspace already holding ``job.json`` and the uploaded inputs. The runner and its steps run
+    ``python -m <entry_module>``: the entry point that submitted, so they know the same stages.
     """
+    _check_entry_module(entry_module)
+    workspace.create()
     source = Path(source)
     if source.is_dir():
         job_dir = source.resolve()
@@ -223,17 +309,18 @@ def submit(workspace: Workspace, source: str | os.PathLike[str], *, wait_s: floa
         job_dir = workspace.job_dir(spec.job_id)
         if job_dir.exists():
             raise JobStateError(f"job {spec.job_id!r} already exists in {workspace.jobs_dir}")
-        job_dir.mkdir(parents=True)
+        job_dir.mkdir(mode=PRIVATE_DIR)
         spec = parse_job_spec(raw, job_dir)
-        write_json_atomic(job_dir / JOB_FILE, spec.to_dict())
+        write_json_atomic(job_dir / JOB_FILE, spec.to_dict(), mode=PRIVATE_FILE)
     if (job_dir / STATUS_FILE).exists():
         raise JobStateError(f"job {spec.job_id!r} was already submitted; see `rs-cluster job "
                             f"status {spec.job_id}`")
-    (job_dir / INPUTS_DIR).mkdir(exist_ok=True)
-    (job_dir / OUTPUTS_DIR).mkdir(exist_ok=True)
-    write_status(job_dir, initial_status(spec))
+    for folder in (job_dir, job_dir / INPUTS_DIR, job_dir / OUTPUTS_DIR):
+        private_dir(folder)  # the uploaded folders too: SFTP made them with the server's umask
+    with status_lock(job_dir):
+        write_status(job_dir, initial_status(spec))
 
-    argv = [sys.executable, "-m", "rs_cluster", "--quiet", "job", "_run",
+    argv = [sys.executable, "-m", entry_module, "--quiet", "job", "_run",
             "--workspace", str(workspace.root), spec.job_id]
     env = {**os.environ, ENV_JOB_ID: spec.job_id}
     pid = spawn_detached(argv, cwd=job_dir, log=job_dir / LOG_FILE, env=env)
@@ -246,14 +333,26 @@ def submit(workspace: Workspace, source: str | os.PathLike[str], *, wait_s: floa
         if _process_start_time(pid) is None:
             break
         time.sleep(0.02)
-    status = load_json(job_dir / STATUS_FILE)
-    if status.get("state") == "queued":
-        status.update(pid=pid, pgid=pid)
-        if _process_start_time(pid) is None:
-            status.update(state="failed", finished=utc_now(),
-                          message="the job runner exited before it started; see log.txt")
-        write_status(job_dir, status)
-    return status
+    # The runner has not reported yet: record its pid, so readers can tell a dead one. Checked
+    # before the lock is taken (the runner needs the lock to report) and applied only while the
+    # runner has written nothing: anything it wrote is newer than what this knows.
+    runner_started = _process_start_time(pid) is not None
+
+    def fill_in(current: dict[str, Any]) -> bool:
+        if current.get("state") != "queued" or current.get("pid") is not None:
+            return False
+        current.update(pid=pid, pgid=pid)
+        if not runner_started:
+            current.update(state="failed", finished=utc_now(),
+                           message="the job runner exited before it started; see log.txt")
+        return True
+
+    return update_status(job_dir, fill_in)
+
+
+def _check_entry_module(name: str) -> None:
+    if not _MODULE_NAME.match(name):
+        raise ConfigError(f"{name!r} is not a Python module name to run jobs with")
 
 
 def spawn_detached(argv: list[str], *, cwd: Path, log: Path, env: dict[str, str]) -> int:
@@ -269,7 +368,7 @@ def spawn_detached(argv: list[str], *, cwd: Path, log: Path, env: dict[str, str]
             if pid == 0:
                 os.chdir(cwd)
                 devnull = os.open(os.devnull, os.O_RDONLY)
-                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE)
                 os.dup2(devnull, 0)
                 os.dup2(out, 1)
                 os.dup2(out, 2)
@@ -317,15 +416,24 @@ class _EventFollower:
                 continue
 
 
-def run_job(job_dir: Path) -> int:
-    """Runs every step of the job in ``job_dir``, keeping ``status.json`` current. The runner
-    process; started by :func:`submit`, not by users."""
+def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
+    """Runs every step of the job in ``job_dir`` as ``python -m <entry_module> <stage> ...``,
+    keeping ``status.json`` current. The runner process; started by :func:`submit`, not by users."""
+    _check_entry_module(entry_module)
+    os.umask(PRIVATE_UMASK)  # what the runner and every step create is private to the user
     spec = parse_job_spec(load_json(job_dir / JOB_FILE), job_dir)
-    status = load_json(job_dir / STATUS_FILE)
     pid = os.getpid()
-    status.update(state="running", pid=pid, pgid=os.getpgid(0), pid_started=_process_start_time(pid),
-                  started=utc_now(), message="started")
-    write_status(job_dir, status)
+
+    def start(current: dict[str, Any]) -> bool:
+        if current.get("state") != "queued":  # cancelled (or declared failed) before it started
+            return False
+        current.update(state="running", pid=pid, pgid=os.getpgid(0),
+                       pid_started=_process_start_time(pid), started=utc_now(), message="started")
+        return True
+
+    status = update_status(job_dir, start)
+    if status.get("state") != "running" or status.get("pid") != pid:
+        return 1
     _reserve_space(job_dir)
 
     stop = threading.Event()
@@ -338,7 +446,7 @@ def run_job(job_dir: Path) -> int:
 
     events_path = job_dir / EVENTS_FILE
     env = {**os.environ, ENV_JOB_ID: spec.job_id}
-    exit_code = 0
+    exit_code, steps_done = 0, 0
     full_disk: OSError | None = None
     events_stream = open(events_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     log = open(job_dir / LOG_FILE, "ab")  # noqa: SIM115 - closed below
@@ -349,13 +457,14 @@ def run_job(job_dir: Path) -> int:
             for index, step in enumerate(spec.steps):
                 if stop.is_set() or (job_dir / CANCEL_FILE).exists():
                     break
-                argv = [sys.executable, "-m", "rs_cluster", "--quiet", "--events", str(events_path),
+                argv = [sys.executable, "-m", entry_module, "--quiet", "--events", str(events_path),
                         *step_argv(step, job_dir)]
                 log.write(f"$ {shlex.join(argv)}\n".encode())
                 log.flush()
                 follower = _EventFollower(events_path)
                 status.update(stage=step.stage, step=index + 1, message=f"{step.stage} started")
-                write_status(job_dir, status)
+                if not _runner_write(job_dir, status):
+                    break
                 proc = subprocess.Popen(argv, cwd=job_dir, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, env=env)
                 exit_code = _follow_step(proc, follower, status, job_dir, index, len(spec.steps), stop)
@@ -363,36 +472,62 @@ def run_job(job_dir: Path) -> int:
                 reporter.progress(index + 1, len(spec.steps), message=f"{step.stage} exit {exit_code}")
                 if exit_code != 0:
                     break
+                steps_done = index + 1
         except OSError as e:  # the runner's own log and event lines, written between steps
             if not is_disk_full(e):
                 raise
             full_disk = e
-        cancelled = stop.is_set() or (job_dir / CANCEL_FILE).exists()
-        if cancelled:
-            status.update(state="cancelled", message="cancelled")
-        elif full_disk is not None:
-            status.update(state="failed", message=str(disk_full_error(
-                full_disk, job_dir, "writing the job's log and events")))
-        elif exit_code != 0:
-            message = _last_error(job_dir / LOG_FILE, status)
-            disk_full = shutil.disk_usage(job_dir).free < _RESERVE_BYTES  # the reserve still held
-            if disk_full and "no space left" not in message.lower():
-                # The step's own error line may have found no room in log.txt.
-                message = str(disk_full_error(None, job_dir, f"running {status.get('stage')}"))
-            status.update(state="failed", message=message)
-        else:
-            status.update(state="succeeded", progress=100.0, message="done",
-                          results=[r for r in spec.outputs() if (job_dir / r).exists()])
-        status.update(exit_code=exit_code, finished=utc_now())
-        (job_dir / RESERVE_FILE).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            reporter.finish(status["message"], state=status["state"])
+        # Decided under the lock cancel takes to leave its mark, so both agree: a job whose every
+        # step finished succeeded, even when a cancel arrived just after; anything else with a
+        # cancel pending was cancelled.
+        with status_lock(job_dir):
+            if full_disk is None and steps_done == len(spec.steps):
+                status.update(state="succeeded", progress=100.0, message="done",
+                              results=[r for r in spec.outputs() if (job_dir / r).exists()])
+            elif stop.is_set() or (job_dir / CANCEL_FILE).exists():
+                status.update(state="cancelled", message="cancelled")
+            elif full_disk is not None:
+                status.update(state="failed", message=str(disk_full_error(
+                    full_disk, job_dir, "writing the job's log and events")))
+            else:
+                status.update(state="failed", message=_step_error(job_dir, status))
+            status.update(exit_code=exit_code, finished=utc_now())
+            (job_dir / RESERVE_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                reporter.finish(status["message"], state=status["state"])
+            _close(events_stream, log)
+            current = load_json(job_dir / STATUS_FILE)
+            if current.get("state") in TERMINAL_STATES:
+                status = current  # ended by someone else meanwhile: that verdict stands
+            else:
+                write_status(job_dir, status)
     finally:
-        for stream in (events_stream, log):
-            with contextlib.suppress(OSError):  # a line the full disk did not take is lost
-                stream.close()
-    write_status(job_dir, status)
+        _close(events_stream, log)
     return 0 if status["state"] == "succeeded" else 1
+
+
+def _close(*streams: Any) -> None:
+    for stream in streams:
+        with contextlib.suppress(OSError):  # a line the full disk did not take is lost
+            stream.close()
+
+
+def _runner_write(job_dir: Path, status: dict[str, Any]) -> bool:
+    """Writes the runner's status, unless the job already ended (a terminal state is final)."""
+    with status_lock(job_dir):
+        if load_json(job_dir / STATUS_FILE).get("state") in TERMINAL_STATES:
+            return False
+        write_status(job_dir, status)
+        return True
+
+
+def _step_error(job_dir: Path, status: dict[str, Any]) -> str:
+    message = _last_error(job_dir / LOG_FILE, status)
+    disk_full = shutil.disk_usage(job_dir).free < _RESERVE_BYTES  # the reserve still held
+    if disk_full and "no space left" not in message.lower():
+        # The step's own error line may have found no room in log.txt.
+        message = str(disk_full_error(None, job_dir, f"running {status.get('stage')}"))
+    return message
 
 
 def _end_cut_line(path: Path, stream: Any) -> None:
@@ -439,7 +574,8 @@ def _follow_step(proc: subprocess.Popen[bytes], follower: _EventFollower, status
                 # training restarted its workers from the last checkpoint after losing one
                 status["restarts"] = event["restart"]
         if status != last_written:
-            write_status(job_dir, status)
+            if not _runner_write(job_dir, status):
+                stop.set()  # the job was ended meanwhile: its steps stop too
             last_written = dict(status)
         if code is not None:
             return code
@@ -509,21 +645,31 @@ def _stop_processes(procs: list[Any], grace_s: float) -> list[Any]:
 
 
 def cancel(workspace: Workspace, job_id: str, *, grace_s: float = 5.0) -> dict[str, Any]:
-    """Stops every process of the job (TERM, then KILL after ``grace_s``) and marks it cancelled.
+    """Stops every process of the job (TERM, then KILL after ``grace_s``) and marks it cancelled;
+    returns its status.
 
-    A job that already ended keeps its state, but stray processes it left are still stopped.
+    A job that already ended keeps its state and results, and so does one whose last step had
+    finished when the cancel arrived (the runner then reports it succeeded); stray processes a
+    job left are stopped either way.
     """
     job_dir = workspace.existing_job_dir(job_id)
-    (job_dir / CANCEL_FILE).touch()
-    status = load_json(job_dir / STATUS_FILE)
+    if not (job_dir / STATUS_FILE).exists():
+        raise JobStateError(f"job {job_id} was never submitted; there is nothing to cancel")
+    with status_lock(job_dir):  # the runner decides how the job ended under the same lock
+        status = load_json(job_dir / STATUS_FILE)
+        if status.get("state") in ACTIVE_STATES:
+            (job_dir / CANCEL_FILE).touch(mode=PRIVATE_FILE)
     alive = _stop_processes(job_processes(job_id, status), grace_s)
     if alive:
         raise JobStateError(f"could not stop process(es) {[p.pid for p in alive]} of job {job_id}")
-    status = load_json(job_dir / STATUS_FILE)
-    if status.get("state") in ACTIVE_STATES:
-        status.update(state="cancelled", message="cancelled", finished=utc_now())
-        write_status(job_dir, status)
-    return status
+
+    def mark(current: dict[str, Any]) -> bool:  # the runner was stopped before it could say so
+        if current.get("state") not in ACTIVE_STATES:
+            return False
+        current.update(state="cancelled", message="cancelled", finished=utc_now())
+        return True
+
+    return update_status(job_dir, mark)
 
 
 def clean(workspace: Workspace, job_id: str) -> None:
@@ -532,6 +678,44 @@ def clean(workspace: Workspace, job_id: str) -> None:
     if (job_dir / STATUS_FILE).exists() and read_status(job_dir).get("state") in ACTIVE_STATES:
         raise JobStateError(f"job {job_id} is still running; cancel it first")
     shutil.rmtree(job_dir)
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``7d``, ``12h``, ``30m``, ``90s`` or ``2w``."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ConfigError(f"--older-than {text!r} is not a duration: give a number and a unit "
+                          "(s, m, h, d or w), e.g. 7d, 12h, 30m")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def clean_older_than(workspace: Workspace, seconds: float) -> list[dict[str, Any]]:
+    """Deletes the folder of every job that ended (succeeded, failed or cancelled) more than
+    ``seconds`` ago; returns their id, state and end time. A job still queued or running, or one
+    never submitted, is kept however old it is."""
+    removed = []
+    for job_id in workspace.job_ids():
+        job_dir = workspace.job_dir(job_id)
+        try:
+            status = read_status(job_dir)
+        except (FileNotFoundError, ConfigError):
+            continue  # never submitted, or its status unreadable: not known to be over
+        if status.get("state") not in TERMINAL_STATES or _ended_s_ago(job_dir, status) < seconds:
+            continue
+        shutil.rmtree(job_dir)
+        removed.append({"job_id": job_id, "state": status["state"], "finished": status.get("finished")})
+    return removed
+
+
+def _ended_s_ago(job_dir: Path, status: dict[str, Any]) -> float:
+    try:
+        return _age_s(status["finished"])
+    except (KeyError, TypeError, ValueError):  # no readable end time: when status.json last changed
+        return time.time() - (job_dir / STATUS_FILE).stat().st_mtime
 
 
 def list_jobs(workspace: Workspace) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Sub-commands ``job ...``, ``env`` and the hidden ``selftest-sleep`` stage.
+"""Sub-commands ``job ...`` and ``env``.
 
 Machine-readable output (``--json``, ``job events``) is what the QGIS plugin reads over SSH; each is
 one JSON document or JSON lines on stdout, nothing else.
@@ -47,8 +47,13 @@ def register(subparsers: Any) -> None:
     p = actions.add_parser("list", parents=[common], help="all jobs of the workspace")
     p.set_defaults(func=_list)
 
-    p = actions.add_parser("clean", parents=[common], help="delete a finished job's folder")
-    p.add_argument("job_id")
+    p = actions.add_parser("clean", parents=[common], help="delete finished jobs' folders",
+                           description="Deletes the folder of one job that is not running, or "
+                           "with --older-than of every job that ended before then.")
+    p.add_argument("job_id", nargs="?", metavar="JOB_ID")
+    p.add_argument("--older-than", metavar="DURATION",
+                   help="every job that succeeded, failed or was cancelled more than DURATION "
+                   "ago (e.g. 7d, 12h, 30m); queued and running jobs are kept")
     p.set_defaults(func=_clean)
 
     p = actions.add_parser("_run", parents=[common])  # the detached runner; not for users
@@ -58,20 +63,13 @@ def register(subparsers: Any) -> None:
     env = subparsers.add_parser("env", help="versions of python, spark, horovod, tensorflow; GPUs")
     env.set_defaults(func=_env)
 
-    sleep = subparsers.add_parser("selftest-sleep")  # a stage for tests: waits, reports progress
-    sleep.add_argument("--seconds", type=float, default=1.0)
-    sleep.add_argument("--steps", type=int, default=10)
-    sleep.add_argument("--children", type=int, default=0,
-                       help="also start N idle child processes, every other one in its own "
-                       "session, as Spark JVMs and Horovod workers do")
-    sleep.add_argument("--fail", action="store_true", help="fail at the end")
-    sleep.set_defaults(func=_selftest_sleep)
-
 
 def _workspace(args: argparse.Namespace) -> Any:
     from rs_cluster.jobs import Workspace
 
-    return Workspace(args.workspace)
+    workspace = Workspace(args.workspace)
+    workspace.tighten()  # workspaces made by older versions were readable by everyone
+    return workspace
 
 
 def _print_json(data: Any) -> None:
@@ -81,7 +79,7 @@ def _print_json(data: Any) -> None:
 def _submit(args: argparse.Namespace, reporter: Reporter) -> int:
     from rs_cluster import jobs
 
-    status = jobs.submit(_workspace(args), Path(args.spec))
+    status = jobs.submit(_workspace(args), Path(args.spec), entry_module=args.entry_module)
     if args.json:
         _print_json(status)
     else:
@@ -115,8 +113,10 @@ def _cancel(args: argparse.Namespace, reporter: Reporter) -> int:
     status = jobs.cancel(_workspace(args), args.job_id)
     if args.json:
         _print_json(status)
+    elif status["state"] == "cancelled":
+        print(f"{args.job_id}: cancelled")
     else:
-        print(f"{args.job_id}: {status['state']}")
+        print(f"{args.job_id}: already {status['state']}; left as it is")
     return 0
 
 
@@ -135,44 +135,36 @@ def _list(args: argparse.Namespace, reporter: Reporter) -> int:
 def _clean(args: argparse.Namespace, reporter: Reporter) -> int:
     from rs_cluster import jobs
 
-    jobs.clean(_workspace(args), args.job_id)
+    from rs_cluster.errors import ConfigError
+
+    if (args.job_id is None) == (args.older_than is None):
+        raise ConfigError("job clean: give either a JOB_ID or --older-than DURATION")
+    if args.job_id is not None:
+        jobs.clean(_workspace(args), args.job_id)
+        if args.json:
+            _print_json({"job_id": args.job_id, "cleaned": True})
+        return 0
+    seconds = jobs.parse_duration(args.older_than)
+    removed = jobs.clean_older_than(_workspace(args), seconds)
     if args.json:
-        _print_json({"job_id": args.job_id, "cleaned": True})
+        _print_json({"older_than_s": seconds, "cleaned": [job["job_id"] for job in removed]})
+    else:
+        for job in removed:
+            print(f"removed {job['job_id']} ({job['state']}, ended {job['finished']})")
+        if not removed:
+            print(f"no job ended more than {args.older_than} ago")
     return 0
 
 
 def _run(args: argparse.Namespace, reporter: Reporter) -> int:
     from rs_cluster import jobs
 
-    return jobs.run_job(_workspace(args).existing_job_dir(args.job_id))
+    return jobs.run_job(_workspace(args).existing_job_dir(args.job_id),
+                        entry_module=args.entry_module)
 
 
 def _env(args: argparse.Namespace, reporter: Reporter) -> int:
     from rs_cluster.envinfo import environment
 
     _print_json(environment())
-    return 0
-
-
-def _selftest_sleep(args: argparse.Namespace, reporter: Reporter) -> int:
-    import subprocess
-    import time
-
-    from rs_cluster.errors import ClusterError
-
-    children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"],
-                                 start_new_session=bool(i % 2)) for i in range(args.children)]
-    steps = max(args.steps, 1)
-    reporter.start("sleep", total=steps, unit="steps", message=f"sleeping {args.seconds:g} s")
-    try:
-        for done in range(1, steps + 1):
-            time.sleep(args.seconds / steps)
-            reporter.progress(done, steps, message=f"slept {done}/{steps}")
-    finally:
-        for child in children:
-            child.kill()
-            child.wait()
-    if args.fail:
-        raise ClusterError("selftest-sleep failed on purpose (--fail)")
-    reporter.finish("slept")
     return 0

@@ -46,7 +46,8 @@ def _rules(**kinds: str) -> Mapping[str, ParamRule]:
 
 
 # stage name in the spec -> (rs-cluster sub-command, accepted parameters). The flags mirror the
-# sub-commands of issues 2-4; ``sleep`` is the self-test stage that only waits and reports.
+# sub-commands of issues 2-4. Test-only stages are not here: the tests' own entry point adds them
+# (tests/cluster_selftest.py), so no spec sent to a production rs-cluster can start one.
 STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
     "prepare": ("prepare", _rules(
         images=_PATH, masks=_PATH, output=_PATH, tile_size=_INT, stride=_INT, split=_SPLIT,
@@ -61,7 +62,6 @@ STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
         model=_PATH, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
         probabilities=_FLAG, polygons=_FLAG, master=_STR, fail_fast=_FLAG, overwrite=_FLAG)),
     "evaluate": ("evaluate", _rules(pred=_PATH, truth=_PATH, json=_PATH)),
-    "sleep": ("selftest-sleep", _rules(seconds=_FLOAT, steps=_INT, children=_INT, fail=_FLAG)),
 })
 
 # Parameters naming what a step produces; the job's status lists them as its results.

@@ -1,9 +1,10 @@
 """The U-Net of the original 2019 pipeline, its losses and metrics, and the tile input pipeline.
 
 The network takes tiles already scaled to [0, 1] (uint8 / 255, see ``INPUT_SCALE``) and returns a
-per-pixel building probability. It holds built-in Keras layers only, so a saved model loads with
-``tf.keras.models.load_model(path, compile=False)`` and no custom objects; the losses and metrics
-here are needed for training only.
+per-pixel building probability. It holds built-in Keras layers only, so a saved model loads
+without custom objects, and passes predict's check of what it loads (:mod:`rs_cluster.keras_file`:
+the ``.keras`` format, no Lambda layers, Keras's safe mode); the losses and metrics here are
+needed for training only.
 
 Importing this module imports TensorFlow: only training workers (and tests) import it.
 """

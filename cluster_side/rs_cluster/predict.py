@@ -13,7 +13,9 @@ into place when complete; the input is only ever opened read-only):
 
 * ``<stem>_mask.tif``: uint8, 255 building / 0 background, the source CRS and transform. Pixels
   that are no data in the input (alpha 0, nodata value, GDAL mask) are 0 and masked out by an
-  internal mask band, so QGIS shows them transparent.
+  internal mask band, so QGIS shows them transparent. Imagery that is not 8-bit is stretched to
+  0..255 first (:func:`rs_cluster.rasters.input_stretch`, as prepare does); the mask's
+  ``RS_INPUT_STRETCH`` tag and ``predict.json`` then say how.
 * ``<stem>_prob.tif`` (``probabilities``): float32 building probability, same grid and mask.
 * ``<stem>_buildings.gpkg`` (``polygons``): building polygons in the source CRS (see
   :mod:`rs_cluster.polygons`).
@@ -42,11 +44,13 @@ import numpy as np
 from rs_cluster import __version__
 from rs_cluster.atomic import write_json_atomic
 from rs_cluster.config import check_keys
+from rs_cluster.keras_file import check_model_file, confined_model_file
+from rs_cluster.keras_file import load_model as load_keras_model
 from rs_cluster.errors import (ClusterError, ConfigError, DiskFullError, InputError, OutputExistsError,
                                OutputWriteError, RasterReadError, RsClusterError, disk_full_error,
                                is_disk_full)
 from rs_cluster.progress import Reporter
-from rs_cluster.rasters import RASTER_SUFFIXES, _open, _short, list_rasters
+from rs_cluster.rasters import RASTER_SUFFIXES, _open, _short, input_stretch, list_rasters
 from rs_cluster.spark import Poller, resolve_master, spark_session
 from rs_cluster.windows import window_starts
 
@@ -113,9 +117,8 @@ class ModelCard:
                 raise ConfigError(f"{path}: {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
             return value
 
-        model_file = os.path.join(model_dir, need("model_file", str))
-        if not os.path.exists(model_file):
-            raise ConfigError(f"{model_file}: model file named in {path} not found")
+        model_file = confined_model_file(model_dir, need("model_file", str), path)
+        check_model_file(model_file)  # on the driver, before any executor loads it
         tile_size = need("tile_size", int)
         if tile_size < 8:
             raise ConfigError(f"{path}: tile_size {tile_size} is too small")
@@ -225,6 +228,7 @@ class RasterStats:
     building_pixels: int
     valid_pixels: int
     warnings: list[str] = field(default_factory=list)
+    input_stretch: dict[str, Any] | None = None
 
 
 def _band_indexes(src: Any, card: ModelCard, path: str) -> tuple[list[int], int | None]:
@@ -492,9 +496,9 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
 
     tile = card.tile_size
     notes: list[str] = []
-    if src.dtypes[0] != "uint8":
-        notes.append(f"{path}: pixels are {src.dtypes[0]}; the model was trained on 8-bit imagery, "
-                     "results may be poor")
+    stretch = input_stretch(src, path, bands)  # the same rule as prepare's tiles
+    if not stretch.identity:
+        notes.append(stretch.describe(path))
     georeferenced = _is_georeferenced(src)
     if not georeferenced:
         notes.append(f"{path}: has no georeferencing; its mask is on the same pixel grid, "
@@ -515,7 +519,7 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
 
     def read_strip(top: int) -> tuple[np.ndarray, np.ndarray | None]:
         pixels, valid = source.rows(top, min(top + tile, height))
-        x = pixels.transpose(1, 2, 0)
+        x = stretch.apply(pixels).transpose(1, 2, 0)
         if x.shape[0] < tile or x.shape[1] < vw:
             x = np.pad(x, ((0, tile - x.shape[0]), (0, vw - x.shape[1]), (0, 0)), mode="symmetric")
         return x, valid
@@ -526,6 +530,8 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
             if kind in outputs:
                 profile = _output_profile(src, "uint8" if kind == "mask" else "float32", georeferenced)
                 sinks[kind] = _GeoTiffSink(outputs[kind], profile, gcps, token)
+                if not stretch.identity:
+                    sinks[kind].dst.update_tags(RS_INPUT_STRETCH=json.dumps(stretch.to_dict()))
         writer = _RowWriter(sinks, threshold, with_valid)
         acc = np.zeros((tile, vw), dtype=np.float32)
         done = 0
@@ -573,7 +579,7 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
     return RasterStats(width=width, height=height, georeferenced=georeferenced,
                        crs=src.crs.to_string() if src.crs else "", windows=total,
                        building_pixels=writer.building, valid_pixels=writer.valid_pixels,
-                       warnings=notes)
+                       warnings=notes, input_stretch=stretch.to_dict())
 
 
 # -- executor side -------------------------------------------------------------------------------
@@ -614,7 +620,7 @@ def load_predict_fn(card: ModelCard, threads: int = 0) -> Callable[[np.ndarray],
         except RuntimeError:
             pass
     try:
-        model = tf.keras.models.load_model(card.model_file, compile=False)
+        model = load_keras_model(card.model_file)  # checked again: no Lambda layers, safe mode
     except Exception as e:
         raise ModelError(f"{card.model_file}: cannot load the Keras model ({_short(e)})") from None
     shape = [None, card.tile_size, card.tile_size, len(card.bands)]
@@ -728,7 +734,7 @@ def _list_inputs(path: str) -> list[str]:
     """Absolute paths of the input rasters: executors may run in another working folder."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
-        found = [str(p) for p in list_rasters(path)]
+        found = [str(p) for p in list_rasters(path, refuse_unknown=True)]
         if not found:
             raise InputError(f"{path}: no rasters found (looked for {', '.join(RASTER_SUFFIXES)})")
         return found

@@ -330,6 +330,9 @@ def run_prepare(cfg: PrepareConfig, *, reporter: Reporter | None = None, spark: 
             reporter.warning(f"skipped: {err}")
         if not infos:
             raise InputError(f"{cfg.images}: no usable image/mask pair")
+        for info in infos:
+            if not info.stretch.identity:  # the rule applied is said, and kept in dataset.json
+                reporter.warning(info.stretch.describe(info.pair.image))
 
         split_of = assign_splits([i.pair.raster_id for i in infos], cfg.split, cfg.seed)
         schema = tile_schema(cfg.tile_size)
@@ -340,9 +343,9 @@ def run_prepare(cfg: PrepareConfig, *, reporter: Reporter | None = None, spark: 
             infos = [i for i in infos if i.pair.raster_id not in skipped]
             meta = _dataset_meta(cfg, stride, infos, split_of, stats, bad)
             storage.write_json(storage.join(staging, DATASET_JSON), meta)
-            if storage.exists(output_url):
-                storage.delete_dir(output_url)  # only reached with --overwrite (checked above)
-            storage.move(staging, output_url)
+            # An existing dataset (only with --overwrite, checked above) goes only once the new
+            # one is in place: a run killed or failing here leaves one whole dataset, never none.
+            storage.replace_dir(staging, output_url)
         except BaseException:
             storage.delete_dir(staging)
             raise
@@ -447,6 +450,7 @@ def _dataset_meta(cfg: PrepareConfig, stride: int, infos: list[PairInfo], split_
         "transform": list(i.transform),
         "split": split_of[i.pair.raster_id],
         "tiles": stats.get(i.pair.raster_id, (0, 0))[0],
+        "input_stretch": i.stretch.to_dict(),
     } for i in sorted(infos, key=lambda i: i.pair.raster_id)]
     return {
         "format": DATASET_FORMAT,

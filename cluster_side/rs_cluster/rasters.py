@@ -1,8 +1,12 @@
 """Finding, pairing and checking image/mask rasters, and reading their windows.
 
-Any raster GDAL reads is accepted (GeoTIFF, TIFF, PNG, ...). Imagery must be 8-bit with 3 (RGB) or
-4 (RGBA) bands; masks 1 band, or 3 identical bands (RGB masks as some datasets ship them). A
-building is any non-zero mask value. Files are only ever opened read-only.
+An input folder holds rasters in the formats of :mod:`rs_cluster.formats` (the list the plugin
+uses too) and their sidecars; any other file there is refused by name. Imagery has 3 (RGB) or 4
+(RGBA) bands; masks 1 band, or 3 identical bands (RGB masks as some datasets ship them). A building
+is any non-zero mask value. Files are only ever opened read-only.
+
+Imagery that is not 8-bit becomes the model's 0..255 by one rule, :func:`input_stretch`, which
+prepare's tiles and predict's windows both use: per band, linearly from its 2nd..98th percentile.
 """
 
 from __future__ import annotations
@@ -10,14 +14,93 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from rs_cluster.errors import InputError, RasterReadError
+from rs_cluster.formats import RASTER_SUFFIXES, SIDECAR_SUFFIXES, is_raster, is_sidecar
 from rs_cluster.windows import Window, window_rows
 
-RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt")
+STRETCH_PERCENTILES = (2.0, 98.0)
+# Long side, in pixels, of the decimated read the percentiles come from (GDAL serves it from the
+# overviews where the raster has them): a few hundred thousand pixels per band are plenty.
+STRETCH_SAMPLE_PX = 1024
+
+
+@dataclass(frozen=True)
+class InputStretch:
+    """How one raster's pixels become the 0..255 the model is trained and run on.
+
+    uint8 imagery is taken as it is (no ``low``/``high``). Any other real type is mapped per band,
+    linearly, from ``low`` (its 2nd percentile) to 0 and ``high`` (its 98th) to 255, clipped. The
+    percentiles are taken once per raster, so every tile and window of it gets the same map, and
+    a linear rescale of the imagery (x * 257, reflectance 0..1) gives the same model input.
+    """
+
+    dtype: str
+    low: tuple[float, ...] = ()
+    high: tuple[float, ...] = ()
+
+    @property
+    def identity(self) -> bool:
+        return not self.low
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """(bands, rows, cols) in the raster's type -> uint8."""
+        if self.identity:
+            return pixels
+        low = np.asarray(self.low, dtype=np.float64)
+        scale = 255.0 / (np.asarray(self.high, dtype=np.float64) - low)
+        x = pixels.astype(np.float32)
+        x -= low.astype(np.float32)[:, None, None]
+        x *= scale.astype(np.float32)[:, None, None]
+        np.nan_to_num(x, copy=False, nan=0.0)
+        np.clip(x, 0.0, 255.0, out=x)
+        return np.rint(x, out=x).astype(np.uint8)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.identity:
+            return {"method": "none", "dtype": self.dtype}
+        return {"method": "percentile_stretch", "dtype": self.dtype,
+                "percentiles": list(STRETCH_PERCENTILES), "low": list(self.low),
+                "high": list(self.high), "to": [0, 255]}
+
+    def describe(self, path: str) -> str:
+        bands = ", ".join(f"band {i} {lo:.6g}..{hi:.6g}"
+                          for i, (lo, hi) in enumerate(zip(self.low, self.high), start=1))
+        return (f"{path}: pixels are {self.dtype}, not 8-bit; each band is stretched linearly from "
+                f"its {STRETCH_PERCENTILES[0]:g}-{STRETCH_PERCENTILES[1]:g} % percentiles to "
+                f"0..255 ({bands})")
+
+
+def input_stretch(src: Any, path: str, bands: Iterable[int]) -> InputStretch:
+    """The stretch of an open raster's ``bands``; raises InputError for types it cannot map."""
+    from rasterio.enums import Resampling
+
+    bands = list(bands)
+    dtype = str(np.result_type(*[src.dtypes[b - 1] for b in bands]))
+    if dtype == "uint8":
+        return InputStretch(dtype)
+    if np.dtype(dtype).kind not in "uif":
+        raise InputError(f"{path}: pixels are {dtype}; imagery must be real numbers (8-bit, or "
+                         "16-bit/32-bit/float, which are stretched to 8-bit); convert it first")
+    factor = max(src.width, src.height) / STRETCH_SAMPLE_PX
+    shape = (len(bands), src.height, src.width) if factor <= 1 else (
+        len(bands), max(1, round(src.height / factor)), max(1, round(src.width / factor)))
+    try:
+        sample = src.read(bands, out_shape=shape, masked=True, resampling=Resampling.nearest)
+    except Exception as e:  # rasterio raises several types for undecodable data
+        raise RasterReadError(f"{path}: corrupt or truncated raster; cannot read it to find its "
+                              f"value range ({_short(e)})") from e
+    low, high = [], []
+    for band in sample:
+        values = np.ma.compressed(band).astype(np.float64)
+        values = values[np.isfinite(values)]
+        lo, hi = (np.percentile(values, STRETCH_PERCENTILES) if values.size else (0.0, 1.0))
+        low.append(float(lo))
+        high.append(float(hi) if hi > lo else float(lo) + 1.0)  # a flat band maps to 0
+    return InputStretch(dtype, tuple(low), tuple(high))
 
 
 @dataclass(frozen=True)
@@ -38,14 +121,30 @@ class PairInfo:
     mask_bands: int
     crs_wkt: str
     transform: tuple[float, float, float, float, float, float]
+    stretch: InputStretch = InputStretch("uint8")
 
 
-def list_rasters(folder: str | os.PathLike[str]) -> list[Path]:
+def list_rasters(folder: str | os.PathLike[str], *, refuse_unknown: bool = False) -> list[Path]:
+    """The rasters in ``folder`` (hidden files aside), sidecars left out.
+
+    With ``refuse_unknown`` (input folders) any other file raises InputError naming it: a raster
+    in a format the list lacks would otherwise be left out of the job without a word.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder (expected a folder of rasters)")
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES and not p.name.startswith("."))
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        if is_raster(p.name):
+            found.append(p)
+        elif refuse_unknown and not is_sidecar(p.name):
+            raise InputError(f"{p}: not a raster format rs-cluster reads "
+                             f"({', '.join(RASTER_SUFFIXES)}) nor a sidecar of one "
+                             f"({', '.join(SIDECAR_SUFFIXES)}); convert it to GeoTIFF or move it "
+                             "out of the folder")
+    return found
 
 
 def pair_rasters(images_dir: str | os.PathLike[str], masks_dir: str | os.PathLike[str]
@@ -54,10 +153,10 @@ def pair_rasters(images_dir: str | os.PathLike[str], masks_dir: str | os.PathLik
 
     Returns the pairs and an error for every image without a mask; raises when there is no image.
     """
-    images = list_rasters(images_dir)
+    images = list_rasters(images_dir, refuse_unknown=True)
     if not images:
         raise InputError(f"{images_dir}: no rasters found (looked for {', '.join(RASTER_SUFFIXES)})")
-    masks = list_rasters(masks_dir)
+    masks = list_rasters(masks_dir, refuse_unknown=True)
     by_name = {p.name: p for p in masks}
     by_stem: dict[str, list[Path]] = {}
     for p in masks:
@@ -98,8 +197,7 @@ def inspect_pair(pair: RasterPair) -> PairInfo:
         if img.count not in (3, 4):
             raise InputError(f"{pair.image}: has {img.count} band(s); imagery must be RGB (3 bands) "
                              "or RGBA (4 bands)")
-        if img.dtypes[0] != "uint8":
-            raise InputError(f"{pair.image}: pixels are {img.dtypes[0]}; 8-bit (uint8) imagery expected")
+        stretch = input_stretch(img, pair.image, (1, 2, 3))
         width, height = img.width, img.height
         crs_wkt = img.crs.to_wkt() if img.crs else ""
         transform = tuple(img.transform)[:6]
@@ -113,7 +211,8 @@ def inspect_pair(pair: RasterPair) -> PairInfo:
                              f"{os.path.basename(pair.image)} is {width}x{height} px")
         mask_bands = msk.count
     return PairInfo(pair=pair, width=width, height=height, image_bands=image_bands,
-                    mask_bands=mask_bands, crs_wkt=crs_wkt, transform=transform)  # type: ignore[arg-type]
+                    mask_bands=mask_bands, crs_wkt=crs_wkt, transform=transform,  # type: ignore[arg-type]
+                    stretch=stretch)
 
 
 def read_tiles(info: PairInfo, windows: Iterable[Window]) -> Iterator[tuple[Window, np.ndarray, np.ndarray]]:
@@ -129,7 +228,7 @@ def read_tiles(info: PairInfo, windows: Iterable[Window]) -> Iterator[tuple[Wind
             top = strip_windows[0].row_off
             bottom = max(w.row_stop for w in strip_windows)
             strip = RioWindow(0, top, info.width, bottom - top)
-            image = _read(img, info.pair.image, strip, (1, 2, 3)).transpose(1, 2, 0)
+            image = info.stretch.apply(_read(img, info.pair.image, strip, (1, 2, 3))).transpose(1, 2, 0)
             mask = _read(msk, info.pair.mask, strip, None)
             if mask.shape[0] == 3 and not (np.array_equal(mask[0], mask[1])
                                            and np.array_equal(mask[0], mask[2])):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from rs_cluster import __version__
-from rs_cluster.atomic import write_json_atomic, write_text_atomic
+from rs_cluster.atomic import replace_dir, write_json_atomic, write_text_atomic
 from rs_cluster.dataset import DatasetInfo, load_dataset
 from rs_cluster.config import check_keys
 from rs_cluster.errors import ClusterError, ConfigError, InputError, OutputExistsError
@@ -430,16 +430,10 @@ def _read_state(work: Path) -> dict[str, Any] | None:
 
 def _commit(staged: Path, final: Path, overwrite: bool) -> None:
     """Renames the staged model folder into place, replacing an old one only when allowed."""
-    old = None
-    if final.exists():
-        if any(final.iterdir()) and not overwrite:
-            raise OutputExistsError(f"{final}: appeared while this run was training; left it untouched "
-                                    f"(the new model is in {staged})")
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(staged, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{final}: appeared while this run was training; left it untouched "
+                                f"(the new model is in {staged})")
+    replace_dir(staged, final)  # the old model goes only once the new one is in place, flushed
 
 
 def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state: dict[str, Any],

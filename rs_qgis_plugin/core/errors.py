@@ -74,3 +74,9 @@ class ChecksumMismatchError(TransferError):
 
 class CancelledError(RsPluginError):
     """The user cancelled the operation."""
+
+
+class UnsafeRemoteNameError(ProtocolError):
+    """A file name or link the cluster sent back would land outside the local results folder, or
+    cannot be held safely on this computer (a Windows device name, say): refused, and nothing of
+    that download was written."""

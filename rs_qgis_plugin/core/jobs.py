@@ -18,9 +18,16 @@ from rs_qgis_plugin.core.commands import job_argv, rs_cluster_argv
 from rs_qgis_plugin.core.errors import (
     CancelledError,
     ProtocolError,
+    SpecError,
     TransferError,
+    UnsafeRemoteNameError,
 )
-from rs_qgis_plugin.core.jobspec import JobSpec, check_relative_path
+from rs_qgis_plugin.core.jobspec import (
+    JobSpec,
+    check_relative_path,
+    job_id_problem,
+    relative_path_problem,
+)
 from rs_qgis_plugin.core.protocol import (
     JobStatus,
     ProgressEvent,
@@ -28,7 +35,13 @@ from rs_qgis_plugin.core.protocol import (
     parse_status,
 )
 from rs_qgis_plugin.core.ssh import CancelFlag, SshClient
-from rs_qgis_plugin.core.transfer import ProgressCallback, TransferResult, Transfers
+from rs_qgis_plugin.core.transfer import (
+    PRIVATE_FILE_MODE,
+    ProgressCallback,
+    TransferResult,
+    Transfers,
+    local_path_under,
+)
 
 
 def _json(text: str, what: str) -> Any:
@@ -45,6 +58,9 @@ class RemoteJobs:
         self.transfers = transfers or Transfers(client)
 
     def job_dir(self, job_id: str) -> str:
+        problem = job_id_problem(job_id)
+        if problem is not None:
+            raise SpecError(f"job id {job_id!r} {problem}")
         return posixpath.join(self.profile.workspace_path, "jobs", job_id)
 
     def env(self) -> dict[str, Any]:
@@ -95,13 +111,15 @@ class RemoteJobs:
         sftp = self.client.sftp()
         tmp = posixpath.join(job_dir, ".job.json.tmp")
         with sftp.open(tmp, "wb") as f:
+            f.chmod(PRIVATE_FILE_MODE)  # before the spec is in it: it names the analyst's data
             f.write(spec.to_json().encode("utf-8"))
         sftp.posix_rename(tmp, posixpath.join(job_dir, "job.json"))
         result = self.client.run(job_argv(self.profile, "submit", job_dir), timeout=120)
-        return parse_status(result.stdout)
+        return parse_status(result.stdout, expect_job_id=spec.job_id)
 
     def status(self, job_id: str) -> JobStatus:
-        return parse_status(self.client.run(job_argv(self.profile, "status", job_id)).stdout)
+        return parse_status(self.client.run(job_argv(self.profile, "status", job_id)).stdout,
+                            expect_job_id=job_id)
 
     def events(self, job_id: str, since: int = 0) -> tuple[list[ProgressEvent], int]:
         """Events from number ``since`` on, and the number to pass next time."""
@@ -110,12 +128,22 @@ class RemoteJobs:
         return events, since + len(events)
 
     def cancel(self, job_id: str) -> JobStatus:
-        return parse_status(self.client.run(job_argv(self.profile, "cancel", job_id)).stdout)
+        return parse_status(self.client.run(job_argv(self.profile, "cancel", job_id)).stdout,
+                            expect_job_id=job_id)
 
     def list(self) -> list[dict[str, Any]]:
         data = _json(self.client.run(job_argv(self.profile, "list")).stdout, "rs-cluster job list")
         if not isinstance(data, list):
             raise ProtocolError(f"rs-cluster job list answered {str(data)[:200]}")
+        for i, job in enumerate(data):
+            # the ids name local folders and records once the plugin adopts a listed job
+            job_id = job.get("job_id") if isinstance(job, dict) else None
+            if not isinstance(job_id, str):
+                raise ProtocolError(f"rs-cluster job list entry {i} has no job_id text: "
+                                    f"{str(job)[:200]}")
+            problem = job_id_problem(job_id)
+            if problem is not None:
+                raise ProtocolError(f"rs-cluster job list entry {i}: job id {job_id!r} {problem}")
         return data
 
     def clean(self, job_id: str) -> None:
@@ -155,19 +183,26 @@ class RemoteJobs:
                       progress: ProgressCallback | None = None,
                       cancel: CancelFlag | None = None) -> list[Path]:
         """Downloads the job's results (``status.results``, or ``paths`` relative to the job
-        folder) into ``local_dir``, keeping their relative paths."""
+        folder) into ``local_dir``, keeping their relative paths.
+
+        Every remote name is checked (and links refused) before the first byte is fetched, so a
+        hostile name raises :class:`UnsafeRemoteNameError` with nothing written; every local
+        path is confined to ``local_dir``."""
         job_dir = self.job_dir(job_id)
         wanted = list(paths) if paths is not None else list(self.status(job_id).results)
-        files: list[tuple[str, str, int]] = []
+        files: list[tuple[str, Path, int]] = []
         for rel in wanted:
+            problem = relative_path_problem(rel)
+            if problem is not None:
+                raise UnsafeRemoteNameError(f"result {rel!r} of job {job_id} {problem}")
             rel = check_relative_path(rel, "result")
-            for remote, size in self.transfers.walk_remote(posixpath.join(job_dir, rel)):
-                files.append((remote, posixpath.relpath(remote, job_dir), size))
+            for remote, size in self.transfers.walk_remote(posixpath.join(job_dir, rel),
+                                                           root=job_dir):
+                target = local_path_under(local_dir, posixpath.relpath(remote, job_dir))
+                files.append((remote, target, size))
         total = sum(size for _, _, size in files)
         fetched, done_before = [], 0
-        for remote, rel, size in files:
-            target = Path(local_dir, *rel.split("/"))
-
+        for remote, target, size in files:
             def each(done: int, _size: int, percent: float, _base: int = done_before) -> None:
                 if progress:
                     all_done = _base + done

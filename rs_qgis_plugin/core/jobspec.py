@@ -7,8 +7,10 @@ lets the GUI refuse a bad value before anything is uploaded. A contract test kee
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -32,7 +34,6 @@ STAGE_PARAMS: dict[str, dict[str, str]] = {
                 "batch_size": "int", "threshold": "float", "probabilities": "flag",
                 "polygons": "flag", "master": "str", "fail_fast": "flag", "overwrite": "flag"},
     "evaluate": {"pred": "path", "truth": "path", "json": "path"},
-    "sleep": {"seconds": "float", "steps": "int", "children": "int", "fail": "flag"},
 }
 OUTPUT_PARAMS = ("json", "model_dir", "output")
 
@@ -49,6 +50,57 @@ def check_relative_path(value: str, what: str = "path") -> str:
     if ".." in path.parts:
         raise SpecError(f"{what} {value!r} leaves the job folder")
     return str(path)
+
+
+# -- names that come back from the cluster ----------------------------------------------------------
+# Stricter than check_relative_path: these become local files on the analyst's computer, which may
+# run Windows, so a name must be one plain component there too.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the cluster's rule
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                           "\u2066\u2067\u2068\u2069")
+_WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                              *(f"{port}{n}" for port in ("COM", "LPT")
+                                for n in (*"123456789", "\u00b9", "\u00b2", "\u00b3"))})
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name``, one component of a path sent by the cluster, cannot safely become a local
+    file or folder name (on Linux, macOS or Windows); ``None`` when it can."""
+    if name in ("", ".", ".."):
+        return "is not a file name (empty, '.' or '..')"
+    for char in name:
+        if char in "/\\":
+            return f"holds a folder separator {char!r}"
+        if char == ":":
+            return "holds a ':' (a drive or stream on Windows)"
+        if unicodedata.category(char) == "Cc":
+            return f"holds the control character U+{ord(char):04X}"
+        if char in _BIDI_CONTROLS:
+            return f"holds the text direction control U+{ord(char):04X}, which disguises names"
+    if name[-1] in ". ":
+        return "ends with a dot or a space, which Windows drops"
+    if name.split(".", 1)[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+        return "is a device name on Windows"
+    return None
+
+
+def relative_path_problem(value: str) -> str | None:
+    """Why ``value``, a '/'-separated path relative to the job folder sent by the cluster, cannot
+    safely become a local path under the results folder; ``None`` when it can."""
+    if value.startswith("/"):
+        return "is not relative to the job folder"
+    for part in value.split("/"):
+        problem = name_problem(part)
+        if problem is not None:
+            return problem if part == value else f"has a part {part!r} that {problem}"
+    return None
+
+
+def job_id_problem(value: str) -> str | None:
+    """Why ``value`` is not a job id (it names local folders too); ``None`` when it is."""
+    if not JOB_ID_PATTERN.fullmatch(value):
+        return "is not a job id (1-64 letters, digits, '.', '_' or '-')"
+    return name_problem(value)
 
 
 @dataclass(frozen=True)

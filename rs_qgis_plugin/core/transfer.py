@@ -41,7 +41,9 @@ from rs_qgis_plugin.core.errors import (
     RemoteCommandError,
     RsPluginError,
     TransferError,
+    UnsafeRemoteNameError,
 )
+from rs_qgis_plugin.core.jobspec import name_problem, relative_path_problem
 from rs_qgis_plugin.core.ssh import CancelFlag, SshClient
 
 ProgressCallback = Callable[[int, int, float], None]
@@ -57,6 +59,9 @@ MAX_PENDING_WRITES = 256
 # The integer type paramiko packs as 64 bits: sftp.int64 in 3.x, py3compat.long in 2.x.
 _INT64 = getattr(paramiko.sftp, "int64", None) or importlib.import_module("paramiko.py3compat").long
 _PROGRESS_EVERY = 1 << 20
+# What the plugin creates on the cluster is the analyst's alone (see Transfers.makedirs).
+PRIVATE_FOLDER_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,33 @@ class _PipelinedWriter:
             raise TransferError(f"the SFTP server answered a write with message type {kind}")
 
 
+def _link_error(shown: str, root: str | None) -> UnsafeRemoteNameError:
+    where = f" in {root}" if root else ""
+    return UnsafeRemoteNameError(
+        f"{shown}{where} on the cluster is a symbolic link; links in results are not followed, "
+        "since one may point at any file of yours there (your SSH keys, say); nothing of this "
+        "result was downloaded")
+
+
+def local_path_under(folder: str | os.PathLike[str], rel: str, what: str = "result") -> Path:
+    """``folder/rel`` for a '/'-separated ``rel`` sent by the cluster, once every part of it is a
+    plain name on this system and the path, links resolved, lies inside ``folder``.
+
+    Returns the path unresolved (so callers can take it ``relative_to(folder)``)."""
+    problem = relative_path_problem(rel)
+    if problem is not None:
+        raise UnsafeRemoteNameError(f"{what} {rel!r} from the cluster {problem}; not downloaded")
+    base = Path(folder)
+    target = base.joinpath(*rel.split("/"))
+    # Pure name checks cannot see a link already on this computer, nor a rule of this system
+    # they do not know; resolving both ends does.
+    resolved_base, resolved = base.resolve(), target.resolve()
+    if resolved == resolved_base or resolved_base not in resolved.parents:
+        raise UnsafeRemoteNameError(f"{what} {rel!r} from the cluster would be written to "
+                                    f"{resolved}, outside {resolved_base}; not downloaded")
+    return target
+
+
 class Transfers:
     """Uploads and downloads through one :class:`SshClient`, reconnecting up to ``retries`` times
     when the connection drops."""
@@ -213,7 +245,11 @@ class Transfers:
             raise
 
     def makedirs(self, path: str) -> None:
-        """``mkdir -p`` over SFTP; one round trip when the folder already exists."""
+        """``mkdir -p`` over SFTP; one round trip when the folder already exists.
+
+        Folders it creates are 0700 (the server's umask can only take bits away): a login node
+        has other users, and the workspace holds the analyst's imagery, models and results.
+        Folders that exist already keep their mode."""
         if path in ("", ".", "/"):
             return
         sftp = self.client.sftp()
@@ -224,7 +260,7 @@ class Transfers:
                 raise
             self.makedirs(posixpath.dirname(path.rstrip("/")))
             try:
-                sftp.mkdir(path)
+                sftp.mkdir(path, mode=PRIVATE_FOLDER_MODE)
             except OSError:
                 if not stat.S_ISDIR(sftp.stat(path).st_mode or 0):  # made meanwhile is fine
                     raise
@@ -232,19 +268,65 @@ class Transfers:
         if not stat.S_ISDIR(attrs.st_mode or 0):
             raise TransferError(f"{path} exists on the cluster and is not a folder")
 
-    def walk_remote(self, path: str) -> Iterator[tuple[str, int]]:
-        """(path, size) of every file under a remote folder (or the file itself)."""
+    def walk_remote(self, path: str, *, root: str | None = None) -> Iterator[tuple[str, int]]:
+        """(path, size) of every file under a remote folder (or the file itself).
+
+        Everything listed is checked before it is yielded, since these names become local paths:
+        a name that is not one plain component on every system (see
+        :func:`~rs_qgis_plugin.core.jobspec.name_problem`) and any symbolic link raise
+        :class:`UnsafeRemoteNameError` naming the entry. Links are refused rather than skipped:
+        rs-cluster never writes one into its results, so one there means something else put it
+        there, and a silently missing result would look like a cluster bug. With ``root``, the
+        folders from ``root`` down to ``path`` must not be links either.
+        """
         sftp = self.client.sftp()
-        attrs = sftp.stat(path)
+        if root is not None:
+            root = root.rstrip("/") or "/"
+            rel = posixpath.relpath(path, root)
+            if rel == ".." or rel.startswith("../") or posixpath.isabs(rel):
+                raise UnsafeRemoteNameError(f"{path} is not inside {root} on the cluster")
+            parts = [] if rel == "." else rel.split("/")
+            for i in range(1, len(parts)):  # the last one is checked below
+                self._refuse_link(sftp, posixpath.join(root, *parts[:i]), "/".join(parts[:i]),
+                                  root)
+        shown = path if root is None else posixpath.relpath(path, root)
+        attrs = sftp.lstat(path)
+        if stat.S_ISLNK(attrs.st_mode or 0):
+            raise _link_error(shown, root)
         if not stat.S_ISDIR(attrs.st_mode or 0):
             yield path, attrs.st_size or 0
             return
-        for entry in sorted(sftp.listdir_attr(path), key=lambda a: a.filename):
-            child = posixpath.join(path, entry.filename)
-            if stat.S_ISDIR(entry.st_mode or 0):
-                yield from self.walk_remote(child)
-            elif stat.S_ISREG(entry.st_mode or 0) and not entry.filename.endswith(PART_SUFFIX):
+        yield from self._walk_folder(sftp, path, shown, root)
+
+    def _walk_folder(self, sftp: paramiko.SFTPClient, path: str, shown: str,
+                     root: str | None) -> Iterator[tuple[str, int]]:
+        try:
+            entries = sftp.listdir_attr(path)
+        except UnicodeDecodeError as e:
+            raise UnsafeRemoteNameError(
+                f"{shown} on the cluster holds a file whose name is not UTF-8 "
+                f"({e.object[max(0, e.start - 20):e.end + 20]!r}); rename it there") from None
+        for entry in sorted(entries, key=lambda a: a.filename):
+            name = entry.filename
+            problem = name_problem(name)
+            if problem is not None:
+                raise UnsafeRemoteNameError(
+                    f"{shown} on the cluster holds a file or folder named {name!r} that "
+                    f"{problem}; it is not downloaded (nor anything else of this result): "
+                    "rename it there")
+            child, child_shown = posixpath.join(path, name), posixpath.join(shown, name)
+            mode = entry.st_mode or 0
+            if stat.S_ISLNK(mode):
+                raise _link_error(child_shown, root)
+            if stat.S_ISDIR(mode):
+                yield from self._walk_folder(sftp, child, child_shown, root)
+            elif stat.S_ISREG(mode) and not name.endswith(PART_SUFFIX):
                 yield child, entry.st_size or 0
+
+    @staticmethod
+    def _refuse_link(sftp: paramiko.SFTPClient, path: str, shown: str, root: str) -> None:
+        if stat.S_ISLNK(sftp.lstat(path).st_mode or 0):
+            raise _link_error(shown, root)
 
     # -- retry loop -------------------------------------------------------------------------------
     def _with_retries(self, what: str, attempt: Callable[[int], TransferResult]) -> TransferResult:
@@ -307,6 +389,9 @@ class Transfers:
             sent_before = sent
             with sftp.open(part, "r+b" if offset else "wb", bufsize=0) as dst, \
                     open(local, "rb") as src:
+                # Before the first byte: SFTP creates the file with the server's umask (often
+                # 0644), and a partial file resumed now may come from an older plugin.
+                dst.chmod(PRIVATE_FILE_MODE)
                 follow_command = build_remote_command(
                     follow_sha256_argv(part, size, python=self.remote_python))
                 follower = self.client.start_command_line(follow_command)

@@ -27,7 +27,7 @@ from rs_cluster import jobs
 from rs_cluster.errors import DiskFullError
 from rs_cluster.predict import _GeoTiffSink
 from rs_cluster.progress import parse_event
-from tests import devdata
+from tests import cluster_selftest, devdata
 from tests.cluster_side.test_predict import build_channel_model
 from tests.procs import wait_for
 
@@ -139,15 +139,16 @@ def test_a_job_that_fills_the_disk_fails_clearly_and_leaves_earlier_results_inta
     assert devdata.tree_digest(fits) == before
 
 
-def test_a_job_ends_failed_when_something_else_fills_its_disk(small_disk, tmp_path):
+def test_a_job_ends_failed_when_something_else_fills_its_disk(small_disk, tmp_path, monkeypatch):
     """The disk fills while a step runs: the step's events, the runner's status updates and events
     all find it full, and the job must still end ``failed`` with the reason, not stay ``running``."""
+    entry = cluster_selftest.install(monkeypatch)  # the sleep stage is test-only
     disk = small_disk(1024 * 1024)
     spec = tmp_path / "sleeper.json"
     spec.write_text(json.dumps({"schema_version": 1, "job_id": "sleeper", "steps": [
         {"stage": "sleep", "params": {"seconds": 60, "steps": 600}}]}))
     workspace = jobs.Workspace(disk)
-    jobs.submit(workspace, spec)
+    jobs.submit(workspace, spec, entry_module=entry)
     job_dir = workspace.job_dir("sleeper")
     wait_for(lambda: jobs.read_status(job_dir)["message"] not in
              ("queued", "started", "sleep started"), 60, "the sleep step to report progress")
@@ -167,7 +168,7 @@ def test_a_job_ends_failed_when_something_else_fills_its_disk(small_disk, tmp_pa
     events = [parse_event(line) for line in jobs.read_events(job_dir)[0]]
     assert (events[-1]["stage"], events[-1]["event"], events[-1]["state"]) == ("job", "finish", "failed")
     assert sorted(p.name for p in job_dir.iterdir()) == [
-        "events.jsonl", "inputs", "job.json", "log.txt", "outputs", "status.json"]
+        ".status.lock", "events.jsonl", "inputs", "job.json", "log.txt", "outputs", "status.json"]
 
 
 def test_a_geotiff_the_disk_cannot_finish_is_never_renamed_into_place(small_disk):

@@ -1,6 +1,7 @@
 """Jobs on the cluster side: spec validation, the detached runner, status, events, cancel.
 
-Jobs run the real ``rs-cluster`` runner and the ``selftest-sleep`` stage in real processes.
+Jobs run the real ``rs-cluster`` runner and the test-only ``sleep`` stage in real processes,
+through the tests' entry point (tests/cluster_selftest.py).
 """
 
 from __future__ import annotations
@@ -18,19 +19,24 @@ import pytest
 from rs_cluster.errors import ConfigError
 from rs_cluster.jobspec import STAGES, parse_job_spec, resolve_in_job, step_argv
 
+from tests import cluster_selftest
 from tests.procs import job_pids, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "cluster_side")}
-    proc = subprocess.run([sys.executable, "-m", "rs_cluster", "--quiet", *args[:2],
+    """``rs-cluster`` with the sleep stage (the tests' entry point)."""
+    env = {**os.environ, "PYTHONPATH": cluster_selftest.pythonpath()}
+    proc = subprocess.run([sys.executable, "-m", cluster_selftest.ENTRY_MODULE, "--quiet", *args[:2],
                            "--workspace", str(workspace), *args[2:]],
                           capture_output=True, text=True, env=env, timeout=60)
     if check and proc.returncode != 0:
         raise AssertionError(f"rs-cluster {args} failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+ENDED = ("succeeded", "failed", "cancelled")
 
 
 def sleep_spec(job_id: str, **params: object) -> dict:
@@ -62,7 +68,7 @@ def status_of(workspace: Path, job_id: str) -> dict:
     ({"steps": [{"stage": "prepare", "params": {"exec": "x"}}]}, "unknown parameter"),
     ({"steps": [{"stage": "prepare", "params": {"tile_size": "128; rm -rf /"}}]}, "integer"),
     ({"steps": [{"stage": "prepare", "params": {"master": "--conf=x"}}]}, "must not start with '-'"),
-    ({"steps": [{"stage": "sleep", "params": {"fail": "yes"}}]}, "true or false"),
+    ({"steps": [{"stage": "prepare", "params": {"overwrite": "yes"}}]}, "true or false"),
 ])
 def test_bad_specs_are_refused_naming_the_problem(tmp_path, change, message):
     spec = {**sleep_spec("bad"), **change}
@@ -102,6 +108,25 @@ def test_every_whitelisted_parameter_is_an_option_of_its_stage_command():
     for stage, (command, rules) in STAGES.items():
         options = {o for a in commands[command]._actions for o in a.option_strings}
         assert {r.option for r in rules.values()} <= options, stage
+
+
+def test_production_rs_cluster_has_no_test_stage(tmp_path):
+    """The sleep self-test stage (it starts processes on request) exists only in the tests' entry
+    point: the production whitelist and CLI refuse it."""
+    assert "sleep" not in STAGES
+    with pytest.raises(ConfigError, match=r"steps\[0\]\.stage 'sleep' is not one of prepare, "
+                                          "train, predict, evaluate"):
+        parse_job_spec(sleep_spec("s1"))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "cluster_side")}
+    spec = write_spec(tmp_path, sleep_spec("s1"))
+    proc = subprocess.run([sys.executable, "-m", "rs_cluster", "job", "submit", "--workspace",
+                           str(tmp_path / "ws"), str(spec)], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 2 and "stage 'sleep' is not one of" in proc.stderr
+    assert not (tmp_path / "ws" / "jobs" / "s1").exists()
+    proc = subprocess.run([sys.executable, "-m", "rs_cluster", "selftest-sleep"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "invalid choice: 'selftest-sleep'" in proc.stderr
 
 
 def test_submit_refuses_an_unknown_schema_version(tmp_path):
@@ -207,3 +232,136 @@ def test_env_reports_versions_as_json():
     assert info["python"] == ".".join(map(str, sys.version_info[:3]))
     assert {"rs_cluster", "spark", "horovod", "tensorflow", "gpus"} <= set(info)
     assert isinstance(info["gpus"], list)
+
+
+# -- privacy --------------------------------------------------------------------------------------
+
+def modes(root: Path) -> dict[str, int]:
+    """Permission bits of ``root`` and everything under it, by path relative to ``root``."""
+    found = {".": root.stat().st_mode & 0o777}
+    for path in root.rglob("*"):
+        found[str(path.relative_to(root))] = path.lstat().st_mode & 0o777
+    return found
+
+
+def test_the_workspace_and_everything_a_job_writes_are_private_under_umask_022(tmp_path):
+    """On a login node with the usual umask 022, no other user may read another's imagery,
+    models or results: folders are 0700, files 0600."""
+    ws = tmp_path / "ws"
+    spec = write_spec(tmp_path, sleep_spec("priv1", seconds=0.2, steps=2, output="outputs/result.txt"))
+    env = {**os.environ, "PYTHONPATH": cluster_selftest.pythonpath()}
+    subprocess.run([sys.executable, "-m", cluster_selftest.ENTRY_MODULE, "--quiet", "job", "submit",
+                    "--workspace", str(ws), str(spec)], check=True, env=env, umask=0o022,
+                   capture_output=True, timeout=60)
+    wait_for(lambda: status_of(ws, "priv1")["state"] == "succeeded")
+    found = modes(ws)
+    job = "jobs/priv1"
+    assert {f"{job}/status.json", f"{job}/job.json", f"{job}/events.jsonl", f"{job}/log.txt",
+            f"{job}/outputs/result.txt"} <= set(found)
+    folders = {p for p in found if (ws / p).is_dir()}
+    assert {".", "jobs", job, f"{job}/inputs", f"{job}/outputs"} <= folders
+    assert {p: m for p, m in found.items() if p in folders and m != 0o700} == {}
+    assert {p: m for p, m in found.items() if p not in folders and m != 0o600} == {}
+
+
+def test_an_existing_workspace_open_to_others_is_tightened_on_first_use(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "jobs" / "old-job").mkdir(parents=True)
+    for folder in (ws, ws / "jobs", ws / "jobs" / "old-job"):
+        folder.chmod(0o755)
+    cli(ws, "job", "list")
+    assert (ws.stat().st_mode & 0o777, (ws / "jobs").stat().st_mode & 0o777) == (0o700, 0o700)
+
+
+# -- cleaning -------------------------------------------------------------------------------------
+
+def backdate(ws: Path, job_id: str, days: float) -> None:
+    """Makes a finished job look ``days`` older, as if it had ended that long ago."""
+    from datetime import datetime, timedelta, timezone
+
+    path = ws / "jobs" / job_id / "status.json"
+    status = json.loads(path.read_text())
+    when = datetime.now(timezone.utc) - timedelta(days=days)
+    status.update(finished=when.isoformat(), submitted=when.isoformat())
+    path.write_text(json.dumps(status))
+
+
+def test_clean_older_than_removes_only_jobs_that_ended_before_then(tmp_path):
+    ws = tmp_path / "ws"
+    for job_id in ("old-ok", "old-bad", "new-ok"):
+        cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec(
+            job_id, seconds=0.1, steps=1, fail=job_id == "old-bad"))))
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec("busy", seconds=60))))
+    for job_id in ("old-ok", "old-bad", "new-ok"):
+        wait_for(lambda j=job_id: status_of(ws, j)["state"] in ("succeeded", "failed"))
+    backdate(ws, "old-ok", 8)
+    backdate(ws, "old-bad", 10)
+    backdate(ws, "busy", 30)  # an active job is never cleaned, however old it looks
+
+    out = json.loads(cli(ws, "job", "clean", "--older-than", "7d", "--json").stdout)
+    assert sorted(out["cleaned"]) == ["old-bad", "old-ok"]
+    assert sorted(p.name for p in (ws / "jobs").iterdir()) == ["busy", "new-ok"]
+
+    text = cli(ws, "job", "clean", "--older-than", "0s").stdout
+    assert "new-ok" in text and "busy" not in text
+    assert [p.name for p in (ws / "jobs").iterdir()] == ["busy"]
+    assert status_of(ws, "busy")["state"] == "running"
+    cli(ws, "job", "cancel", "busy")
+    cli(ws, "job", "clean", "busy")  # one job by its id still works
+    assert list((ws / "jobs").iterdir()) == []
+
+
+@pytest.mark.parametrize("duration", ["7", "7x", "-1d", "d", "1.5.2h"])
+def test_clean_older_than_refuses_a_duration_it_cannot_read(tmp_path, duration):
+    proc = cli(tmp_path / "ws", "job", "clean", f"--older-than={duration}", check=False)
+    assert proc.returncode == 2
+    assert f"--older-than {duration!r}" in proc.stderr and "e.g. 7d, 12h, 30m" in proc.stderr
+
+
+# -- races ----------------------------------------------------------------------------------------
+
+def test_a_late_submit_never_overwrites_what_the_runner_wrote(tmp_path, monkeypatch):
+    """submit reads "queued", then the runner starts, runs and ends the job, then submit writes
+    back its stale copy. The pause between submit's read and its write is forced by holding up
+    submit's check of the runner's pid until the job has ended (the runner is real)."""
+    from rs_cluster import jobs
+
+    entry = cluster_selftest.install(monkeypatch)
+    workspace = jobs.Workspace(tmp_path / "ws")
+    job_dir = workspace.job_dir("late1")
+    real_start_time = jobs._process_start_time
+
+    def slow_start_time(pid):
+        wait_for(lambda: json.loads((job_dir / "status.json").read_text())["state"] == "succeeded",
+                 what="the runner to finish the job")
+        return real_start_time(pid)
+
+    monkeypatch.setattr(jobs, "_process_start_time", slow_start_time)
+    spec = write_spec(tmp_path, sleep_spec("late1", seconds=0.1, steps=1))
+    returned = jobs.submit(workspace, spec, wait_s=0, entry_module=entry)
+    monkeypatch.setattr(jobs, "_process_start_time", real_start_time)
+
+    assert returned["state"] == "succeeded"
+    final = jobs.read_status(job_dir)
+    assert (final["state"], final["exit_code"], final["message"]) == ("succeeded", 0, "done")
+
+
+def test_a_cancel_just_after_the_last_stage_finished_keeps_the_job_succeeded(tmp_path):
+    ws = tmp_path / "ws"
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec(
+        "late2", seconds=0.1, steps=1, output="outputs/result.txt", cancel_after=True))))
+    final = wait_for(lambda: (s := status_of(ws, "late2"))["state"] in ENDED and s)
+    assert (final["state"], final["results"]) == ("succeeded", ["outputs/result.txt"])
+    assert (ws / "jobs" / "late2" / "outputs" / "result.txt").exists()
+
+
+def test_cancelling_a_job_that_ended_leaves_it_as_it_is_and_says_so(tmp_path):
+    ws = tmp_path / "ws"
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec(
+        "done1", seconds=0.1, steps=1, output="outputs/result.txt"))))
+    wait_for(lambda: status_of(ws, "done1")["state"] == "succeeded")
+    proc = cli(ws, "job", "cancel", "done1")
+    assert "done1: already succeeded; left as it is" in proc.stdout
+    out = json.loads(cli(ws, "job", "cancel", "done1", "--json").stdout)
+    assert (out["state"], out["results"]) == ("succeeded", ["outputs/result.txt"])
+    assert status_of(ws, "done1")["state"] == "succeeded"

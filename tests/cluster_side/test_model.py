@@ -1,6 +1,9 @@
-"""The U-Net, its loss, metrics and augmentation (TensorFlow on the CPU, real dev imagery)."""
+"""The U-Net, its loss, metrics and augmentation (TensorFlow on the CPU, real dev imagery), and
+which model folders predict agrees to load."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +88,105 @@ def test_augmentation_moves_image_and_mask_together():
         np.testing.assert_array_equal(ay.numpy(), (ax.numpy()[..., :1] > 128 / 255).astype(np.float32))
         seen.add(ax.numpy().tobytes())
     assert len(seen) > 2  # it does change the tile
+
+
+# -- loading a model folder safely ----------------------------------------------------------------
+
+PAYLOAD_MARKER: dict[str, Path] = {}
+
+
+def lambda_payload(x):
+    """What a hostile model's Lambda layer runs: here it only leaves a marker file."""
+    PAYLOAD_MARKER["path"].write_text("the model's code ran")
+    return x
+
+
+def model_folder(folder: Path, model_file: str = "model.keras", **card: object) -> Path:
+    """A model folder with a tiny real model and its card naming ``model_file``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = tf.keras.Input((None, None, 3))
+    tf.keras.Model(inputs, tf.keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs)).save(
+        folder / "model.keras")
+    (folder / "model.json").write_text(json.dumps({
+        "format": "rs-cluster-model", "format_version": 1, "model_file": model_file,
+        "architecture": "unet", "tile_size": 128, "bands": ["red", "green", "blue"],
+        "input_scaling": {"method": "divide", "value": 255.0}, "threshold": 0.5, **card}))
+    return folder
+
+
+def load_and_predict(folder: Path) -> np.ndarray:
+    from rs_cluster.predict import ModelCard, load_predict_fn
+
+    predict = load_predict_fn(ModelCard.load(folder))
+    return predict(np.zeros((1, 128, 128, 3), np.uint8))
+
+
+def test_a_model_folder_with_built_in_layers_loads_and_predicts(tmp_path):
+    model = unet.build_unet(128, base_filters=2)
+    folder = model_folder(tmp_path / "unet")
+    model.save(folder / "model.keras")
+    assert load_and_predict(folder).shape[:3] == (1, 128, 128)
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("../../x.keras", "a file name inside the model folder"),
+    ("/tmp/x.keras", "a file name inside the model folder"),
+    ("sub/x.keras", "a file name inside the model folder"),
+    ("link.keras", "leads outside the model folder"),
+])
+def test_a_model_file_outside_the_model_folder_is_refused(tmp_path, name, problem):
+    from rs_cluster.errors import ConfigError
+
+    elsewhere = model_folder(tmp_path / "elsewhere")
+    (tmp_path / "x.keras").write_bytes((elsewhere / "model.keras").read_bytes())
+    folder = model_folder(tmp_path / "a" / "model", model_file=name)
+    (folder / "link.keras").symlink_to(elsewhere / "model.keras")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "x.keras").write_bytes((elsewhere / "model.keras").read_bytes())
+    with pytest.raises(ConfigError) as e:
+        load_and_predict(folder)
+    assert f"model.json: 'model_file' {name!r}" in str(e.value) and problem in str(e.value)
+
+
+def test_a_model_with_a_lambda_layer_is_refused_without_running_its_code(tmp_path):
+    """Keras's safe mode refuses Python bytecode in a Lambda layer, yet rebuilds one that names an
+    importable function, and runs it while loading: the model is refused before Keras sees it."""
+    import json
+    import zipfile
+
+    from rs_cluster.errors import ConfigError
+
+    PAYLOAD_MARKER["path"] = tmp_path / "built"
+    inputs = tf.keras.Input((None, None, 3))
+    hostile = tf.keras.layers.Lambda(lambda_payload, name="innocent")(inputs)
+    folder = model_folder(tmp_path / "model")
+    tf.keras.Model(inputs, tf.keras.layers.Conv2D(1, 1)(hostile)).save(tmp_path / "built.keras")
+    with zipfile.ZipFile(tmp_path / "built.keras") as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    config = json.loads(files["config.json"])
+    layer = next(lay for lay in config["config"]["layers"] if lay["class_name"] == "Lambda")
+    layer["config"].update(function_type="function", module=__name__, function={
+        "module": __name__, "class_name": "function", "config": "lambda_payload",
+        "registered_name": None})
+    files["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(folder / "model.keras", "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+
+    PAYLOAD_MARKER["path"] = tmp_path / "loaded"
+    with pytest.raises(ConfigError) as e:
+        load_and_predict(folder)
+    assert "model.keras" in str(e.value) and "Lambda layer 'innocent'" in str(e.value)
+    assert not (tmp_path / "loaded").exists()
+
+
+def test_a_model_in_another_keras_format_is_refused_with_what_to_do(tmp_path):
+    from rs_cluster.errors import ConfigError
+
+    folder = model_folder(tmp_path / "model", model_file="model.h5")
+    inputs = tf.keras.Input((None, None, 3))
+    tf.keras.Model(inputs, tf.keras.layers.Conv2D(1, 1)(inputs)).save(folder / "model.h5")
+    with pytest.raises(ConfigError, match=r"model\.h5: .*only the Keras v3 format \(\.keras\)"):
+        load_and_predict(folder)

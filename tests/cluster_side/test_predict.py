@@ -317,3 +317,93 @@ def test_standalone_cluster_predicts_each_raster_on_an_executor(standalone_clust
     for src in (XIAMEN, INRIA_PNG):
         np.testing.assert_allclose(read(tmp_path / "out" / f"{src.stem}_prob.tif"),
                                    expected_probability(src), atol=1e-6, rtol=0)
+
+
+# -- georeferencing in sidecars, unknown files, imagery that is not 8-bit ------------------------
+
+def write_like(src_path: Path, dest: Path, data: np.ndarray | None = None, **changes) -> Path:
+    """``dest`` with the pixels (or ``data``) and georeferencing of ``src_path``; ``changes`` go to
+    the profile, where GDAL creation options (PROFILE, TFW) also go."""
+    with rasterio.open(src_path) as src:
+        pixels = src.read() if data is None else data
+        profile = {**src.profile, "dtype": str(pixels.dtype), "count": pixels.shape[0], **changes}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(dest, "w", **profile) as dst:
+            dst.write(pixels)
+    return dest
+
+
+def stretched(pixels: np.ndarray) -> np.ndarray:
+    """The stated rule, computed here from scratch: per band, 2..98 % percentiles -> 0..255."""
+    out = []
+    for band in pixels.astype(np.float64):
+        low, high = np.percentile(band, (2, 98))
+        out.append(np.clip((band - low) * 255.0 / (high - low), 0, 255))
+    return np.stack(out)
+
+
+def test_sidecars_are_read_with_their_raster_and_an_unknown_file_is_refused(spark, model_dir, tmp_path):
+    """A baseline TIFF whose grid is in its world file (.tfw) and its CRS in .aux.xml, as GDAL
+    writes it and the plugin uploads it: one raster, and its mask lands where the image lies. A
+    file of no known format beside it is refused by name, never quietly left out."""
+    inputs = tmp_path / "in"
+    write_like(XIAMEN, inputs / "image.tif", PROFILE="BASELINE", TFW="YES", compress=None)
+    assert sorted(p.name for p in inputs.iterdir()) == ["image.tfw", "image.tif",
+                                                        "image.tif.aux.xml"]
+    (inputs / "scene.ecw").write_bytes(b"ECW rasters are not read on the cluster")
+    out = tmp_path / "out"
+    cfg = PredictConfig(model=str(model_dir), input=str(inputs), output=str(out), probabilities=True)
+    with pytest.raises(InputError, match=r"scene\.ecw: not a raster format rs-cluster reads"):
+        run_predict(cfg, spark=spark)
+
+    (inputs / "scene.ecw").unlink()
+    result = run_predict(cfg, spark=spark)
+    assert not result.failures and [Path(o["input"]).name for o in result.outputs] == ["image.tif"]
+    assert sorted(p.name for p in out.glob("*.tif")) == ["image_mask.tif", "image_prob.tif"]
+    with rasterio.open(XIAMEN) as src, rasterio.open(out / "image_mask.tif") as dst:
+        assert dst.crs == src.crs and dst.crs.to_epsg() == 3857
+        assert dst.transform.almost_equals(src.transform)
+    np.testing.assert_allclose(read(out / "image_prob.tif"), expected_probability(XIAMEN), atol=1e-6)
+    assert not any("no georeferencing" in w for w in result.warnings)
+
+
+def test_16_bit_and_float_imagery_is_stretched_not_divided_by_255(spark, model_dir, tmp_path):
+    """The same Xiamen tile as uint16 (a linear map of the 8-bit values) and as float32 reflectance
+    0..1 reaches the model as the stated stretch of its 8-bit pixels: the channel-copy model's
+    probability is the stretched red band / 255, and the rule is recorded with the mask."""
+    with rasterio.open(XIAMEN) as src:
+        rgb = src.read()
+    inputs = tmp_path / "in"
+    write_like(XIAMEN, inputs / "deep.tif", (rgb.astype(np.uint16) * 200 + 1500))
+    write_like(XIAMEN, inputs / "reflectance.tif", rgb.astype(np.float32) / np.float32(255))
+    out = tmp_path / "out"
+    result = run_predict(PredictConfig(model=str(model_dir), input=str(inputs), output=str(out),
+                                       probabilities=True), spark=spark)
+    assert not result.failures
+    expected = stretched(rgb)[0] / 255.0
+    for stem, dtype in (("deep", "uint16"), ("reflectance", "float32")):
+        np.testing.assert_allclose(read(out / f"{stem}_prob.tif"), expected, atol=0.5 / 255 + 1e-6)
+        note = next(w for w in result.warnings if f"{stem}.tif" in w)
+        assert f"pixels are {dtype}" in note and "2-98 % percentiles" in note
+        with rasterio.open(out / f"{stem}_mask.tif") as dst:
+            recorded = json.loads(dst.tags()["RS_INPUT_STRETCH"])
+        assert recorded["method"] == "percentile_stretch" and recorded["dtype"] == dtype
+        summary = next(o for o in json.loads((out / "predict.json").read_text())["outputs"]
+                       if Path(o["input"]).stem == stem)
+        assert summary["input_stretch"] == recorded
+    with rasterio.open(out / "deep_mask.tif") as dst:
+        low = json.loads(dst.tags()["RS_INPUT_STRETCH"])["low"]
+    np.testing.assert_allclose(low, np.percentile(rgb.reshape(3, -1), 2, axis=1) * 200 + 1500)
+    assert f"band 1 {low[0]:.6g}.." in next(w for w in result.warnings if "deep.tif" in w)
+
+
+def test_complex_imagery_is_refused_naming_the_file_and_its_type(spark, model_dir, tmp_path):
+    with rasterio.open(XIAMEN) as src:
+        rgb = src.read()
+    radar = write_like(XIAMEN, tmp_path / "in" / "radar.tif", rgb.astype(np.complex64))
+    result = run_predict(PredictConfig(model=str(model_dir), input=str(radar), output=str(tmp_path / "o")),
+                         spark=spark)
+    assert not result.outputs
+    assert "radar.tif: pixels are complex64" in result.failures[0]["error"]

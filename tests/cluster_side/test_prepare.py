@@ -270,6 +270,70 @@ def test_killed_run_leaves_nothing_that_looks_complete(spark, tmp_path):
     assert (out / "dataset.json").exists() and result.tiles["train"] > 0
 
 
+def old_dataset_is_going(out: Path, padding: Path, files: int) -> bool:
+    try:
+        return not (out / "dataset.json").exists() or len(os.listdir(padding)) < files
+    except FileNotFoundError:
+        return True
+
+
+def test_overwrite_killed_while_replacing_leaves_a_complete_dataset(spark, tmp_path):
+    """The run is SIGKILLed (a cancel, a lost node) the moment the old dataset starts to go: the
+    output still holds a whole dataset. Many small files in the old one make its removal last
+    long enough for the kill to land in it."""
+    images, masks = _pairs(tmp_path)
+    out = tmp_path / "out"
+    run_prepare(_cfg(images, masks, out), spark=spark)
+    padding, files = out / "padding", 20000
+    padding.mkdir()
+    for i in range(files):
+        (padding / str(i)).touch()
+    proc = subprocess.Popen([sys.executable, "-m", "rs_cluster", "prepare", "--images", str(images),
+                             "--masks", str(masks), "--output", str(out), "--split", "1,0,0",
+                             "--master", "local[1]", "--overwrite"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not old_dataset_is_going(out, padding, files):
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare never replaced the dataset"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "dataset.json").exists()
+    assert {s: len(rows) for s, rows in all_rows(out).items()} == {"train": 8}
+
+
+def test_overwrite_that_fails_midway_keeps_the_old_dataset(spark, tmp_path, monkeypatch):
+    images, masks = _pairs(tmp_path)
+    out = tmp_path / "out"
+    run_prepare(_cfg(images, masks, out), spark=spark)
+    before = devdata.tree_digest(out)
+    victim = sorted(masks.iterdir())[0]  # a mask found bad only while tiles are written
+    real = victim.resolve()
+    victim.unlink()
+    with rasterio.open(real) as src:
+        band, profile = src.read(1), {**src.profile, "count": 3}
+    with rasterio.open(victim, "w", **profile) as dst:
+        dst.write(np.stack([band, band, 255 - band]))
+    with pytest.raises(InputError, match="its 3 bands differ"):
+        run_prepare(_cfg(images, masks, out, overwrite=True), spark=spark)
+    assert devdata.tree_digest(out) == before
+
+    victim.unlink()
+    victim.symlink_to(real)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    run_prepare(_cfg(images, masks, out, overwrite=True, tile_size=64), spark=spark)
+    assert json.loads((out / "dataset.json").read_text())["tile_size"] == 64
+    assert str(tmp_path) in synced  # the folder holding the renamed dataset is flushed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
 def test_output_given_as_url(spark, tmp_path):
     """Outputs go through pyarrow's filesystem layer, so a URL works as well as a path.
 
@@ -282,3 +346,90 @@ def test_output_given_as_url(spark, tmp_path):
     assert result.tiles["train"] == 8
     info = load_dataset(url)
     assert len(read_split(info.split_url("train"))) == 8
+
+
+# -- sidecars, unknown files, imagery that is not 8-bit --------------------------------------------
+
+class _Events:
+    """A reporter that keeps the events, as the job's events.jsonl would."""
+
+    def __init__(self) -> None:
+        from rs_cluster.progress import Reporter
+
+        self.events: list[dict] = []
+        outer = self
+
+        class Keep(Reporter):
+            def emit(self, event: dict) -> None:
+                outer.events.append(event)
+
+        self.reporter = Keep()
+
+    def warnings(self) -> list[str]:
+        return [e["message"] for e in self.events if e["event"] == "warning"]
+
+
+def test_sidecars_are_no_rasters_and_an_unknown_file_is_refused_by_name(spark, tmp_path):
+    """image.tif + image.tfw + image.tif.aux.xml (grid and CRS beside it) is one raster, in the
+    images folder and in the masks folder; a file of no known format is named, never skipped."""
+    images, masks = _pairs(tmp_path, {"xiamen_robosat_z18": devdata.first_files("xiamen_robosat_z18", 1)})
+    for folder in (images, masks):
+        real = next(folder.iterdir()).resolve()
+        _write_like(real, folder / "image.tif", PROFILE="BASELINE", TFW="YES", compress=None)
+        assert {"image.tfw", "image.tif.aux.xml"} <= {p.name for p in folder.iterdir()}
+    result = run_prepare(_cfg(images, masks, tmp_path / "out"), spark=spark)
+    assert result.rasters["train"] == 2 and result.tiles["train"] == 2 * 4
+    with rasterio.open(images / "image.tif") as img:
+        assert img.crs.to_epsg() == 3857  # from the sidecars, not from the TIFF
+        expected_transform = list(img.transform)[:6]
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    source = next(s for s in meta["sources"] if s["raster_id"] == "image.tif")
+    np.testing.assert_allclose(source["transform"], expected_transform)
+
+    (images / "scene.bil").write_bytes(b"ENVI data, header elsewhere")
+    with pytest.raises(InputError, match=r"scene\.bil: not a raster format rs-cluster reads"):
+        run_prepare(_cfg(images, masks, tmp_path / "out2"), spark=spark)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_16_bit_and_float_imagery_is_tiled_by_the_stated_stretch(spark, tmp_path):
+    """The uint16 (x * 200 + 1500) and float32 (x / 255) versions of a real 8-bit tile give the
+    same tiles: the 8-bit pixels stretched per band from their 2-98 % percentiles to 0..255. The
+    rule is said in a warning naming the file, its type and the percentiles, and kept in
+    dataset.json."""
+    name = devdata.first_files("xiamen_robosat_z18", 1)[0]
+    source = devdata.subset("xiamen_robosat_z18") / "images" / name
+    truth = devdata.subset("xiamen_robosat_z18") / "gt" / name
+    with rasterio.open(source) as src:
+        rgb = src.read()
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    _write_like(source, images / "deep.tif", dtype="uint16")
+    with rasterio.open(images / "deep.tif", "r+") as dst:
+        dst.write(rgb.astype(np.uint16) * 200 + 1500)
+    _write_like(source, images / "reflectance.tif", dtype="float32")
+    with rasterio.open(images / "reflectance.tif", "r+") as dst:
+        dst.write(rgb.astype(np.float32) / np.float32(255))
+    for stem in ("deep", "reflectance"):
+        (masks / f"{stem}.tif").symlink_to(truth)
+    events = _Events()
+    run_prepare(_cfg(images, masks, tmp_path / "out"), spark=spark, reporter=events.reporter)
+
+    low, high = np.percentile(rgb.reshape(3, -1).astype(np.float64), (2, 98), axis=1)
+    expected = np.clip((rgb - low[:, None, None]) * 255 / (high - low)[:, None, None], 0, 255)
+    rows = [r for split in all_rows(tmp_path / "out").values() for r in split]
+    assert len(rows) == 2 * 4
+    for row in rows:
+        assert row.image.dtype == np.uint8
+        window = expected[:, row.row_off:row.row_off + 128, row.col_off:row.col_off + 128]
+        np.testing.assert_allclose(row.image.transpose(2, 0, 1), window, atol=0.5 + 1e-4)
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    stretch = {s["raster_id"]: s["input_stretch"] for s in meta["sources"]}
+    assert stretch["deep.tif"]["method"] == "percentile_stretch"
+    np.testing.assert_allclose(stretch["deep.tif"]["low"], low * 200 + 1500)
+    np.testing.assert_allclose(stretch["reflectance.tif"]["high"], high / 255, rtol=1e-6)
+    notes = events.warnings()
+    deep = next(n for n in notes if "deep.tif" in n)
+    assert "pixels are uint16" in deep and f"band 1 {low[0] * 200 + 1500:.6g}.." in deep
+    assert any("reflectance.tif" in n and "pixels are float32" in n for n in notes)

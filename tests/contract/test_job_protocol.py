@@ -4,6 +4,7 @@ status.json are parsed by the plugin's parsers. Runs in the cluster venv (no QGI
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 from rs_cluster import jobs, jobspec
 from rs_cluster.errors import ConfigError
+from rs_cluster.progress import JsonLinesReporter, utc_now
 
 from rs_qgis_plugin.core import jobspec as plugin_jobspec
-from rs_qgis_plugin.core.protocol import parse_events, parse_status
+from rs_qgis_plugin.core.errors import ProtocolError
+from rs_qgis_plugin.core.protocol import EVENT_KINDS, parse_events, parse_status
+from tests import cluster_selftest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,6 +28,8 @@ def test_every_stage_and_parameter_is_the_same_on_both_sides():
     cluster = {stage: {k: r.kind for k, r in rules.items()}
                for stage, (_, rules) in jobspec.STAGES.items()}
     assert cluster == plugin_jobspec.STAGE_PARAMS
+    # the self-test stage is test-only: tests/cluster_selftest.py adds it on each side
+    assert "sleep" not in cluster and "sleep" not in plugin_jobspec.STAGE_PARAMS
     assert jobspec.SCHEMA_VERSION == plugin_jobspec.SCHEMA_VERSION
     assert sorted(jobspec.OUTPUT_PARAMS) == sorted(plugin_jobspec.OUTPUT_PARAMS)
 
@@ -56,18 +62,19 @@ def test_spec_with_a_path_outside_the_job_or_another_version_is_refused(tmp_path
 
 
 def test_cluster_events_and_status_are_read_by_the_plugin(tmp_path, monkeypatch):
-    spec = plugin_jobspec.JobSpecBuilder("contract").step("sleep", seconds=0.4, steps=4).build()
+    spec = cluster_selftest.plugin_sleep_spec("contract", seconds=0.4, steps=4)
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(spec.to_json())
     workspace = jobs.Workspace(tmp_path / "ws")
-    monkeypatch.setenv("PYTHONPATH", str(REPO / "cluster_side"))  # for the detached runner
-    jobs.submit(workspace, spec_file)
+    entry = cluster_selftest.install(monkeypatch)  # the sleep stage is test-only on both sides
+    jobs.submit(workspace, spec_file, entry_module=entry)
     job_dir = workspace.job_dir(spec.job_id)
     deadline = time.monotonic() + 60
     while jobs.read_status(job_dir)["state"] == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
-    status = parse_status((job_dir / "status.json").read_text())
+    status = parse_status((job_dir / "status.json").read_text(), expect_job_id=spec.job_id)
     assert status.state == "succeeded" and status.job_id == spec.job_id and status.progress == 100
+    assert status.extra["pid"] > 0  # the runner's own fields travel on, untouched
     events = parse_events((job_dir / "events.jsonl").read_text())
     assert [e.done for e in events if e.stage == "sleep" and e.event == "progress"] == [1, 2, 3, 4]
     assert events[-1].event == "finish" and events[-1].extra["state"] == "succeeded"
@@ -75,4 +82,52 @@ def test_cluster_events_and_status_are_read_by_the_plugin(tmp_path, monkeypatch)
     cli = subprocess.run([sys.executable, "-m", "rs_cluster", "job", "status", "--workspace",
                           str(workspace.root), "--json", spec.job_id], capture_output=True,
                          text=True, check=True)
-    assert parse_status(cli.stdout) == status
+    assert parse_status(cli.stdout, expect_job_id=spec.job_id) == status
+    with pytest.raises(ProtocolError, match="when asked for job 'another-job'"):
+        parse_status(cli.stdout, expect_job_id="another-job")
+
+
+def test_every_field_the_cluster_writes_has_the_type_the_plugin_reads(tmp_path):
+    plugin_spec = (plugin_jobspec.JobSpecBuilder("types \"<b>bold</b>\"")
+                   .predict(model="inputs/model", input="inputs/images", output="outputs/masks",
+                            polygons=True)
+                   .evaluate(pred="outputs/masks", truth="inputs/truth", json="outputs/eval.json")
+                   .build())
+    spec = jobspec.parse_job_spec(plugin_spec.to_dict(), tmp_path)
+    status = jobs.initial_status(spec)
+    jobs.write_status(tmp_path, status)
+    queued = parse_status((tmp_path / jobs.STATUS_FILE).read_text(), expect_job_id=spec.job_id)
+    assert (queued.state, queued.results, queued.steps, queued.name) == (
+        "queued", (), 2, plugin_spec.name)
+    # as the runner leaves a job that succeeded after one restart of its workers
+    status.update(state="running", pid=4242, pgid=4242, pid_started=time.time(), started=utc_now(),
+                  stage="evaluate", step=2, restarts=1)
+    status.update(state="succeeded", progress=100.0, message="done", exit_code=0,
+                  finished=utc_now(), results=list(spec.outputs()))
+    jobs.write_status(tmp_path, status)
+    done = parse_status((tmp_path / jobs.STATUS_FILE).read_text(), expect_job_id=spec.job_id)
+    assert done.results == tuple(plugin_spec.outputs()) == ("outputs/masks", "outputs/eval.json")
+    assert (done.step, done.exit_code, done.restarts, done.stage) == (2, 0, 1, "evaluate")
+    assert set(done.extra) == {"pid", "pgid", "pid_started", "updated"}
+
+    # every kind of event the cluster's reporter writes, with the types the plugin expects
+    stream = io.StringIO()
+    reporter = JsonLinesReporter(stream)
+    reporter.start("predict", total=10, unit="windows", message="predicting 1 raster")
+    reporter.progress(3, 10, "1/2 rasters", rasters_done=1, rasters_total=2)
+    reporter.progress(4)  # no total known: no percent either
+    reporter.info("read <a href='x'>tile.tif</a>", raster="tile.tif")
+    reporter.warning("worker lost; restarting", restart=1, resume_epoch=3)
+    reporter.metrics(loss=0.25, epoch=3)
+    reporter.finish("done", state="succeeded")
+    events = parse_events(stream.getvalue())
+    assert {e.event for e in events} == EVENT_KINDS
+    start, progress, open_ended, info, warning, metrics, finish = events
+    assert (start.total, start.done, start.extra) == (10, None, {"unit": "windows"})
+    assert (progress.done, progress.total, progress.percent) == (3, 10, 30.0)
+    assert progress.extra == {"rasters_done": 1, "rasters_total": 2}
+    assert (open_ended.done, open_ended.total, open_ended.percent) == (4, None, None)
+    assert info.message == "read <a href='x'>tile.tif</a>"  # text, for widgets to show as such
+    assert warning.extra == {"restart": 1, "resume_epoch": 3}
+    assert metrics.extra == {"loss": 0.25, "epoch": 3} and metrics.message == ""
+    assert finish.extra == {"state": "succeeded"} and all(e.stage == "predict" for e in events)

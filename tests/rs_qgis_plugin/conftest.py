@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import devdata
+from tests import cluster_selftest, devdata
 from tests.sshd import SSHD, Sshd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,11 +112,8 @@ def wait_for(qtbot, predicate, timeout_s: float = 120.0):
 
 # -- SSH and the cluster side -----------------------------------------------------------------------
 def remote_rs_cluster() -> list[str]:
-    script = REPO / ".venv" / "bin" / "rs-cluster"
-    if script.exists():
-        return [str(script)]
-    return ["/usr/bin/env", f"PYTHONPATH={REPO / 'cluster_side'}", str(CLUSTER_PYTHON), "-m",
-            "rs_cluster"]
+    """rs-cluster with the test-only sleep stage, run by the cluster venv's Python."""
+    return cluster_selftest.command(CLUSTER_PYTHON)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import cluster_selftest
 from tests.sshd import SSHD, Sshd
 
 try:
@@ -21,13 +22,9 @@ CLUSTER_PYTHON = REPO / ".venv" / "bin" / "python"
 
 
 def remote_rs_cluster() -> list[str]:
-    """How the loopback "cluster" runs rs-cluster: the venv's console script when installed,
-    else the venv's Python on the source tree (an absolute argv either way)."""
-    script = REPO / ".venv" / "bin" / "rs-cluster"
-    if script.exists():
-        return [str(script)]
-    return ["/usr/bin/env", f"PYTHONPATH={REPO / 'cluster_side'}", str(CLUSTER_PYTHON), "-m",
-            "rs_cluster"]
+    """How the loopback "cluster" runs rs-cluster: the venv's Python on the source tree, through
+    the tests' entry point, which adds the test-only sleep stage (an absolute argv)."""
+    return cluster_selftest.command(CLUSTER_PYTHON)
 
 
 def _need_sshd() -> None:
@@ -93,3 +90,25 @@ def client(profile, known_hosts):
 def need_cluster_python():
     if not CLUSTER_PYTHON.exists():
         pytest.skip("the cluster venv (.venv) is not built; run make setup")
+
+
+@pytest.fixture
+def umask_022_client(tmp_path):
+    """A client of a server started under umask 022, the usual default on login nodes: what it
+    creates is readable by every user unless the plugin asks for tighter modes itself. (The test
+    runner's own umask may be tighter and would hide a missing mode.)"""
+    from rs_qgis_plugin.core.ssh import SshClient
+
+    _need_sshd()
+    previous = os.umask(0o022)
+    try:
+        server = Sshd(tmp_path / "sshd-022").start()  # its sessions inherit the umask
+    finally:
+        os.umask(previous)
+    profile = make_profile(server, tmp_path / "workspace")
+    try:
+        with SshClient(profile, trusted_known_hosts(server, tmp_path / "known_hosts-022")) as c:
+            assert c.run(["sh", "-c", "umask"]).stdout.strip() == "0022"
+            yield c
+    finally:
+        server.stop()
