@@ -20,7 +20,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # Spark and Horovod talk over loopback only.
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: help setup setup-system setup-venvs demo train-full test test-cluster test-plugin lint bench \
+.PHONY: help setup setup-system setup-venvs demo train-full test test-cluster test-multihost test-plugin lint bench \
         bench-prepare package install-plugin clean
 
 help:
@@ -50,10 +50,14 @@ train-full: setup
 	@$(VENV)/bin/python scripts/train_full.py --data "$(DATA)" --out $(BUILD)/train-full \
 	    --workers $(WORKERS)
 
-test: setup test-cluster test-plugin
+test: setup test-cluster test-multihost test-plugin
 
 test-cluster:
 	$(VENV)/bin/python -m pytest tests/cluster_side tests/contract $(PYTEST_ARGS)
+
+# Separate hosts on 127.0.0.2-6, each in its own mount namespace (root), with SeaweedFS as S3.
+test-multihost:
+	$(VENV)/bin/python -m pytest tests/multihost $(PYTEST_ARGS)
 
 test-plugin:
 	QT_QPA_PLATFORM=offscreen $(QGIS_VENV)/bin/python -m pytest tests/rs_qgis_plugin $(PYTEST_ARGS)

@@ -15,13 +15,16 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from tests.sshd import free_port
 
 
 class StandaloneCluster:
     def __init__(self, workdir: Path, cores: int = 2, memory: str = "2g", python: str = sys.executable,
-                 spark_home: Path | None = None):
+                 spark_home: Path | None = None, host: str = "127.0.0.1"):
+        """``host`` is the master's address (and the default worker's). The multi-host rig
+        (tests/rig.py) calls ``start_master`` and ``add_worker`` itself, one host each."""
         if spark_home is None:
             import pyspark
 
@@ -30,43 +33,60 @@ class StandaloneCluster:
         self.workdir = workdir
         self.cores = cores
         self.memory = memory
-        self.port = free_port()
-        self.ui_port = free_port()
-        self.master_url = f"spark://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "SPARK_HOME": str(self.spark_home), "SPARK_LOCAL_IP": "127.0.0.1",
+        self.host = host
+        self.port = free_port(host)
+        self.ui_port = free_port(host)
+        self.master_url = f"spark://{host}:{self.port}"
+        self.env = {**os.environ, "SPARK_HOME": str(self.spark_home), "SPARK_LOCAL_IP": host,
                     "PYSPARK_PYTHON": python, "SPARK_LOG_DIR": str(workdir / "logs"),
                     "SPARK_WORKER_DIR": str(workdir / "work")}
         self.procs: list[subprocess.Popen] = []
 
-    def _start(self, *args: str, log: str) -> None:
+    def _start(self, *args: str, log: str | Path, prefix: Sequence[str] = (),
+               env: Mapping[str, str] | None = None) -> None:
         out = open(self.workdir / log, "wb")  # noqa: SIM115 - kept open for the process' life
         self.procs.append(subprocess.Popen(
-            [str(self.spark_home / "bin" / "spark-class"), *args], env=self.env, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True))
+            [*prefix, str(self.spark_home / "bin" / "spark-class"), *args],
+            env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True))
+
+    def start_master(self, prefix: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                     log: str | Path = "master.log") -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._start("org.apache.spark.deploy.master.Master", "--host", self.host,
+                    "--port", str(self.port), "--webui-port", str(self.ui_port), log=log,
+                    prefix=prefix, env=env)
+
+    def add_worker(self, host: str, cores: int, work_dir: Path, prefix: Sequence[str] = (),
+                   env: Mapping[str, str] | None = None, log: str | Path = "worker.log") -> None:
+        """A worker bound to ``host``; ``prefix`` and ``env`` place it (the rig: on a host)."""
+        self._start("org.apache.spark.deploy.worker.Worker", self.master_url, "--host", host,
+                    "--cores", str(cores), "--memory", self.memory,
+                    "--webui-port", str(free_port(host)), "--work-dir", str(work_dir),
+                    log=log, prefix=prefix, env={"SPARK_LOCAL_IP": host, **(env or {})})
 
     def start(self, timeout: float = 90) -> "StandaloneCluster":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._start("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--webui-port", str(self.ui_port), log="master.log")
-        self._start("org.apache.spark.deploy.worker.Worker", self.master_url, "--host", "127.0.0.1",
-                    "--cores", str(self.cores), "--memory", self.memory,
-                    "--webui-port", str(free_port()), "--work-dir", str(self.workdir / "work"),
-                    log="worker.log")
+        self.start_master()
+        self.add_worker(self.host, self.cores, self.workdir / "work")
+        return self.wait_for_workers(1, timeout)
+
+    def wait_for_workers(self, count: int, timeout: float = 90) -> "StandaloneCluster":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for p in self.procs:
                 if p.poll() is not None:
                     self.stop()
                     raise RuntimeError(f"Spark daemon exited early; see {self.workdir}/*.log")
-            if self.alive_workers() >= 1:
+            if self.alive_workers() >= count:
                 return self
-            time.sleep(1)
+            time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"no Spark worker registered with {self.master_url} in {timeout} s")
+        raise TimeoutError(f"fewer than {count} Spark workers registered with {self.master_url} "
+                           f"in {timeout} s; see {self.workdir}/*.log")
 
     def alive_workers(self) -> int:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ui_port}/json/", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{self.host}:{self.ui_port}/json/", timeout=2) as r:
                 return int(json.load(r).get("aliveworkers", 0))
         except OSError:
             return 0

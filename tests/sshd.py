@@ -16,14 +16,15 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Sequence
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -44,10 +45,15 @@ def fingerprint(public_key: Path) -> str:
 
 
 class Sshd:
-    def __init__(self, base: Path, port: int | None = None) -> None:
+    def __init__(self, base: Path, port: int | None = None, host: str = "127.0.0.1",
+                 prefix: Sequence[str] = ()) -> None:
+        """``host`` is the address it listens on; ``prefix`` goes before the sshd command (the
+        multi-host rig runs it inside a host's mount namespace, see tests/rig.py)."""
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        self.host = host
+        self.prefix = tuple(prefix)
+        self.port = port or free_port(host)
         self.user = getpass.getuser()
         self.host_key = self.base / "ssh_host_ed25519_key"
         self.user_key = self.base / "id_ed25519"
@@ -64,7 +70,7 @@ class Sshd:
     def _write_config(self) -> None:
         self.config.write_text(f"""\
 Port {self.port}
-ListenAddress 127.0.0.1
+ListenAddress {self.host}
 HostKey {self.host_key}
 PidFile {self.base / "sshd.pid"}
 AuthorizedKeysFile {self.base / "authorized_keys"}
@@ -97,7 +103,7 @@ Subsystem sftp internal-sftp
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
         log = open(self.log, "ab")  # noqa: SIM115 - the server writes to it until stopped
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)], env=env,
+        self.proc = subprocess.Popen([*self.prefix, SSHD, "-D", "-e", "-f", str(self.config)], env=env,
                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout
@@ -105,7 +111,7 @@ Subsystem sftp internal-sftp
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sshd exited: {self.log.read_text()[-2000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                with socket.create_connection((self.host, self.port), timeout=1) as s:
                     if s.recv(4).startswith(b"SSH-"):
                         return self
             except OSError:
@@ -152,7 +158,7 @@ Subsystem sftp internal-sftp
         """OpenSSH's ``scp`` to this server, trusting exactly its host key."""
         known = self.base / "scp_known_hosts"
         key_type, key_b64 = self.public_host_key
-        known.write_text(f"[127.0.0.1]:{self.port} {key_type} {key_b64}\n")
+        known.write_text(f"[{self.host}]:{self.port} {key_type} {key_b64}\n")
         return ["scp", "-q", "-P", str(self.port), "-i", str(self.user_key),
                 "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
                 "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", source, target]
