@@ -179,11 +179,19 @@ def main() -> int:
     out.mkdir(parents=True)
     started = time.monotonic()
 
+    stopping: list[int] = []
+
     def interrupted(signum: int, frame: object) -> None:
+        if stopping:  # a second Ctrl-C must not cut the clean-up short
+            say("demo: still cancelling the job and stopping the cluster ...")
+            return
+        stopping.append(signum)
         raise Interrupted(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    # Installed explicitly, SIGINT included: a shell that starts us in the background leaves
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
 
     from qgis.core import QgsApplication, QgsProject
 

@@ -43,16 +43,22 @@ def mini_dev(tmp_path) -> Path:
     return root
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Demo:
     """scripts/demo.py in its own process, its output collected line by line."""
 
-    def __init__(self, data: Path, out: Path, epochs: int) -> None:
+    def __init__(self, data: Path, out: Path, epochs: int, *, sigint_ignored: bool = False) -> None:
         env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
         self.out = out
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "scripts" / "demo.py"), "--data", str(data), "--out",
              str(out), "--epochs", str(epochs), "--workers", "2"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            # what a shell's background job (`make test &`, CI) hands its children
+            preexec_fn=_ignore_sigint if sigint_ignored else None)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -111,12 +117,15 @@ def test_demo_takes_rasters_through_ssh_and_spark_and_back_onto_the_map(mini_dev
     assert devdata.tree_digest(mini_dev) == before
 
 
-def test_interrupting_the_demo_cancels_the_job_and_stops_the_cluster(mini_dev, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_interrupting_the_demo_cancels_the_job_and_stops_the_cluster(mini_dev, tmp_path, sig):
+    """Whatever SIGINT disposition the caller's shell left: the demo starts with SIGINT ignored,
+    as under a background shell, and must still stop on Ctrl-C (and on SIGTERM)."""
     out = tmp_path / "out"
-    demo = Demo(mini_dev, out, epochs=50)
+    demo = Demo(mini_dev, out, epochs=50, sigint_ignored=True)
     job = demo.wait_for_line(r"job (\S+): prepare -> train", 300).group(1)
     demo.wait_for_line(r"train: (starting|2 worker|epoch)", 300)  # Horovod workers on the way
-    demo.proc.send_signal(signal.SIGINT)
+    demo.proc.send_signal(sig)
     assert demo.wait(timeout=120) == 130, demo.text[-3000:]
     assert f"job {job} cancelled" in demo.text
     status = json.loads((out / "cluster-workspace" / "jobs" / job / "status.json").read_text())
