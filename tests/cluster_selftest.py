@@ -9,6 +9,9 @@ seconds. It is no part of the production whitelist on either side: this module a
   steps, run this module too: the stage reaches them by the command that started them, not by an
   environment variable a production ``rs-cluster`` would have to honour. :func:`command` is the
   argument list that runs it from anywhere (the plugin tests' ``remote_command``).
+- ``--as-host NAME`` before the command makes it run as another login host sharing the
+  workspace: a host of that name with a boot id of its own, so a job's runner pid means nothing
+  to it (issue 17's round-robin login nodes). Only this entry point knows the option.
 - In a test process, :func:`install` adds the stage to the cluster's whitelist for one test, for
   tests that call :func:`rs_cluster.jobs.submit` themselves; :func:`plugin_sleep_spec` builds a
   plugin :class:`JobSpec` with a sleep step.
@@ -134,9 +137,21 @@ def _selftest_sleep(args: Any, reporter: Any) -> int:
     return 0
 
 
+def _pretend_host(argv: list[str]) -> list[str]:
+    """Takes ``--as-host NAME`` off the front of ``argv`` and makes this process that host."""
+    if len(argv) < 2 or argv[0] != "--as-host":
+        return argv
+    from rs_cluster import jobs
+
+    name = argv[1]
+    jobs.this_host = lambda: {"host": name, "boot_id": f"selftest-boot-of-{name}"}
+    return argv[2:]
+
+
 def main(argv: list[str] | None = None) -> int:
     from rs_cluster import cli, jobspec
 
+    argv = _pretend_host(list(sys.argv[1:] if argv is None else argv))
     jobspec.STAGES = _with_sleep(jobspec.STAGES)
     if str(REPO) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
         os.environ["PYTHONPATH"] = pythonpath()  # for the runners and steps it starts

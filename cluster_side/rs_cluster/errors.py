@@ -37,6 +37,11 @@ class OutputWriteError(RsClusterError, OSError):
     """An output could not be written completely; nothing half-written is left at its name."""
 
 
+class StorageError(RsClusterError, OSError):
+    """A storage location (s3://, hdfs://, a path) cannot be reached, read or written: access
+    denied, not found, unreachable. The message names the URL, never a credential."""
+
+
 class DiskFullError(OutputWriteError):
     """A write failed because the disk (or the user's quota) is full."""
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rs_cluster import __version__
+from rs_cluster import __version__, storage
 from rs_cluster.atomic import write_json_atomic
 from rs_cluster.config import check_keys
 from rs_cluster.errors import ConfigError, InputError
@@ -202,7 +202,37 @@ def _check_pairs(pairs: list[tuple[str, Path, Path]]) -> None:
 
 
 def run_evaluate(cfg: EvaluateConfig, *, reporter: Reporter | None = None) -> EvaluateResult:
-    """Scores every prediction in ``cfg.pred`` that has a reference in ``cfg.truth``."""
+    """Scores every prediction in ``cfg.pred`` that has a reference in ``cfg.truth``.
+
+    Folders in a store (s3://, hdfs://) are scored on copies in this host's $TMPDIR; the result
+    and the report name the URLs, and a report URL gets the report uploaded whole."""
+    locations = [cfg.pred, cfg.truth, *([cfg.json] if cfg.json else [])]
+    if all(storage.is_local(x) for x in locations):
+        return _evaluate(cfg, reporter=reporter)
+    with storage.local_input(cfg.pred) as pred, storage.local_input(cfg.truth) as truth:
+        local = _evaluate(replace(cfg, pred=pred, truth=truth, json=None), reporter=reporter)
+
+        def named(path: str) -> str:
+            for folder, url in ((pred, cfg.pred), (truth, cfg.truth)):
+                if path == folder or path.startswith(folder + os.sep):
+                    return url.rstrip("/") + path[len(folder):].replace(os.sep, "/")
+            return path
+
+    images = [{**i, "prediction": named(i["prediction"]), "reference": named(i["reference"])}
+              for i in local.images]
+    result = replace(local, images=images, json=cfg.json,
+                     unmatched_predictions=[named(p) for p in local.unmatched_predictions],
+                     unmatched_truth=[named(p) for p in local.unmatched_truth])
+    if cfg.json:
+        report = report_dict(result, cfg)
+        if storage.is_local(cfg.json):
+            write_json_atomic(storage.local_path(cfg.json) or cfg.json, report)
+        else:
+            storage.write_json(cfg.json, report)
+    return result
+
+
+def _evaluate(cfg: EvaluateConfig, *, reporter: Reporter | None = None) -> EvaluateResult:
     reporter = reporter or Reporter()
     started = time.monotonic()
     for folder in (cfg.pred, cfg.truth):
@@ -242,14 +272,18 @@ def report_dict(result: EvaluateResult, cfg: EvaluateConfig) -> dict[str, Any]:
         "format_version": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rs_cluster_version": __version__,
-        "predictions": os.path.abspath(cfg.pred),
-        "references": os.path.abspath(cfg.truth),
+        "predictions": _location(cfg.pred),
+        "references": _location(cfg.truth),
         "building": "non-zero pixels",
         "pooled": result.pooled,
         "images": result.images,
         "unmatched_predictions": result.unmatched_predictions,
         "unmatched_references": result.unmatched_truth,
     }
+
+
+def _location(location: str) -> str:
+    return os.path.abspath(location) if not storage.is_url(location) else location
 
 
 def _fmt(value: float | None) -> str:

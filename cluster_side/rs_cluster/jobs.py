@@ -17,7 +17,16 @@ session or carries ``RS_CLUSTER_JOB_ID`` in its environment; ``cancel`` stops al
 
 Status changes are serialised by the job's lock, and a terminal state is final: whoever writes
 second (a slow submit, a late cancel, a reader declaring a dead runner failed) finds the newer
-state and leaves it. The workspace holds the user's imagery, models and results, on login nodes
+state and leaves it.
+
+The workspace may be shared by several login hosts (round-robin SSH names, one home on NFS), so a
+job's liveness is not judged by a pid alone: status.json records the runner's ``host`` and
+``boot_id``, and the runner refreshes its ``heartbeat`` every few seconds. On the runner's own
+host (same name, same boot) the pid decides; elsewhere only a heartbeat older than the settings'
+``jobs.heartbeat_timeout_s`` makes the job failed. A cancel from another host cannot signal the
+runner's processes: it leaves the cancel marker, which the runner polls, and waits for it.
+
+The workspace holds the user's imagery, models and results, on login nodes
 shared with other users: its folders are 0700, and the files that submit, the runner and its steps
 write are 0600 (the runner runs with umask 077), whatever umask the login shell left.
 """
@@ -32,6 +41,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -65,6 +75,9 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 # How long a job may sit in "queued" without a runner pid before it is declared failed.
 _QUEUED_GRACE_S = 60.0
 _POLL_S = 0.2
+# How often the runner refreshes its heartbeat; at most a quarter of the timeout readers apply.
+HEARTBEAT_S = 5.0
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 class JobNotFoundError(RsClusterError, LookupError):
@@ -199,8 +212,41 @@ def _process_start_time(pid: int) -> float | None:
         return None
 
 
+def this_host() -> dict[str, str | None]:
+    """Who this machine is, as status.json records a runner's host: its name and its boot (a pid
+    means nothing on another machine, nor on this one after a restart)."""
+    try:
+        boot_id: str | None = _BOOT_ID.read_text(encoding="ascii").strip() or None
+    except OSError:
+        boot_id = None
+    return {"host": socket.gethostname(), "boot_id": boot_id}
+
+
+def runner_is_here(status: dict[str, Any]) -> bool:
+    """Whether the runner in ``status`` ran on this machine since its last boot. A status without
+    a host (written before hosts were recorded) is taken as this machine's, as it always was."""
+    if status.get("host") is None:
+        return True
+    me = this_host()
+    return status.get("host") == me["host"] and status.get("boot_id") == me["boot_id"]
+
+
+def heartbeat_timeout_s() -> float:
+    from rs_cluster.settings import load_settings
+
+    return load_settings().heartbeat_timeout_s
+
+
 def runner_alive(status: dict[str, Any]) -> bool:
-    """Whether the runner recorded in ``status`` still runs (a reused pid does not count)."""
+    """Whether the runner recorded in ``status`` still runs: on its own host, by its pid (a reused
+    pid does not count); from another host, by a heartbeat fresher than the timeout."""
+    if not runner_is_here(status):
+        # No heartbeat yet: submit on that host recorded the pid before the runner reported.
+        return _age_s(status.get("heartbeat") or status.get("updated")) < heartbeat_timeout_s()
+    return _local_runner_alive(status)
+
+
+def _local_runner_alive(status: dict[str, Any]) -> bool:
     import psutil
 
     pid = status.get("pid")
@@ -242,6 +288,15 @@ def _declare_lost(status: dict[str, Any]) -> bool:
     if not _runner_lost(status):
         return False
     pid = status.get("pid")
+    if pid and not runner_is_here(status):
+        status.update(
+            state="failed", finished=utc_now(),
+            message=(f"the job runner (pid {pid} on host {status.get('host')}) sent no heartbeat "
+                     f"for over {heartbeat_timeout_s():g} s: it was killed, or that host restarted "
+                     "or lost the shared workspace; see log.txt, and run `rs-cluster job cancel "
+                     f"{status.get('job_id')}` on {status.get('host')} to stop any step it left "
+                     "running"))
+        return True
     status.update(
         state="failed", finished=utc_now(),
         message=(f"the job runner (pid {pid}) stopped without reporting an end: it was killed "
@@ -341,7 +396,7 @@ def submit(workspace: Workspace, source: str | os.PathLike[str], *, wait_s: floa
     def fill_in(current: dict[str, Any]) -> bool:
         if current.get("state") != "queued" or current.get("pid") is not None:
             return False
-        current.update(pid=pid, pgid=pid)
+        current.update(pid=pid, pgid=pid, **this_host())
         if not runner_started:
             current.update(state="failed", finished=utc_now(),
                            message="the job runner exited before it started; see log.txt")
@@ -428,13 +483,15 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
         if current.get("state") != "queued":  # cancelled (or declared failed) before it started
             return False
         current.update(state="running", pid=pid, pgid=os.getpgid(0),
-                       pid_started=_process_start_time(pid), started=utc_now(), message="started")
+                       pid_started=_process_start_time(pid), started=utc_now(), message="started",
+                       heartbeat=utc_now(), **this_host())
         return True
 
     status = update_status(job_dir, start)
     if status.get("state") != "running" or status.get("pid") != pid:
         return 1
     _reserve_space(job_dir)
+    heartbeat = _Heartbeat(job_dir, pid, _heartbeat_interval_s())
 
     stop = threading.Event()
 
@@ -446,6 +503,7 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
 
     events_path = job_dir / EVENTS_FILE
     env = {**os.environ, ENV_JOB_ID: spec.job_id}
+    heartbeat.start()
     exit_code, steps_done = 0, 0
     full_disk: OSError | None = None
     events_stream = open(events_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
@@ -502,8 +560,50 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
             else:
                 write_status(job_dir, status)
     finally:
+        heartbeat.stop()
         _close(events_stream, log)
     return 0 if status["state"] == "succeeded" else 1
+
+
+def _heartbeat_interval_s() -> float:
+    from rs_cluster.settings import load_settings
+
+    try:
+        timeout = load_settings().heartbeat_timeout_s
+    except RsClusterError:  # a settings mistake is the steps' to report; beat at the default
+        timeout = 4 * HEARTBEAT_S
+    return min(HEARTBEAT_S, timeout / 4)
+
+
+class _Heartbeat:
+    """Refreshes ``heartbeat`` in status.json every ``interval`` seconds while the job is this
+    runner's and active, so readers on other hosts can tell it lives."""
+
+    def __init__(self, job_dir: Path, pid: int, interval: float) -> None:
+        self._job_dir, self._pid, self._interval = job_dir, pid, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rs-heartbeat")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            # A beat that cannot be written (disk full, a hiccup of the shared filesystem) is
+            # skipped: the next one may pass, and only a long silence makes the job failed.
+            with contextlib.suppress(OSError, RsClusterError):
+                update_status(self._job_dir, self._beat)
+
+    def _beat(self, current: dict[str, Any]) -> bool:
+        if current.get("state") not in ACTIVE_STATES or current.get("pid") != self._pid:
+            return False
+        current["heartbeat"] = utc_now()
+        return True
 
 
 def _close(*streams: Any) -> None:
@@ -517,6 +617,7 @@ def _runner_write(job_dir: Path, status: dict[str, Any]) -> bool:
     with status_lock(job_dir):
         if load_json(job_dir / STATUS_FILE).get("state") in TERMINAL_STATES:
             return False
+        status["heartbeat"] = utc_now()  # our copy replaces the file: it must not set it back
         write_status(job_dir, status)
         return True
 
@@ -579,8 +680,12 @@ def _follow_step(proc: subprocess.Popen[bytes], follower: _EventFollower, status
             last_written = dict(status)
         if code is not None:
             return code
+        if (job_dir / CANCEL_FILE).exists():
+            stop.set()  # a cancel from another host, which cannot signal us
         if stop.is_set():
-            _terminate_tree(proc.pid)
+            stopped = _terminate_tree(proc.pid)
+            if stopped is not None:
+                return stopped
 
 
 def _last_error(log: Path, status: dict[str, Any]) -> str:
@@ -602,7 +707,8 @@ def job_processes(job_id: str, status: dict[str, Any]) -> list[Any]:
     import psutil
 
     me = os.getpid()
-    session = status.get("pgid") if runner_alive(status) else None
+    # A session id means something only on the runner's own host.
+    session = status.get("pgid") if runner_is_here(status) and runner_alive(status) else None
     found = []
     for proc in psutil.process_iter():
         if proc.pid == me:
@@ -615,15 +721,19 @@ def job_processes(job_id: str, status: dict[str, Any]) -> list[Any]:
     return found
 
 
-def _terminate_tree(pid: int) -> None:
+def _terminate_tree(pid: int) -> int | None:
+    """Stops the process ``pid`` and its descendants; returns its exit code (negative: the
+    signal) when this reaped it. psutil reaps it, so Popen would read that exit as 0: a step
+    stopped half-way must not count as finished."""
     import psutil
 
     try:
         parent = psutil.Process(pid)
         procs = [*parent.children(recursive=True), parent]
     except psutil.Error:
-        return
+        return None
     _stop_processes(procs, grace_s=5.0)
+    return getattr(parent, "returncode", None)
 
 
 def _stop_processes(procs: list[Any], grace_s: float) -> list[Any]:
@@ -644,13 +754,16 @@ def _stop_processes(procs: list[Any], grace_s: float) -> list[Any]:
     return alive
 
 
-def cancel(workspace: Workspace, job_id: str, *, grace_s: float = 5.0) -> dict[str, Any]:
+def cancel(workspace: Workspace, job_id: str, *, grace_s: float = 5.0,
+           remote_wait_s: float = 30.0) -> dict[str, Any]:
     """Stops every process of the job (TERM, then KILL after ``grace_s``) and marks it cancelled;
     returns its status.
 
     A job that already ended keeps its state and results, and so does one whose last step had
     finished when the cancel arrived (the runner then reports it succeeded); stray processes a
-    job left are stopped either way.
+    job left are stopped either way. A job whose runner is on another host is stopped by that
+    runner, which polls the cancel marker: this waits up to ``remote_wait_s`` for it to end the
+    job, and otherwise returns the status with a ``cancel`` note saying what will happen.
     """
     job_dir = workspace.existing_job_dir(job_id)
     if not (job_dir / STATUS_FILE).exists():
@@ -659,6 +772,8 @@ def cancel(workspace: Workspace, job_id: str, *, grace_s: float = 5.0) -> dict[s
         status = load_json(job_dir / STATUS_FILE)
         if status.get("state") in ACTIVE_STATES:
             (job_dir / CANCEL_FILE).touch(mode=PRIVATE_FILE)
+    if status.get("state") in ACTIVE_STATES and not runner_is_here(status):
+        return _cancel_remote(job_dir, job_id, status, grace_s, remote_wait_s)
     alive = _stop_processes(job_processes(job_id, status), grace_s)
     if alive:
         raise JobStateError(f"could not stop process(es) {[p.pid for p in alive]} of job {job_id}")
@@ -670,6 +785,30 @@ def cancel(workspace: Workspace, job_id: str, *, grace_s: float = 5.0) -> dict[s
         return True
 
     return update_status(job_dir, mark)
+
+
+def _cancel_remote(job_dir: Path, job_id: str, status: dict[str, Any], grace_s: float,
+                   wait_s: float) -> dict[str, Any]:
+    """Cancel of a job whose runner is on another host: only that runner can signal its
+    processes, so this waits for it to see the marker; what runs of the job here is stopped."""
+    host = status.get("host")
+    _stop_processes(job_processes(job_id, status), grace_s)
+    deadline = time.monotonic() + wait_s
+    while True:
+        status = read_status(job_dir)  # declares the job failed once its heartbeat is stale
+        if status.get("state") not in ACTIVE_STATES:
+            break
+        if time.monotonic() >= deadline:
+            status["cancel"] = (f"cancel requested: the job runner on host {host} stops the job at "
+                                "its next check; if it does not, the job is declared failed once "
+                                f"{host} stops sending its heartbeat")
+            return status
+        time.sleep(_POLL_S)
+    if status.get("state") == "failed" and "heartbeat" in str(status.get("message")):
+        status["cancel"] = (f"the job runner on host {host} is gone, so it cannot stop the job's "
+                            f"steps there; run `rs-cluster job cancel {job_id}` on {host} to stop "
+                            "any it left running")
+    return status
 
 
 def clean(workspace: Workspace, job_id: str) -> None:

@@ -60,7 +60,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("job_id")
     p.set_defaults(func=_run)
 
-    env = subparsers.add_parser("env", help="versions of python, spark, horovod, tensorflow; GPUs")
+    env = subparsers.add_parser(
+        "env", help="versions of python, spark, horovod, tensorflow; GPUs; the cluster settings",
+        description="Prints JSON: the versions of the stack, the GPUs, and under \"cluster\" the "
+        "effective settings (Spark master and where it came from, resources, storage URL and where "
+        "its credentials come from; never the credentials).")
     env.set_defaults(func=_env)
 
 
@@ -113,6 +117,8 @@ def _cancel(args: argparse.Namespace, reporter: Reporter) -> int:
     status = jobs.cancel(_workspace(args), args.job_id)
     if args.json:
         _print_json(status)
+    elif status.get("cancel"):  # the runner is on another host: what it will do, or cannot
+        print(f"{args.job_id}: {status['state']}; {status['cancel']}")
     elif status["state"] == "cancelled":
         print(f"{args.job_id}: cancelled")
     else:
@@ -165,6 +171,8 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
 
 def _env(args: argparse.Namespace, reporter: Reporter) -> int:
     from rs_cluster.envinfo import environment
+    from rs_cluster.settings import report
 
-    _print_json(environment())
+    cluster = report()  # first: a settings file with a mistake is the answer, named
+    _print_json({**environment(), "cluster": cluster})
     return 0

@@ -29,8 +29,13 @@ SCHEMA_VERSION = 1
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # Parameter kinds: "path" (relative to the job folder), "int", "float", "str", "flag" (a boolean
-# switch that adds its option when true), "split" (three fractions, a list or "a,b,c").
+# switch that adds its option when true), "split" (three fractions, a list or "a,b,c"), "conf" (an
+# object of extra Spark settings, {"spark.key": value}, each becoming one --spark-conf=KEY=VALUE).
 _PATH, _INT, _FLOAT, _STR, _FLAG, _SPLIT = "path", "int", "float", "str", "flag", "split"
+_CONF = "conf"
+# What a job may override of the cluster settings file for each Spark stage (rs_cluster.settings).
+_SPARK_OVERRIDES = {"master": _STR, "executor_cores": _INT, "executor_memory": _STR,
+                    "max_cores": _INT, "queue": _STR, "spark_conf": _CONF}
 
 
 @dataclass(frozen=True)
@@ -51,16 +56,17 @@ def _rules(**kinds: str) -> Mapping[str, ParamRule]:
 STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
     "prepare": ("prepare", _rules(
         images=_PATH, masks=_PATH, output=_PATH, tile_size=_INT, stride=_INT, split=_SPLIT,
-        seed=_INT, master=_STR, overwrite=_FLAG, skip_bad=_FLAG)),
+        seed=_INT, overwrite=_FLAG, skip_bad=_FLAG, **_SPARK_OVERRIDES)),
     "train": ("train", _rules(
-        data=_PATH, model_dir=_PATH, epochs=_INT, batch_size=_INT, num_proc=_INT, master=_STR,
+        data=_PATH, model_dir=_PATH, epochs=_INT, batch_size=_INT, num_proc=_INT,
         lr=_FLOAT, patience=_INT, resume=_FLAG, overwrite=_FLAG, base_filters=_INT, seed=_INT,
         dice=_FLAG, tile_size=_INT, steps_per_epoch=_INT, validation_steps=_INT,
         warmup_epochs=_INT, threads_per_worker=_INT, nics=_STR, no_augment=_FLAG,
-        max_restarts=_INT)),
+        max_restarts=_INT, **_SPARK_OVERRIDES)),
     "predict": ("predict", _rules(
         model=_PATH, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
-        probabilities=_FLAG, polygons=_FLAG, master=_STR, fail_fast=_FLAG, overwrite=_FLAG)),
+        probabilities=_FLAG, polygons=_FLAG, fail_fast=_FLAG, overwrite=_FLAG,
+        **_SPARK_OVERRIDES)),
     "evaluate": ("evaluate", _rules(pred=_PATH, truth=_PATH, json=_PATH)),
 })
 
@@ -183,6 +189,8 @@ def _check_value(where: str, kind: str, value: Any) -> Any:
         if len(fractions) != 3:
             raise ConfigError(f"{where} must be three fractions, e.g. [0.8, 0.1, 0.1]")
         return ",".join(f"{f:g}" for f in fractions)
+    if kind == _CONF:
+        return _check_conf(where, value)
     if not isinstance(value, str) or not value or "\x00" in value:
         raise ConfigError(f"{where} must be a non-empty string")
     if kind == _PATH:
@@ -191,6 +199,22 @@ def _check_value(where: str, kind: str, value: Any) -> Any:
         # An option value that looks like an option would be read as one by argparse.
         raise ConfigError(f"{where} must not start with '-'")
     return value
+
+
+def _check_conf(where: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be an object of Spark settings, e.g. "
+                          '{"spark.executor.memoryOverhead": "1g"}')
+    clean = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not re.fullmatch(r"spark\.[A-Za-z0-9_.\-]+", key):
+            raise ConfigError(f"{where}: {key!r} is not a Spark setting (spark.<name>)")
+        if isinstance(item, bool):
+            item = "true" if item else "false"  # Spark's spelling
+        if not isinstance(item, (str, int, float)) or "\x00" in str(item):
+            raise ConfigError(f"{where}.{key} must be a text, number or boolean")
+        clean[key] = str(item)
+    return clean
 
 
 def _check_relative(where: str, value: str) -> PurePosixPath:
@@ -224,6 +248,8 @@ def step_argv(step: Step, job_dir: str | os.PathLike[str]) -> list[str]:
                 argv.append(rule.option)
         elif rule.kind == _PATH:
             argv += [rule.option, str(resolve_in_job(job_dir, value, what=key))]
+        elif rule.kind == _CONF:
+            argv += [f"{rule.option}={k}={v}" for k, v in value.items()]
         else:
             argv.append(f"{rule.option}={value}")  # one token: a value is never read as an option
     return argv

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from rs_cluster import __version__
+from rs_cluster import __version__, storage
 from rs_cluster.atomic import write_json_atomic
 from rs_cluster.config import check_keys
 from rs_cluster.keras_file import check_model_file, confined_model_file
@@ -51,6 +52,7 @@ from rs_cluster.errors import (ClusterError, ConfigError, DiskFullError, InputEr
                                is_disk_full)
 from rs_cluster.progress import Reporter
 from rs_cluster.rasters import RASTER_SUFFIXES, _open, _short, input_stretch, list_rasters
+from rs_cluster.settings import SparkResources
 from rs_cluster.spark import Poller, resolve_master, spark_session
 from rs_cluster.windows import window_starts
 
@@ -160,6 +162,7 @@ class PredictConfig:
     polygons: bool = False
     master: str | None = None
     fail_fast: bool = False
+    resources: SparkResources | None = None  # overrides of the cluster settings file
     overwrite: bool = False
     min_polygon_px: int = 16
     simplify_px: float = 1.0
@@ -600,6 +603,13 @@ class _RasterJob:
     token: str
     threads: int
     fail_fast: bool
+    model_url: str | None = None  # a model folder in a store: each executor downloads it once
+
+    @property
+    def remote(self) -> bool:
+        """Whether an input or output is in a store: the task then works on local copies."""
+        locations = [self.input, *self.outputs.values(), *([self.polygons] if self.polygons else [])]
+        return not all(storage.is_local(x) for x in locations)
 
 
 _MODELS: dict[tuple[str, int], Callable[[np.ndarray], np.ndarray]] = {}
@@ -664,9 +674,77 @@ def _run_job(job: _RasterJob) -> dict[str, Any]:
             pass  # only for the progress count; a full disk must not hide the raster's own result
 
 
+def _executor_predict_fn(job: _RasterJob) -> Callable[[np.ndarray], np.ndarray]:
+    """The job's model: from the card's folder, or, for a model in a store, from a copy in this
+    host's $TMPDIR that is deleted once loaded (kept in memory for the run's next rasters)."""
+    if job.model_url is None:
+        return load_predict_fn(job.card, job.threads)
+    key = (job.model_url, job.token)
+    if key not in _REMOTE_MODELS:
+        with storage.local_input(job.model_url) as folder:
+            rel = os.path.relpath(job.card.model_file, job.card.model_dir)
+            card = dataclasses.replace(job.card, model_dir=folder,
+                                       model_file=os.path.join(folder, rel))
+            fn = load_predict_fn(card, job.threads)
+        _REMOTE_MODELS.clear()
+        _REMOTE_MODELS[key] = fn
+    return _REMOTE_MODELS[key]
+
+
+_REMOTE_MODELS: dict[tuple[str, str], Callable[[np.ndarray], np.ndarray]] = {}
+
+
 def _predict_job(job: _RasterJob, started: float, progress: Callable[[int, int], None]) -> dict[str, Any]:
+    if not job.remote:
+        return _predict_local_job(job, started, progress)
+    # Inputs and outputs in a store: the raster is copied into this host's $TMPDIR, predicted
+    # there as on a disk, and each output uploaded whole once complete.
+    scratch = storage.temp_dir()
     try:
-        predict_fn = load_predict_fn(job.card, job.threads)
+        with storage.local_input(job.input, sidecars=True) as local_input:
+            local = {k: os.path.join(scratch, storage.basename(v)) for k, v in job.outputs.items()}
+            local_polygons = (os.path.join(scratch, storage.basename(job.polygons))
+                              if job.polygons else None)
+            local_job = dataclasses.replace(job, input=local_input, outputs=local,
+                                            polygons=local_polygons)
+            names = {local_input: job.input, **{local[k]: job.outputs[k] for k in local}}
+            if local_polygons and job.polygons:
+                names[local_polygons] = job.polygons
+
+            def named(text: Any) -> Any:
+                if isinstance(text, str):
+                    for path, url in names.items():
+                        text = text.replace(path, url)
+                return text
+
+            try:
+                summary = _predict_local_job(local_job, started, progress)
+            except RuntimeError as e:  # fail-fast: the message names the local copies
+                raise RuntimeError(named(str(e))) from None
+            if "error" not in summary:
+                for key in ("mask", "probabilities"):
+                    if key in local:
+                        storage.upload(local[key], job.outputs[key])
+                if local_polygons and job.polygons:
+                    storage.upload(local_polygons, job.polygons)
+        out = {k: named(v) for k, v in summary.items()}
+        if isinstance(summary.get("warnings"), list):
+            out["warnings"] = [named(w) for w in summary["warnings"]]
+        return out
+    except RsClusterError as e:
+        if job.fail_fast:
+            raise RuntimeError(f"{_MARK}{e}{_MARK}") from None
+        return {"input": job.input, "error": str(e)}
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _predict_local_job(job: _RasterJob, started: float,
+                       progress: Callable[[int, int], None]) -> dict[str, Any]:
+    try:
+        predict_fn = _executor_predict_fn(job)
         loaded, cpu = time.monotonic(), time.process_time()
         stats = predict_raster(job.input, job.card, predict_fn, job.outputs, overlap=job.overlap,
                                batch_size=job.batch_size, threshold=job.threshold, token=job.token,
@@ -731,8 +809,20 @@ def _read_progress(folder: str) -> int:
 # -- driver side ---------------------------------------------------------------------------------
 
 def _list_inputs(path: str) -> list[str]:
-    """Absolute paths of the input rasters: executors may run in another working folder."""
-    path = os.path.abspath(path)
+    """Absolute paths (or URLs) of the input rasters: executors may run in another folder."""
+    if not storage.is_local(path):
+        from rs_cluster.rasters import _list_located
+
+        url = path.rstrip("/")
+        if storage.is_file(url):
+            return [url]
+        if not storage.exists(url):
+            raise InputError(f"{url}: input not found (expected a raster or a folder of rasters)")
+        found = [str(p) for p in _list_located(url)]
+        if not found:
+            raise InputError(f"{url}: no rasters found (looked for {', '.join(RASTER_SUFFIXES)})")
+        return found
+    path = os.path.abspath(storage.local_path(path) or path)
     if os.path.isdir(path):
         found = [str(p) for p in list_rasters(path, refuse_unknown=True)]
         if not found:
@@ -748,8 +838,12 @@ def _raster_size(path: str) -> tuple[int, int] | str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with _open(path) as src:
-                return src.height, src.width
+            with storage.gdal_path(path) as readable:
+                try:
+                    with _open(readable) as src:
+                        return src.height, src.width
+                except RsClusterError as e:
+                    return str(e).replace(readable, path)
     except RsClusterError as e:
         return str(e)
 
@@ -763,30 +857,35 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
     """Predicts building masks for ``cfg.input`` (a raster or a folder of rasters) into ``cfg.output``."""
     reporter = reporter or Reporter()
     started = time.monotonic()
-    card = ModelCard.load(cfg.model)
+    model_url = None if storage.is_local(cfg.model) else cfg.model.rstrip("/")
+    # A model in a store is checked here on a copy; each executor downloads its own.
+    with storage.local_input(cfg.model) as model_dir:
+        card = ModelCard.load(storage.local_path(model_dir) or model_dir)
     if cfg.overlap >= card.tile_size:
         raise ConfigError(f"overlap {cfg.overlap} must be smaller than the model's tile size "
                           f"{card.tile_size}")
     threshold = card.threshold if cfg.threshold is None else cfg.threshold
     inputs = _list_inputs(cfg.input)
-    output = os.path.abspath(cfg.output)
+    remote_output = not storage.is_local(cfg.output)
+    output = cfg.output.rstrip("/") if remote_output else \
+        os.path.abspath(storage.local_path(cfg.output) or cfg.output)
 
     wanted = ["mask"] + (["probabilities"] if cfg.probabilities else []) + (["polygons"] if cfg.polygons else [])
     planned: dict[str, dict[str, str]] = {}
     by_stem: dict[str, str] = {}
     for path in inputs:
-        stem = Path(path).stem
+        stem = Path(storage.basename(path)).stem
         if stem in by_stem:
             raise InputError(f"{path}: its outputs would overwrite those of {by_stem[stem]} "
                              "(same file name stem); rename one of them")
         by_stem[stem] = path
-        names = output_names(path)
-        planned[path] = {k: os.path.join(output, names[k]) for k in wanted}
-    existing = [p for outs in planned.values() for p in outs.values() if os.path.exists(p)]
+        names = output_names(storage.basename(path))
+        planned[path] = {k: storage.join(output, names[k]) for k in wanted}
+    existing = [p for outs in planned.values() for p in outs.values() if storage.exists(p)]
     if existing and not cfg.overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise OutputExistsError(f"{existing[0]}: already exists{more}; pass --overwrite to replace")
-    os.makedirs(output, exist_ok=True)
+    storage.make_dirs(output)
 
     failures: list[dict[str, str]] = []
     sizes: dict[str, tuple[int, int]] = {}
@@ -808,7 +907,10 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
 
     total_windows = sum(windows_of(h, w) for h, w in sizes.values())
     token = f"{os.getpid()}-{secrets.token_hex(3)}"
-    progress_dir = os.path.join(output, f".predict-progress-{token}")
+    # Executors on this host count their windows in files here; elsewhere (a store) there is
+    # no shared folder, and the count moves one raster at a time instead.
+    progress_dir = os.path.join(storage.temp_dir() if remote_output else output,
+                                f".predict-progress-{token}")
     os.makedirs(progress_dir, exist_ok=True)
     outputs: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -817,7 +919,8 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                    message=f"predicting {len(sizes)} raster(s) on Spark ({master})")
     try:
         if sizes:
-            with spark_session(cfg.master, "rs-cluster predict", spark=spark) as session:
+            with spark_session(cfg.master, "rs-cluster predict", spark=spark,
+                               resources=cfg.resources) as session:
                 sc = session.sparkContext
                 slots = max(1, sc.defaultParallelism)
                 concurrent_tasks = max(1, min(len(sizes), slots))
@@ -830,7 +933,8 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                     polygons=planned[p].get("polygons"), min_polygon_px=cfg.min_polygon_px,
                     simplify_px=cfg.simplify_px,
                     progress_file=os.path.join(progress_dir, f"{i}.done"), token=token,
-                    threads=threads, fail_fast=cfg.fail_fast) for i, p in enumerate(order)]
+                    threads=threads, fail_fast=cfg.fail_fast, model_url=model_url)
+                    for i, p in enumerate(order)]
 
                 def report() -> None:
                     done = _read_progress(progress_dir)
@@ -859,15 +963,21 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                         reporter.warning(note)
                     outputs.append(r)
     finally:
-        _clean_partials(output, token, progress_dir)
+        if remote_output:
+            import shutil
+
+            shutil.rmtree(os.path.dirname(progress_dir), ignore_errors=True)
+        else:
+            _clean_partials(output, token, progress_dir)
     outputs.sort(key=lambda r: r["input"])
     seconds = time.monotonic() - started
-    write_json_atomic(os.path.join(output, PREDICTIONS_JSON), {
+    write_report = storage.write_json if remote_output else write_json_atomic
+    write_report(storage.join(output, PREDICTIONS_JSON), {
         "format": PREDICTIONS_FORMAT,
         "format_version": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rs_cluster_version": __version__,
-        "model": os.path.abspath(cfg.model),
+        "model": model_url or os.path.abspath(storage.local_path(cfg.model) or cfg.model),
         "tile_size": card.tile_size,
         "bands": list(card.bands),
         "overlap": cfg.overlap,

@@ -10,6 +10,7 @@ import argparse
 import json
 
 from rs_cluster.progress import Reporter
+from rs_cluster.settings import add_resource_options, resources_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--polygons", action="store_true",
                    help="also write building polygons to <stem>_buildings.gpkg")
     p.add_argument("--master", metavar="URL",
-                   help="Spark master (default local[*]; e.g. spark://host:7077, yarn)")
+                   help="Spark master (default: the cluster settings file's, else local[*]; "
+                   "e.g. spark://host:7077, yarn)")
+    add_resource_options(p)
     p.add_argument("--fail-fast", action="store_true",
                    help="stop at the first input that fails (default: report it, go on)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -61,7 +64,8 @@ def _run_predict(args: argparse.Namespace, reporter: Reporter) -> int:
     cfg = PredictConfig(model=args.model, input=args.input, output=args.output, overlap=args.overlap,
                         batch_size=args.batch_size, threshold=args.threshold,
                         probabilities=args.probabilities, polygons=args.polygons, master=args.master,
-                        fail_fast=args.fail_fast, overwrite=args.overwrite)
+                        fail_fast=args.fail_fast, overwrite=args.overwrite,
+                        resources=resources_from_args(args))
     result = run_predict(cfg, reporter=reporter)
     if args.json:
         print(json.dumps(asdict(result), indent=2, default=str))

@@ -14,7 +14,7 @@ import random
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
@@ -27,6 +27,7 @@ from rs_cluster.config import check_keys
 from rs_cluster.errors import ConfigError, InputError, OutputExistsError, RsClusterError
 from rs_cluster.progress import Reporter
 from rs_cluster.rasters import PairInfo, RasterPair, inspect_pair, pair_rasters, read_tiles, window_transform
+from rs_cluster.settings import SparkResources
 from rs_cluster.spark import Poller, resolve_master, spark_session
 from rs_cluster.windows import Window, tile_windows, window_rows
 
@@ -51,6 +52,7 @@ class PrepareConfig:
     master: str | None = None
     overwrite: bool = False
     skip_bad: bool = False
+    resources: SparkResources | None = None  # overrides of the cluster settings file
     rowgroup_size_mb: int = 8
 
     def __post_init__(self) -> None:
@@ -141,10 +143,53 @@ def assign_splits(raster_ids: Iterable[str], fractions: tuple[float, float, floa
     return out
 
 
+@contextlib.contextmanager
+def _local_pair(pair: RasterPair, folder: str | None = None) -> Iterator[tuple[RasterPair, Any]]:
+    """Executor side: ``pair`` with local paths GDAL opens (remote rasters are copied into this
+    host's $TMPDIR, into ``folder`` when given, with their sidecars), and a function that puts
+    the URLs back into a message that names the local copies."""
+    if storage.is_local(pair.image) and storage.is_local(pair.mask):
+        yield pair, (lambda text: text)
+        return
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            folder = stack.enter_context(_temp_folder())
+        paths = {}
+        for kind, url in (("image", pair.image), ("mask", pair.mask)):
+            sub = os.path.join(folder, kind, uuid.uuid5(uuid.NAMESPACE_URL, url).hex)
+            os.makedirs(sub, exist_ok=True)
+            local = os.path.join(sub, storage.basename(url))
+            if not os.path.exists(local):
+                local = storage.download(url, sub, sidecars=True)
+            paths[kind] = local
+
+        def named(text: str) -> str:
+            for kind, url in (("image", pair.image), ("mask", pair.mask)):
+                text = text.replace(paths[kind], url)
+            return text
+
+        yield RasterPair(pair.raster_id, paths["image"], paths["mask"]), named
+
+
+@contextlib.contextmanager
+def _temp_folder() -> Iterator[str]:
+    import shutil
+
+    folder = storage.temp_dir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _inspect(pair: RasterPair, tile_size: int) -> tuple[PairInfo | None, str | None]:
     """Executor side: check one pair; returns (info, None) or (None, the user-facing error)."""
     try:
-        info = inspect_pair(pair)
+        with _local_pair(pair) as (local, named):
+            try:
+                info = replace(inspect_pair(local), pair=pair)
+            except RsClusterError as e:
+                raise type(e)(named(str(e))) from None
         if min(info.width, info.height) < tile_size:
             raise InputError(f"{pair.image}: is {info.width}x{info.height} px, smaller than the "
                              f"{tile_size} px tile")
@@ -237,6 +282,10 @@ def _write_partition(index: int, items: Iterable[tuple[str, bytes]], staging: st
     arrow_schema = _arrow_schema(schema)
     writers: dict[str, tuple[Any, Any, str, str]] = {}  # split: (writer, filesystem, tmp, final)
     pending: dict[str, dict[str, list]] = {}
+    # Remote rasters are copied once per partition into this host's $TMPDIR (several tasks of a
+    # partition may read the same raster) and deleted with the partition.
+    copies = contextlib.ExitStack()
+    scratch = copies.enter_context(_temp_folder())
 
     def flush(split: str) -> None:
         batch = pending.pop(split, None)
@@ -248,15 +297,29 @@ def _write_partition(index: int, items: Iterable[tuple[str, bytes]], staging: st
         for split, blob in items:
             task: _Task = pickle.loads(blob)
             if split not in writers:
-                filesys, folder = storage.filesystem(storage.join(staging, split))
-                filesys.create_dir(folder, recursive=True)
-                final = f"{folder}/part-{index:05d}.parquet"
-                tmp = f"{folder}/.part-{index:05d}.parquet.{uuid.uuid4().hex}.tmp"
-                writers[split] = (pq.ParquetWriter(tmp, arrow_schema, filesystem=filesys,
-                                                   compression="snappy"), filesys, tmp, final)
+                split_url = storage.join(staging, split)
+                if storage.renames(split_url):
+                    filesys, folder = storage.filesystem(split_url)
+                    storage.make_dirs(split_url)
+                    final = f"{folder}/part-{index:05d}.parquet"
+                    tmp = f"{folder}/.part-{index:05d}.parquet.{uuid.uuid4().hex}.tmp"
+                    writer = pq.ParquetWriter(tmp, arrow_schema, filesystem=filesys,
+                                              compression="snappy")
+                else:
+                    # An object store renames by copying, and pyarrow leaves an empty "folder/"
+                    # object behind when it deletes the old name: write here, upload when
+                    # complete (one object that appears whole).
+                    filesys, final = None, storage.join(split_url, f"part-{index:05d}.parquet")
+                    tmp = os.path.join(scratch, f"{split}-part-{index:05d}.parquet")
+                    writer = pq.ParquetWriter(tmp, arrow_schema, compression="snappy")
+                writers[split] = (writer, filesys, tmp, final)
             batch = pending.setdefault(split, {name: [] for name in arrow_schema.names})
             tiles = building = 0
+            named: Any = str
             try:
+                local, named = copies.enter_context(_local_pair(task.info.pair, scratch))
+                if local is not task.info.pair:
+                    task = replace(task, info=replace(task.info, pair=local))
                 for row, px in _encoded_rows(task, schema):
                     for name, value in row.items():
                         batch[name].append(value)
@@ -266,20 +329,29 @@ def _write_partition(index: int, items: Iterable[tuple[str, bytes]], staging: st
                         flush(split)
                         batch = pending.setdefault(split, {name: [] for name in arrow_schema.names})
             except RsClusterError as e:
-                raise RuntimeError(f"{_MARK}{task.info.pair.raster_id}{_SEP}{e}{_MARK}") from None
+                raise RuntimeError(f"{_MARK}{task.info.pair.raster_id}{_SEP}{named(str(e))}{_MARK}"
+                                   ) from None
             accumulator.add({task.info.pair.raster_id: (tiles, building)})
             yield task.info.pair.raster_id, split, tiles, building
         for split, (writer, filesys, tmp, final) in list(writers.items()):
             flush(split)
             writer.close()
-            filesys.move(tmp, final)
+            if filesys is None:
+                storage.upload(tmp, final)
+                os.unlink(tmp)
+            else:
+                filesys.move(tmp, final)
             del writers[split]
     finally:
         for writer, filesys, tmp, _ in writers.values():  # only after a failure: drop partial files
             with contextlib.suppress(Exception):
                 writer.close()
             with contextlib.suppress(Exception):
-                filesys.delete_file(tmp)
+                if filesys is None:
+                    os.unlink(tmp)
+                else:
+                    filesys.delete_file(tmp)
+        copies.close()
 
 
 def _as_float_array(values: Iterable[float]):
@@ -316,7 +388,8 @@ def run_prepare(cfg: PrepareConfig, *, reporter: Reporter | None = None, spark: 
 
     reporter.start("prepare", total=len(pairs), unit="rasters",
                    message=f"checking {len(pairs)} image/mask pairs on Spark ({resolve_master(cfg.master)})")
-    with spark_session(cfg.master, "rs-cluster prepare", spark=spark) as session:
+    with spark_session(cfg.master, "rs-cluster prepare", spark=spark,
+                       resources=cfg.resources) as session:
         sc = session.sparkContext
         checked = sc.parallelize(pairs, max(1, min(len(pairs), sc.defaultParallelism * 4))) \
             .map(lambda p, t=cfg.tile_size: _inspect(p, t)).collect()
@@ -345,7 +418,7 @@ def run_prepare(cfg: PrepareConfig, *, reporter: Reporter | None = None, spark: 
             storage.write_json(storage.join(staging, DATASET_JSON), meta)
             # An existing dataset (only with --overwrite, checked above) goes only once the new
             # one is in place: a run killed or failing here leaves one whole dataset, never none.
-            storage.replace_dir(staging, output_url)
+            storage.replace_dir(staging, output_url, commit_file=DATASET_JSON)
         except BaseException:
             storage.delete_dir(staging)
             raise
@@ -420,9 +493,15 @@ def _write_splits(session: Any, schema: Any, infos: list[PairInfo], split_of: di
         url = storage.join(staging, split)
         if storage.exists(url):
             # The files are in place: Petastorm adds its Unischema and row-group metadata.
-            with materialize_dataset(session, url, schema, cfg.rowgroup_size_mb):
+            with materialize_dataset(session, storage.petastorm_url(url), schema,
+                                     cfg.rowgroup_size_mb,
+                                     filesystem_factory=storage.petastorm_fs_factory(url)):
                 pass
     return stats, skipped
+
+
+def _source(location: str) -> str:
+    return os.path.abspath(location) if not storage.is_url(location) else location
 
 
 def _dataset_meta(cfg: PrepareConfig, stride: int, infos: list[PairInfo], split_of: dict[str, str],
@@ -442,8 +521,8 @@ def _dataset_meta(cfg: PrepareConfig, stride: int, infos: list[PairInfo], split_
         }
     sources = [{
         "raster_id": i.pair.raster_id,
-        "image": os.path.abspath(i.pair.image),
-        "mask": os.path.abspath(i.pair.mask),
+        "image": _source(i.pair.image),
+        "mask": _source(i.pair.mask),
         "width": i.width,
         "height": i.height,
         "crs": i.crs_wkt,
@@ -467,5 +546,5 @@ def _dataset_meta(cfg: PrepareConfig, stride: int, infos: list[PairInfo], split_
         "splits": splits,
         "sources": sources,
         "skipped": bad,
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("overwrite",)},
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "resources")},
     }

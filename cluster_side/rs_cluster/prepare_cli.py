@@ -7,6 +7,7 @@ import json
 
 from rs_cluster.errors import ConfigError
 from rs_cluster.progress import Reporter
+from rs_cluster.settings import add_resource_options, resources_from_args
 
 
 def _split(text: str) -> tuple[float, float, float]:
@@ -35,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fractions of rasters per split (default 0.6,0.2,0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split by raster (default 0)")
     p.add_argument("--master", metavar="URL",
-                   help="Spark master (default local[*]; e.g. spark://host:7077, yarn)")
+                   help="Spark master (default: the cluster settings file's, else local[*]; "
+                   "e.g. spark://host:7077, yarn)")
+    add_resource_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
     p.add_argument("--skip-bad", action="store_true",
                    help="report and skip bad image/mask pairs instead of stopping")
@@ -52,7 +55,7 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
         cfg = PrepareConfig(images=args.images, masks=args.masks, output=args.output,
                             tile_size=args.tile_size, stride=args.stride, split=args.split,
                             seed=args.seed, master=args.master, overwrite=args.overwrite,
-                            skip_bad=args.skip_bad)
+                            skip_bad=args.skip_bad, resources=resources_from_args(args))
     except TypeError as e:  # pragma: no cover - argparse already typed everything
         raise ConfigError(str(e)) from None
     result = run_prepare(cfg, reporter=reporter)

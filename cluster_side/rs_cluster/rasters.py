@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -153,12 +153,12 @@ def pair_rasters(images_dir: str | os.PathLike[str], masks_dir: str | os.PathLik
 
     Returns the pairs and an error for every image without a mask; raises when there is no image.
     """
-    images = list_rasters(images_dir, refuse_unknown=True)
+    images = _list_located(images_dir)
     if not images:
         raise InputError(f"{images_dir}: no rasters found (looked for {', '.join(RASTER_SUFFIXES)})")
-    masks = list_rasters(masks_dir, refuse_unknown=True)
+    masks = _list_located(masks_dir)
     by_name = {p.name: p for p in masks}
-    by_stem: dict[str, list[Path]] = {}
+    by_stem: dict[str, list[_Located]] = {}
     for p in masks:
         by_stem.setdefault(p.stem, []).append(p)
     pairs, missing = [], []
@@ -172,6 +172,45 @@ def pair_rasters(images_dir: str | os.PathLike[str], masks_dir: str | os.PathLik
             continue
         pairs.append(RasterPair(raster_id=image.name, image=str(image), mask=str(mask)))
     return pairs, missing
+
+
+@dataclass(frozen=True)
+class _Located:
+    """A raster found in an input folder: its name, and its path or URL."""
+
+    name: str
+    location: str
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
+
+    def __str__(self) -> str:
+        return self.location
+
+
+def _list_located(folder: str | os.PathLike[str]) -> list[_Located]:
+    """:func:`list_rasters` for a local folder; for a storage URL (s3://, hdfs://) the same rules
+    over the store's listing (see :mod:`rs_cluster.storage`), rasters named by URL."""
+    from rs_cluster import storage
+
+    if storage.is_local(str(folder)):
+        return [_Located(p.name, str(p)) for p in list_rasters(folder, refuse_unknown=True)]
+    url = str(folder).rstrip("/")
+    if not storage.is_dir(url):
+        raise InputError(f"{url}: not a folder (expected a folder of rasters)")
+    found = []
+    for name, is_a_file in storage.list_dir(url):
+        if name.startswith(".") or not is_a_file:
+            continue
+        if is_raster(name):
+            found.append(_Located(name, storage.join(url, name)))
+        elif not is_sidecar(name):
+            raise InputError(f"{storage.join(url, name)}: not a raster format rs-cluster reads "
+                             f"({', '.join(RASTER_SUFFIXES)}) nor a sidecar of one "
+                             f"({', '.join(SIDECAR_SUFFIXES)}); convert it to GeoTIFF or move it "
+                             "out of the folder")
+    return found
 
 
 def _open(path: str):

@@ -19,16 +19,27 @@ _LOG4J = Path(__file__).with_name("log4j2.properties")
 
 
 def resolve_master(master: str | None) -> str:
-    return master or os.environ.get("RS_SPARK_MASTER") or DEFAULT_MASTER
+    """The master a stage runs on: ``master`` if given, else the cluster settings file's, else
+    ``$RS_SPARK_MASTER``, else ``local[*]`` (see :mod:`rs_cluster.settings`)."""
+    from rs_cluster.settings import effective_spark
+
+    return effective_spark(master).master
 
 
 @contextlib.contextmanager
 def spark_session(master: str | None = None, app_name: str = "rs-cluster",
-                  conf: dict[str, str] | None = None, spark: Any = None) -> Iterator[Any]:
-    """Yields a SparkSession; stops it afterwards unless one was passed in as ``spark``."""
+                  conf: dict[str, str] | None = None, spark: Any = None,
+                  resources: Any = None) -> Iterator[Any]:
+    """Yields a SparkSession; stops it afterwards unless one was passed in as ``spark``.
+
+    ``master`` and ``resources`` (a :class:`rs_cluster.settings.SparkResources`) are the job's
+    overrides; what they leave unset comes from the cluster settings file."""
     if spark is not None:
         yield spark
         return
+    from rs_cluster.settings import effective_spark
+
+    effective = effective_spark(master, resources)  # a bad settings file stops us before the JVM
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     # Python workers inherit this: petastorm and rasterio warn about things users cannot change.
@@ -36,7 +47,7 @@ def spark_session(master: str | None = None, app_name: str = "rs-cluster",
     quiet_library_warnings()
     from pyspark.sql import SparkSession
 
-    master = resolve_master(master)
+    master = effective.master
     java_opts = f"-Dlog4j.configurationFile=file:{_LOG4J} -Dlog4j2.configurationFile=file:{_LOG4J}"
     settings = {
         "spark.ui.showConsoleProgress": "false",
@@ -51,6 +62,7 @@ def spark_session(master: str | None = None, app_name: str = "rs-cluster",
     if master.startswith("local") or "127.0.0.1" in master or "localhost" in master:
         settings.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
                          "spark.ui.enabled": "false"})
+    settings.update(effective.resources.spark_conf())
     settings.update(conf or {})
     builder = SparkSession.builder.master(master).appName(app_name)
     for key, value in settings.items():

@@ -19,6 +19,7 @@ is complete or absent; an interrupted run leaves the hidden folder for ``--resum
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -31,12 +32,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from rs_cluster import __version__
+from rs_cluster import __version__, storage
 from rs_cluster.atomic import replace_dir, write_json_atomic, write_text_atomic
 from rs_cluster.dataset import DatasetInfo, load_dataset
 from rs_cluster.config import check_keys
-from rs_cluster.errors import ClusterError, ConfigError, InputError, OutputExistsError
+from rs_cluster.errors import ClusterError, ConfigError, InputError, OutputExistsError, StorageError
 from rs_cluster.progress import Reporter
+from rs_cluster.settings import SparkResources
 from rs_cluster.spark import Poller, quiet_library_warnings, resolve_master, spark_session
 
 MODEL_FORMAT = "rs-cluster-model"
@@ -84,6 +86,7 @@ class TrainConfig:
     slot_wait_s: float = 30.0
     augment: bool = True
     max_restarts: int = 2  # times a run that lost a worker starts again from its last checkpoint
+    resources: SparkResources | None = None  # overrides of the cluster settings file
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "num_proc": self.num_proc,
@@ -103,9 +106,6 @@ class TrainConfig:
                               f"(got {self.tile_size})")
         if self.resume and self.overwrite:
             raise ConfigError("train: --resume and --overwrite contradict each other; pick one")
-        if "://" in self.model_dir and not self.model_dir.startswith("file://"):
-            raise ConfigError(f"train: {self.model_dir}: the model folder must be a local or shared "
-                              "filesystem path")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -137,11 +137,13 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
     info = load_dataset(cfg.data)
     tile_size = _check_tiles(info, cfg)
     train_tiles, val_tiles = _check_splits(info)
-    final = Path(cfg.model_dir.removeprefix("file://")).absolute()
-    work = final.parent / f".{final.name}.training"
+    # The model folder and the run's work folder are locations (a path, file://, s3://, hdfs://):
+    # rank 0 may run on any node, so it reads and writes them through rs_cluster.storage.
+    final, work = _locations(cfg.model_dir)
     fingerprint = {"data": info.url, "tile_size": tile_size, "base_filters": cfg.base_filters,
                    "dice": cfg.dice, "engine": cfg.engine}
-    if cfg.resume and not cfg.overwrite and _read_state(work) is None and (final / MODEL_JSON).is_file():
+    if cfg.resume and not cfg.overwrite and _read_state(work) is None and \
+            storage.is_file(storage.join(final, MODEL_JSON)):
         reporter.finish(f"{cfg.model_dir}: training is already complete; nothing to resume")
         return _result_from_card(final)
     state = _claim_model_dir(cfg, final, work, fingerprint, reporter)
@@ -159,9 +161,8 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
         "warmup_epochs": cfg.warmup_epochs, "seed": cfg.seed, "augment": cfg.augment,
         "steps_per_epoch": steps, "validation_steps": cfg.validation_steps, "threads": cfg.threads,
     }
-    work.mkdir(parents=True, exist_ok=True)
-    events = work / EVENTS_FILE
-    relay = _EventRelay(events, reporter, cfg.epochs * steps)
+    storage.make_dirs(work)
+    relay = _EventRelay(storage.join(work, EVENTS_FILE), reporter, cfg.epochs * steps)
     where = "in this process" if world == 1 else f"as Spark tasks on {resolve_master(cfg.master)}"
     resuming = f", resuming after epoch {resumed_from}" if resumed_from else ""
     reporter.start("train", total=cfg.epochs * steps, unit="steps",
@@ -180,7 +181,7 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
         workers = _launch(cfg, spec, relay, reporter, spark, restarts)
     except BaseException:
         if _read_state(work) is None:  # nothing to resume: leave no trace
-            shutil.rmtree(work, ignore_errors=True)
+            _remove(work)
         raise
 
     final_state = _read_state(work)
@@ -188,10 +189,10 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
         raise ClusterError(f"{work}: training ended without a checkpoint state")
     wall = prior_wall + time.monotonic() - started
     card = _model_card(info, cfg, spec, final_state, workers, wall, resumed_from, restarts)
-    staged = work / STAGED_MODEL
-    write_json_atomic(staged / MODEL_JSON, card)  # last: its presence means the model is complete
+    staged = storage.join(work, STAGED_MODEL)
+    _write_json(storage.join(staged, MODEL_JSON), card)  # last: it means the model is complete
     _commit(staged, final, cfg.overwrite)
-    shutil.rmtree(work, ignore_errors=True)
+    _remove(work)
     result = TrainResult(model_dir=str(final), epochs=card["epochs"], best_epoch=card["best_epoch"],
                          stopped_early=card["training"]["stopped_early"], world_size=world,
                          wall_time_s=round(wall, 3), resumed_from=resumed_from, workers=workers,
@@ -221,10 +222,11 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         with Poller(relay.poll):
             return engine.launch(train_worker, (spec,), num_proc=1)
-    with spark_session(cfg.master, "rs-cluster train", spark=spark) as session:
+    with spark_session(cfg.master, "rs-cluster train", spark=spark,
+                       resources=cfg.resources) as session:
         sc = session.sparkContext
         _wait_for_slots(sc, world, 0 if sc.master.startswith("local") else cfg.slot_wait_s)
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+        env = {**_worker_env(), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
         while True:
             reporter.info(f"starting {world} {engine.name} workers on {sc.master}")
             output = _TailStream(sys.stderr)  # worker output to stderr: stdout may carry events
@@ -242,7 +244,7 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
                         f"({lost or type(e).__name__ + ': ' + _first_line(e)}); last worker "
                         f"error: {output.last_error() or 'none'}; continue with --resume once "
                         "fixed") from e
-            state = _read_state(Path(spec["work"]))
+            state = _read_state(spec["work"])
             done = int(state["epochs_done"]) if state else 0
             restarts.append(done)
             where = f"its checkpoint after epoch {done}" if done else "epoch 1 (no checkpoint yet)"
@@ -250,6 +252,21 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
                              f"(restart {len(restarts)} of at most {cfg.max_restarts})",
                              restart=len(restarts), max_restarts=cfg.max_restarts,
                              resume_epoch=done)
+
+
+# Horovod sets the variables it is given over each worker's own environment. These belong to the
+# host (its home, temp folder, Spark address) or are credentials: a worker on another host keeps
+# its own, and finds its storage keys on its own node, never through the driver.
+_HOST_ENV = ("HOME", "TMPDIR", "TMP", "TEMP", "PWD", "OLDPWD", "HOSTNAME", "SPARK_LOCAL_IP",
+             "SPARK_LOCAL_DIRS", "SPARK_PUBLIC_DNS", "RS_RIG_HOST", "AWS_ACCESS_KEY_ID",
+             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+             "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_PROFILE", "KRB5CCNAME",
+             "HADOOP_TOKEN_FILE_LOCATION")
+
+
+def _worker_env() -> dict[str, str]:
+    """The driver's environment as the Horovod workers get it: without :data:`_HOST_ENV`."""
+    return {k: v for k, v in os.environ.items() if k not in _HOST_ENV}
 
 
 def _first_line(e: BaseException) -> str:
@@ -268,13 +285,13 @@ def _check_tiles(info: DatasetInfo, cfg: TrainConfig) -> int:
     if tile < DIVISOR or tile % DIVISOR:
         raise InputError(f"{cfg.data}: {tile} px tiles do not fit the U-Net, which halves them four "
                          f"times; prepare tiles whose side is a multiple of {DIVISOR} (e.g. 128)")
-    from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
+    from rs_cluster.dataset import read_schema
 
     for split in ("train", "val"):
         if info.split_tiles(split) == 0:
             continue
         try:
-            shape = get_schema_from_dataset_url(info.split_url(split)).fields["image"].shape
+            shape = read_schema(info.split_url(split)).fields["image"].shape
         except Exception as e:
             raise InputError(f"{info.split_url(split)}: not a readable Petastorm tile dataset "
                              f"({type(e).__name__}: {e})") from None
@@ -293,18 +310,18 @@ def _check_splits(info: DatasetInfo) -> tuple[int, int]:
     return counts["train"], counts["val"]
 
 
-def _claim_model_dir(cfg: TrainConfig, final: Path, work: Path, fingerprint: dict[str, Any],
+def _claim_model_dir(cfg: TrainConfig, final: str, work: str, fingerprint: dict[str, Any],
                      reporter: Reporter) -> dict[str, Any] | None:
     """Decides what to do with an existing model folder or unfinished run.
 
     Returns the state of the run to resume, or None to train from epoch 1.
     """
-    has_model = (final / MODEL_JSON).is_file()
-    nonempty = final.is_dir() and any(final.iterdir())
-    if final.exists() and not final.is_dir():
+    has_model = storage.is_file(storage.join(final, MODEL_JSON))
+    nonempty = storage.is_dir(final) and storage.is_nonempty_dir(final)
+    if storage.exists(final) and not storage.is_dir(final):
         raise OutputExistsError(f"{cfg.model_dir}: exists and is not a folder")
     if cfg.overwrite:
-        shutil.rmtree(work, ignore_errors=True)  # the old model stays until the new one is complete
+        _remove(work)  # the old model stays until the new one is complete
         return None
     state = _read_state(work)
     if state is not None:
@@ -330,7 +347,7 @@ def _claim_model_dir(cfg: TrainConfig, final: Path, work: Path, fingerprint: dic
         raise OutputExistsError(f"{cfg.model_dir}: exists, is not empty and holds no rs-cluster "
                                 "model; choose another folder or pass --overwrite")
     # A run that died before its first checkpoint left nothing worth keeping.
-    shutil.rmtree(work, ignore_errors=True)
+    _remove(work)
     if cfg.resume:
         reporter.info(f"{cfg.model_dir}: no checkpoint to resume from; training from epoch 1")
     return None
@@ -391,18 +408,31 @@ class _TailStream:
 class _EventRelay:
     """Driver side: reads rank 0's events file as it grows and passes the events to the reporter."""
 
-    def __init__(self, path: Path, reporter: Reporter, total: int) -> None:
-        self._path = path
+    def __init__(self, location: str, reporter: Reporter, total: int) -> None:
+        # Rank 0 appends to a local file, or re-uploads the whole (small) file to a store.
+        local = storage.local_path(location)
+        self._path = Path(local) if local is not None else None
+        self._url = location
         self._reporter = reporter
         self._total = total
-        self._offset = path.stat().st_size if path.exists() else 0
+        self._offset = len(self._read(0))
+
+    def _read(self, offset: int) -> bytes:
+        if self._path is not None:
+            if not self._path.exists():
+                return b""
+            with open(self._path, "rb") as f:
+                f.seek(offset)
+                return f.read()
+        try:
+            return storage.read_bytes(self._url)[offset:] if storage.exists(self._url) else b""
+        except StorageError:
+            return b""  # a store that hiccups between two polls: the next poll catches up
 
     def poll(self) -> None:
-        if not self._path.exists():
+        data = self._read(self._offset)
+        if not data:
             return
-        with open(self._path, "rb") as f:
-            f.seek(self._offset)
-            data = f.read()
         end = data.rfind(b"\n") + 1
         self._offset += end
         for line in data[:end].decode("utf-8").splitlines():
@@ -421,19 +451,49 @@ class _EventRelay:
 
 # -- outputs ----------------------------------------------------------------------------------------
 
-def _read_state(work: Path) -> dict[str, Any] | None:
-    path = work / STATE_FILE
-    if not path.is_file():
+def _locations(model_dir: str) -> tuple[str, str]:
+    """(model folder, work folder ``.<name>.training`` beside it): absolute paths for local
+    folders, as before, else URLs."""
+    if storage.is_local(model_dir):
+        final = Path(storage.local_path(model_dir) or model_dir).absolute()
+        return str(final), str(final.parent / f".{final.name}.training")
+    final_url = model_dir.rstrip("/")
+    return final_url, storage.sibling(final_url, f".{storage.basename(final_url)}.training")
+
+
+def _read_state(work: str | Path) -> dict[str, Any] | None:
+    path = storage.join(str(work), STATE_FILE)
+    if not storage.is_file(path):
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return storage.read_json(path)
 
 
-def _commit(staged: Path, final: Path, overwrite: bool) -> None:
+def _write_json(location: str, data: Any) -> None:
+    if storage.is_local(location):
+        write_json_atomic(storage.local_path(location) or location, data)
+    else:
+        storage.write_json(location, data)
+
+
+def _remove(location: str) -> None:
+    local = storage.local_path(location)
+    if local is not None:
+        shutil.rmtree(local, ignore_errors=True)
+    else:
+        with contextlib.suppress(StorageError):
+            storage.delete_dir(location)
+
+
+def _commit(staged: str, final: str, overwrite: bool) -> None:
     """Renames the staged model folder into place, replacing an old one only when allowed."""
-    if final.exists() and any(final.iterdir()) and not overwrite:
+    if storage.is_nonempty_dir(final) and not overwrite:
         raise OutputExistsError(f"{final}: appeared while this run was training; left it untouched "
                                 f"(the new model is in {staged})")
-    replace_dir(staged, final)  # the old model goes only once the new one is in place, flushed
+    local_staged, local_final = storage.local_path(staged), storage.local_path(final)
+    if local_staged is not None and local_final is not None:
+        replace_dir(local_staged, local_final)  # the old model goes only once the new is in place
+    else:
+        storage.replace_dir(staged, final, commit_file=MODEL_JSON)
 
 
 def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state: dict[str, Any],
@@ -485,8 +545,8 @@ def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state
     }
 
 
-def _result_from_card(final: Path) -> TrainResult:
-    card = json.loads((final / MODEL_JSON).read_text(encoding="utf-8"))
+def _result_from_card(final: str) -> TrainResult:
+    card = storage.read_json(storage.join(final, MODEL_JSON))
     return TrainResult(model_dir=str(final), epochs=card["epochs"], best_epoch=card["best_epoch"],
                        stopped_early=bool(card.get("training", {}).get("stopped_early")),
                        world_size=card["world_size"], wall_time_s=card["wall_time_s"])
@@ -495,19 +555,85 @@ def _result_from_card(final: Path) -> TrainResult:
 # -- worker side ------------------------------------------------------------------------------------
 
 class _EventLog:
-    """Rank 0's events, one JSON object a line, appended and flushed at once."""
+    """Rank 0's events, one JSON object a line, appended and flushed at once. With ``upload_to``
+    (the work folder is in a store) the file is uploaded whole at most every
+    ``UPLOAD_EVERY_S`` and on close: the driver, on another host, reads it there."""
 
-    def __init__(self, path: Path | None) -> None:
+    UPLOAD_EVERY_S = 1.0
+
+    def __init__(self, path: Path | None, upload_to: str | None = None) -> None:
         self._stream = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+        self._path, self._url = path, upload_to
+        self._uploaded = 0.0
 
     def write(self, **event: Any) -> None:
         if self._stream is not None:
             self._stream.write(json.dumps(event, default=float) + "\n")
             self._stream.flush()
+            if self._url and time.monotonic() - self._uploaded >= self.UPLOAD_EVERY_S:
+                self._upload()
+
+    def _upload(self) -> None:
+        assert self._path is not None and self._url is not None
+        try:
+            storage.upload(str(self._path), self._url)
+        except StorageError:
+            pass  # only progress: the next upload carries these events too
+        self._uploaded = time.monotonic()
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
+            if self._url:
+                self._upload()
+
+
+class _WorkMirror:
+    """A worker's view of the run's work folder: the folder itself when it is local (a disk or a
+    shared mount), else a private copy in this host's $TMPDIR, downloaded by rank 0 when a run
+    resumes and uploaded by :meth:`sync` after each epoch: new and changed files first,
+    ``state.json`` (which names the checkpoint) after them, files gone locally deleted last."""
+
+    def __init__(self, url: str, chief: bool) -> None:
+        local = storage.local_path(url)
+        self.url = url
+        self.remote = local is None
+        self._synced: dict[str, tuple[int, int]] = {}
+        if local is not None:
+            self.path = Path(local)
+            return
+        self.path = Path(storage.temp_dir())
+        if chief and storage.is_dir(url):
+            storage.download_to(url, str(self.path))
+            self._synced = self._files()
+
+    @property
+    def events_url(self) -> str | None:
+        return storage.join(self.url, EVENTS_FILE) if self.remote else None
+
+    def _files(self) -> dict[str, tuple[int, int]]:
+        out = {}
+        for p in self.path.rglob("*"):
+            rel = p.relative_to(self.path).as_posix()
+            if p.is_file() and rel != EVENTS_FILE:  # the event log uploads itself
+                st = p.stat()
+                out[rel] = (st.st_size, st.st_mtime_ns)
+        return out
+
+    def sync(self) -> None:
+        if not self.remote:
+            return
+        files = self._files()
+        for rel in sorted(files, key=lambda r: (r == STATE_FILE, r)):
+            if self._synced.get(rel) != files[rel]:
+                storage.upload(str(self.path / rel), storage.join(self.url, rel))
+        for rel in sorted(set(self._synced) - set(files)):
+            storage.delete_file(storage.join(self.url, rel))
+        self._synced = files
+
+    def close(self) -> None:
+        if self.remote:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _open_reader(url: str, rank: int, size: int, seed: int, shuffle: bool, log: _EventLog,
@@ -542,8 +668,17 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     device = engine.init(spec["threads"])
     rank, size = engine.rank(), engine.size()
     chief = rank == 0  # rank 0 alone writes checkpoints, logs and the model
-    work = Path(spec["work"])
-    log = _EventLog(work / EVENTS_FILE if chief else None)
+    mirror = _WorkMirror(spec["work"], chief)
+    try:
+        return _train_worker(spec, engine, device, rank, size, chief, mirror)
+    finally:
+        mirror.close()
+
+
+def _train_worker(spec: dict[str, Any], engine: Any, device: str, rank: int, size: int,
+                  chief: bool, mirror: _WorkMirror) -> dict[str, Any]:
+    work = mirror.path
+    log = _EventLog(work / EVENTS_FILE if chief else None, mirror.events_url if chief else None)
     log.write(event="info", message=f"{size} worker(s) up; rank 0 on {device}")
 
     import tensorflow as tf
@@ -585,7 +720,8 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
                                      augment_tiles=spec["augment"], seed=spec["seed"] + rank)
         val_ds = unet.tile_batches(val_reader, spec["batch_size"], shard=val_shard)
 
-        keeper = _EpochKeeper(engine, chief, state, checkpoint, work, spec, size, log)
+        keeper = _EpochKeeper(engine, chief, state, checkpoint, work, spec, size, log,
+                              sync=mirror.sync)
         callbacks = engine.callbacks(initial_lr=lr, warmup_epochs=spec["warmup_epochs"],
                                      steps_per_epoch=spec["steps_per_epoch"])
         callbacks.append(keeper)  # after the engine's: it needs the averaged metrics
@@ -611,6 +747,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
             final.set_weights(net.get_weights())
         staged.mkdir(parents=True, exist_ok=True)
         final.save(str(staged / MODEL_FILE))
+        mirror.sync()
     log.close()
     return {"rank": rank, "pid": os.getpid(), "device": device, "weights_sha256": digest}
 
@@ -626,8 +763,10 @@ def _make_epoch_keeper() -> type:
         """
 
         def __init__(self, engine: Any, chief: bool, state: dict[str, Any] | None, checkpoint: Any,
-                     work: Path, spec: dict[str, Any], size: int, log: _EventLog) -> None:
+                     work: Path, spec: dict[str, Any], size: int, log: _EventLog,
+                     sync: Any = None) -> None:
             super().__init__()
+            self.sync = sync  # puts what rank 0 wrote into the work folder's store, if any
             self.engine, self.chief, self.work, self.spec, self.size, self.log = (
                 engine, chief, work, spec, size, log)
             state = state or {}
@@ -703,6 +842,8 @@ def _make_epoch_keeper() -> type:
                 staged = self.work / STAGED_MODEL
                 write_text_atomic(staged / METRICS_FILE,
                                   "".join(json.dumps(r) + "\n" for r in self.history))
+                if self.sync is not None:
+                    self.sync()
                 self.log.write(event="metrics", **row)
                 self.log.write(event="progress", done=(epoch + 1) * self.spec["steps_per_epoch"],
                                message=f"epoch {epoch + 1}/{self.spec['epochs']} done"

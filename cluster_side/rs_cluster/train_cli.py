@@ -6,6 +6,7 @@ import argparse
 import json
 
 from rs_cluster.progress import Reporter
+from rs_cluster.settings import add_resource_options, resources_from_args
 
 
 def _nics(text: str) -> tuple[str, ...]:
@@ -28,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="tiles per step per worker (default 16)")
     p.add_argument("--num-proc", type=int, default=1, metavar="N",
                    help="Horovod workers (default 1: in this process; more: as Spark tasks)")
-    p.add_argument("--master", metavar="URL", help="Spark master for N > 1 (default local[*])")
+    p.add_argument("--master", metavar="URL", help="Spark master for N > 1 (default: the cluster "
+                   "settings file's, else local[*])")
+    add_resource_options(p)
     p.add_argument("--lr", type=float, default=1e-4,
                    help="Adam learning rate of one worker; scaled by N with warm-up (default 1e-4)")
     p.add_argument("--patience", type=int, default=5,
@@ -75,7 +78,7 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
         dice=args.dice, tile_size=args.tile_size, steps_per_epoch=args.steps_per_epoch,
         validation_steps=args.validation_steps, warmup_epochs=args.warmup_epochs,
         threads=args.threads_per_worker, nics=args.nics, augment=not args.no_augment,
-        max_restarts=args.max_restarts)
+        max_restarts=args.max_restarts, resources=resources_from_args(args))
     result = run_train(cfg, reporter=reporter)
     if args.json:
         print(json.dumps(asdict(result), indent=2))

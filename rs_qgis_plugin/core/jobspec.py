@@ -19,20 +19,29 @@ from rs_qgis_plugin.core.errors import SpecError
 
 SCHEMA_VERSION = 1
 
+# What a job may override of the cluster's settings file in each Spark stage; "conf" is an object
+# of extra Spark settings ({"spark.executor.memoryOverhead": "1g"}).
+SPARK_OVERRIDE_PARAMS: dict[str, str] = {"master": "str", "executor_cores": "int",
+                                         "executor_memory": "str", "max_cores": "int",
+                                         "queue": "str", "spark_conf": "conf"}
+_SPARK_KEY = re.compile(r"spark\.[A-Za-z0-9_.\-]+")
+
 # stage -> parameter -> kind; mirrors the cluster's whitelist.
 STAGE_PARAMS: dict[str, dict[str, str]] = {
     "prepare": {"images": "path", "masks": "path", "output": "path", "tile_size": "int",
-                "stride": "int", "split": "split", "seed": "int", "master": "str",
-                "overwrite": "flag", "skip_bad": "flag"},
+                "stride": "int", "split": "split", "seed": "int",
+                "overwrite": "flag", "skip_bad": "flag", **SPARK_OVERRIDE_PARAMS},
     "train": {"data": "path", "model_dir": "path", "epochs": "int", "batch_size": "int",
-              "num_proc": "int", "master": "str", "lr": "float", "patience": "int",
+              "num_proc": "int", "lr": "float", "patience": "int",
               "resume": "flag", "overwrite": "flag", "base_filters": "int", "seed": "int",
               "dice": "flag", "tile_size": "int", "steps_per_epoch": "int",
               "validation_steps": "int", "warmup_epochs": "int", "threads_per_worker": "int",
-              "nics": "str", "no_augment": "flag", "max_restarts": "int"},
+              "nics": "str", "no_augment": "flag", "max_restarts": "int",
+              **SPARK_OVERRIDE_PARAMS},
     "predict": {"model": "path", "input": "path", "output": "path", "overlap": "int",
                 "batch_size": "int", "threshold": "float", "probabilities": "flag",
-                "polygons": "flag", "master": "str", "fail_fast": "flag", "overwrite": "flag"},
+                "polygons": "flag", "fail_fast": "flag", "overwrite": "flag",
+                **SPARK_OVERRIDE_PARAMS},
     "evaluate": {"pred": "path", "truth": "path", "json": "path"},
 }
 OUTPUT_PARAMS = ("json", "model_dir", "output")
@@ -103,6 +112,17 @@ def job_id_problem(value: str) -> str | None:
     return name_problem(value)
 
 
+def _check_spark_conf(what: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise SpecError(f"{what} must be a mapping of Spark settings, e.g. "
+                        '{"spark.executor.memoryOverhead": "1g"}')
+    for key, item in value.items():
+        if not isinstance(key, str) or not _SPARK_KEY.fullmatch(key):
+            raise SpecError(f"{what}: {key!r} is not a Spark setting (spark.<name>)")
+        if not isinstance(item, (str, int, float)):
+            raise SpecError(f"{what}.{key} must be a text, number or boolean")
+
+
 @dataclass(frozen=True)
 class JobStep:
     stage: str
@@ -129,6 +149,8 @@ class JobStep:
                 raise SpecError(f"{what} must be a non-empty text not starting with '-'")
             if kind == "split" and (not isinstance(value, (list, tuple)) or len(value) != 3):
                 raise SpecError(f"{what} must be three fractions")
+            if kind == "conf":
+                _check_spark_conf(what, value)
 
     def to_dict(self) -> dict[str, Any]:
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}

@@ -365,3 +365,102 @@ def test_cancelling_a_job_that_ended_leaves_it_as_it_is_and_says_so(tmp_path):
     out = json.loads(cli(ws, "job", "cancel", "done1", "--json").stdout)
     assert (out["state"], out["results"]) == ("succeeded", ["outputs/result.txt"])
     assert status_of(ws, "done1")["state"] == "succeeded"
+
+
+# -- two login hosts sharing the workspace (issue 17) ----------------------------------------------
+
+OTHER_HOST = "login2"
+
+
+def _pid_namespace_prefix() -> list[str]:
+    """Runs a command in a PID namespace of its own where one can be made (root, or user
+    namespaces): there the runner's pid is truly not visible, as on another host."""
+    for prefix in (["unshare", "--pid", "--fork", "--mount-proc"],
+                   ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]):
+        try:
+            if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
+                return prefix
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return []
+
+
+def other_host_cli(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``rs-cluster`` as the second login host: another host name and boot id (the tests' entry
+    point's ``--as-host``), and where possible another PID namespace too."""
+    env = {**os.environ, "PYTHONPATH": cluster_selftest.pythonpath()}
+    proc = subprocess.run([*_pid_namespace_prefix(), sys.executable, "-m",
+                           cluster_selftest.ENTRY_MODULE, "--as-host", OTHER_HOST, "--quiet",
+                           *args[:2], "--workspace", str(workspace), *args[2:]],
+                          capture_output=True, text=True, env=env, timeout=90)
+    if proc.returncode != 0:
+        raise AssertionError(f"rs-cluster {args} on {OTHER_HOST} failed ({proc.returncode}): "
+                             f"{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def heartbeat_timeout(tmp_path, monkeypatch) -> float:
+    """A cluster settings file with a short heartbeat timeout, for the runner and readers."""
+    settings = tmp_path / "cluster.toml"
+    settings.write_text("[jobs]\nheartbeat_timeout_s = 3\n")
+    monkeypatch.setenv("RS_CLUSTER_CONFIG", str(settings))
+    return 3.0
+
+
+def test_a_running_job_stays_running_for_another_login_host_while_its_heartbeat_is_fresh(
+        tmp_path, heartbeat_timeout):
+    import socket
+
+    ws = tmp_path / "ws"
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec("hb1", seconds=60))))
+    first = wait_for(lambda: (s := status_of(ws, "hb1")).get("heartbeat") and s)
+    assert first["host"] == socket.gethostname()
+    assert first["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    deadline = time.monotonic() + 2.5 * heartbeat_timeout  # well past the timeout
+    while time.monotonic() < deadline:
+        seen = json.loads(other_host_cli(ws, "job", "status", "hb1", "--json").stdout)
+        assert seen["state"] == "running", seen["message"]
+        time.sleep(0.5)
+    assert seen["heartbeat"] > first["heartbeat"]  # the runner kept refreshing it
+    assert status_of(ws, "hb1")["state"] == "running"
+    cli(ws, "job", "cancel", "hb1")
+
+
+def test_a_runner_killed_on_its_host_is_declared_failed_elsewhere_once_its_heartbeat_stops(
+        tmp_path, heartbeat_timeout):
+    ws = tmp_path / "ws"
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec("hb2", seconds=60))))
+    status = wait_for(lambda: (s := status_of(ws, "hb2")).get("heartbeat") and s)
+    os.kill(status["pid"], signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(status["pid"]))
+    # The other host cannot see the pid: until the heartbeat is stale, the job still runs there.
+    early = json.loads(other_host_cli(ws, "job", "status", "hb2", "--json").stdout)
+    assert early["state"] == "running"
+    # A cancel from there cannot stop the step the runner left: it waits, then says so.
+    proc = other_host_cli(ws, "job", "cancel", "hb2")
+    host = status["host"]
+    assert f"hb2: failed; the job runner on host {host} is gone, so it cannot stop" in proc.stdout
+    assert f"run `rs-cluster job cancel hb2` on {host}" in proc.stdout
+    final = json.loads(other_host_cli(ws, "job", "status", "hb2", "--json").stdout)
+    assert final["state"] == "failed"
+    assert f"on host {host}) sent no heartbeat for over 3 s" in final["message"]
+    if _pid_namespace_prefix():  # else the "other host" sees, and stops, this machine's step
+        assert job_pids("hb2")  # the orphaned step: only its own host can stop it
+    cli(ws, "job", "cancel", "hb2")
+    assert job_pids("hb2") == []
+    assert status_of(ws, "hb2")["state"] == "failed"
+
+
+def test_cancel_from_another_login_host_stops_the_job_through_its_runner(tmp_path,
+                                                                        heartbeat_timeout):
+    ws = tmp_path / "ws"
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec("hb3", seconds=60, children=2))))
+    wait_for(lambda: len(job_pids("hb3")) >= 4)  # runner, step, 2 children
+    started = time.monotonic()
+    proc = other_host_cli(ws, "job", "cancel", "hb3")
+    assert proc.stdout.strip() == "hb3: cancelled"
+    assert time.monotonic() - started < 20
+    # stopped by the runner, which saw the cancel marker (and exits just after saying so)
+    wait_for(lambda: job_pids("hb3") == [], timeout=10, what="the job's processes to end")
+    assert status_of(ws, "hb3")["state"] == "cancelled"

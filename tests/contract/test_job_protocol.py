@@ -75,6 +75,7 @@ def test_cluster_events_and_status_are_read_by_the_plugin(tmp_path, monkeypatch)
     status = parse_status((job_dir / "status.json").read_text(), expect_job_id=spec.job_id)
     assert status.state == "succeeded" and status.job_id == spec.job_id and status.progress == 100
     assert status.extra["pid"] > 0  # the runner's own fields travel on, untouched
+    assert {"host", "boot_id", "heartbeat"} <= set(status.extra)  # liveness across login hosts
     events = parse_events((job_dir / "events.jsonl").read_text())
     assert [e.done for e in events if e.stage == "sleep" and e.event == "progress"] == [1, 2, 3, 4]
     assert events[-1].event == "finish" and events[-1].extra["state"] == "succeeded"

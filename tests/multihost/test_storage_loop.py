@@ -1,0 +1,195 @@
+"""prepare -> train -> predict -> evaluate on the rig with every location an s3:// URL.
+
+The driver runs on ``login``; Spark executors and the Horovod workers run on ``worker1`` and
+``worker2``, which never see login's files. Each host finds its S3 keys in its own
+``~/.aws/credentials`` (written here as a cluster admin would); nothing passes them along.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests import devdata
+from tests.rig import ADDRESSES, WORKERS, Rig
+
+pytestmark = [pytest.mark.multihost, pytest.mark.spark]
+
+BUCKET = "rs-storage-loop"  # one bucket, one prefix per test (SeaweedFS fits few buckets)
+XIAMEN = "xiamen_robosat_z18"  # georeferenced (EPSG:3857): the masks must keep it
+INRIA = "inria_austin_chicago"
+
+
+def _aws_files(home: Path, rig: Rig, access_key: str, secret_key: str) -> None:
+    """~/.aws/credentials and ~/.aws/config of one host, as a cluster admin writes them."""
+    aws = home / ".aws"
+    aws.mkdir(mode=0o700, exist_ok=True)
+    (aws / "credentials").write_text(
+        f"[default]\naws_access_key_id = {access_key}\naws_secret_access_key = {secret_key}\n")
+    (aws / "credentials").chmod(0o600)
+    (aws / "config").write_text(f"[default]\nregion = {rig.s3.region}\nendpoint_url = {rig.s3.url}\n")
+
+
+def _snapshot(folder: Path) -> set[str]:
+    """Every path under ``folder`` but Keras's own settings file (``~/.keras/keras.json``, which
+    Keras writes at its first import on any host: no part of a job)."""
+    if not folder.exists():
+        return set()
+    return {rel for p in folder.rglob("*")
+            if not (rel := str(p.relative_to(folder))).startswith(".keras")}
+
+
+@pytest.fixture(scope="module")
+def store(rig):
+    """The bucket, and every host's own AWS files with the rig's keys; removed afterwards."""
+    import pyarrow.fs as pafs
+
+    s3 = pafs.S3FileSystem(access_key=rig.s3.access_key, secret_key=rig.s3.secret_key,
+                           endpoint_override=rig.s3.endpoint, scheme="http", region=rig.s3.region,
+                           allow_bucket_creation=True)
+    s3.create_dir(BUCKET)
+    hosts = ("login", *WORKERS)
+    for name in hosts:
+        _aws_files(rig.host(name).home, rig, rig.s3.access_key, rig.s3.secret_key)
+    yield s3
+    for name in hosts:
+        shutil.rmtree(rig.host(name).home / ".aws", ignore_errors=True)
+
+
+def _upload_pairs(s3, prefix: str, picks: dict[str, list[str]]) -> None:
+    for name, files in picks.items():
+        src = devdata.subset(name)
+        for f in files:
+            for kind, folder in (("images", "images"), ("masks", "gt")):
+                with s3.open_output_stream(f"{BUCKET}/{prefix}/inputs/{kind}/{f}") as out:
+                    out.write((src / folder / f).read_bytes())
+
+
+def _rs(rig: Rig, stage: str, *args: str, timeout: float = 240,
+        spark: bool = True) -> subprocess.CompletedProcess[str]:
+    """``rs-cluster <stage>`` on login, the rig's Spark master, events in login's temp folder."""
+    login = rig.host("login")
+    events = login.tmp / f"events-{stage}.jsonl"
+    events.unlink(missing_ok=True)
+    spark_args = []
+    if spark:
+        spark_args = ["--master", rig.master_url]
+        for conf in (f"spark.driver.host={ADDRESSES['login']}",
+                     f"spark.driver.bindAddress={ADDRESSES['login']}",
+                     "spark.executor.memory=512m", "spark.ui.enabled=false",
+                     "spark.scheduler.minRegisteredResourcesRatio=1.0",
+                     "spark.scheduler.maxRegisteredResourcesWaitingTime=60s",
+                     # The driver's event log (on login) says which host ran each task.
+                     "spark.eventLog.enabled=true",
+                     f"spark.eventLog.dir=file://{login.tmp / 'spark-events'}"):
+            spark_args += ["--spark-conf", conf]
+    (login.tmp / "spark-events").mkdir(exist_ok=True)
+    return login.run([str(rig.python), "-m", "rs_cluster", "--events", str(events), stage,
+                      *args, *spark_args], env=rig.driver_env(), timeout=timeout, check=False)
+
+
+def _task_hosts(rig: Rig) -> dict[str, set[str]]:
+    """{Spark application name: addresses of the executors that ran its tasks}."""
+    out: dict[str, set[str]] = {}
+    for log in (rig.host("login").tmp / "spark-events").iterdir():
+        name, hosts = "", set()
+        for line in log.read_text().splitlines():
+            event = json.loads(line)
+            if event["Event"] == "SparkListenerApplicationStart":
+                name = event["App Name"]
+            elif event["Event"] == "SparkListenerTaskEnd":
+                hosts.add(event["Task Info"]["Host"])
+        out.setdefault(name, set()).update(hosts)
+    return out
+
+
+def test_the_whole_loop_runs_on_both_workers_with_every_location_in_s3(rig, store):
+    import rasterio
+
+    s3 = store
+    picks = {XIAMEN: devdata.first_files(XIAMEN, 2), INRIA: devdata.first_files(INRIA, 2)}
+    _upload_pairs(s3, "loop", picks)
+    job = f"s3://{BUCKET}/loop"
+    before = {name: (_snapshot(rig.host(name).home), _snapshot(rig.host(name).workspace))
+              for name in ("login", *WORKERS)}
+
+    prepare = _rs(rig, "prepare", "--images", f"{job}/inputs/images", "--masks",
+                  f"{job}/inputs/masks", "--output", f"{job}/dataset", "--tile-size", "128",
+                  "--split", "0.5,0.25,0.25")
+    assert prepare.returncode == 0, prepare.stderr[-3000:]
+    train = _rs(rig, "train", "--data", f"{job}/dataset", "--model-dir", f"{job}/model",
+                "--epochs", "1", "--base-filters", "8", "--batch-size", "4", "--num-proc", "2",
+                "--nics", "lo", timeout=400)
+    assert train.returncode == 0, train.stderr[-3000:]
+    predict = _rs(rig, "predict", "--model", f"{job}/model", "--input", f"{job}/inputs/images",
+                  "--output", f"{job}/masks", "--polygons")
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    evaluate = _rs(rig, "evaluate", "--pred", f"{job}/masks", "--truth", f"{job}/inputs/masks",
+                   "--json", f"{job}/report.json", spark=False)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+
+    # Everything the job made is in the store.
+    keys = {info.path.removeprefix(f"{BUCKET}/loop/") for info in
+            s3.get_file_info(pafs_selector(f"{BUCKET}/loop")) if info.is_file}
+    assert {"dataset/dataset.json", "model/model.json", "model/model.keras",
+            "masks/predict.json", "report.json"} <= keys
+    assert any(k.startswith("dataset/train/part-") for k in keys)
+    stems = [Path(f).stem for files in picks.values() for f in files]
+    assert {f"masks/{s}_mask.tif" for s in stems} | {f"masks/{s}_buildings.gpkg" for s in stems} <= keys
+    assert not [k for k in keys if "/." in k or k.startswith(".")], "a hidden partial was left"
+    card = json.loads(s3.open_input_stream(f"{BUCKET}/loop/model/model.json").read())
+    assert card["world_size"] == 2 and card["dataset"]["path"] == f"{job}/dataset"
+    report = json.loads(s3.open_input_stream(f"{BUCKET}/loop/report.json").read())
+    assert report["pooled"]["images"] == 4 and report["predictions"] == f"{job}/masks"
+
+    # The mask keeps its source's CRS and transform.
+    xiamen = picks[XIAMEN][0]
+    with rasterio.open(devdata.subset(XIAMEN) / "images" / xiamen) as src:
+        crs, transform = src.crs, src.transform
+    mask_bytes = s3.open_input_stream(f"{BUCKET}/loop/masks/{Path(xiamen).stem}_mask.tif").read()
+    with rasterio.MemoryFile(mask_bytes) as mem, mem.open() as mask:
+        assert mask.crs == crs and mask.transform.almost_equals(transform)
+
+    # Each worker host ran part of every Spark stage, the Horovod training included; the
+    # driver's host ran none.
+    hosts = _task_hosts(rig)
+    workers = {ADDRESSES[w] for w in WORKERS}
+    for app in ("rs-cluster prepare", "rs-cluster train", "rs-cluster predict"):
+        assert hosts.get(app) == workers, f"{app} ran its tasks on {hosts.get(app)}"
+
+    # Nothing of the job landed in a host's own folders; the temporary copies are gone too.
+    for name in ("login", *WORKERS):
+        host = rig.host(name)
+        assert (_snapshot(host.home), _snapshot(host.workspace)) == before[name], name
+        assert not list(host.tmp.glob("rs-cluster-*")), f"{name} kept temporary copies"
+
+
+def pafs_selector(path: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(path, recursive=True)
+
+
+def test_wrong_credentials_on_login_fail_naming_the_url_not_the_secret(rig, store):
+    login = rig.host("login")
+    wrong_secret = "wrong-" + rig.s3.secret_key[::-1]
+    _aws_files(login.home, rig, rig.s3.access_key, wrong_secret)
+    job = f"s3://{BUCKET}/denied"
+    try:
+        result = _rs(rig, "prepare", "--images", f"{job}/inputs/images", "--masks",
+                     f"{job}/inputs/masks", "--output", f"{job}/dataset", timeout=120)
+    finally:
+        _aws_files(login.home, rig, rig.s3.access_key, rig.s3.secret_key)
+
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("rs-cluster prepare: error: s3://"), result.stderr[-2000:]
+    assert "access denied" in lines[-1] and "credentials" in lines[-1]
+    assert "Traceback" not in result.stderr
+    events = (login.tmp / "events-prepare.jsonl").read_text()
+    for text in (result.stderr, result.stdout, events):
+        assert wrong_secret not in text and rig.s3.secret_key not in text
