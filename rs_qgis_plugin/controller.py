@@ -7,6 +7,7 @@ messages shown.
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,15 +32,18 @@ from rs_qgis_plugin.core.errors import (
 )
 from rs_qgis_plugin.core.jobspec import new_job_id
 from rs_qgis_plugin.core.profile import ConnectionProfile
-from rs_qgis_plugin.core.protocol import JobStatus
+from rs_qgis_plugin.core.protocol import STATES, TERMINAL_STATES, JobStatus, ProgressEvent
 from rs_qgis_plugin.log import get_logger
 from rs_qgis_plugin.logic import (
+    MODEL_OUTPUT,
+    PREDICTIONS,
+    REPORT,
     JobRecord,
     PlannedJob,
     RasterPick,
     RunParams,
     classify_results,
-    local_raster_path,
+    layer_upload_path,
     now_iso,
     plan_job,
     safe_stem,
@@ -47,11 +51,15 @@ from rs_qgis_plugin.logic import (
 from rs_qgis_plugin.results import load_results
 from rs_qgis_plugin.tasks import (
     CancelJobTask,
+    CleanJobTask,
     ExportRasterTask,
     FetchResultsTask,
+    ReconcileTask,
+    Reconciliation,
     RsTask,
     SubmitJobTask,
     WatchJobTask,
+    processing_jobs,
 )
 
 log = get_logger("controller")
@@ -77,20 +85,64 @@ class PreparedRun:
     exports: list[ExportRasterTask]
 
 
+@dataclass(frozen=True)
+class ClusterJob:
+    """A job of a profile's workspace that no record here knows (started from another computer,
+    by hand, or by a QGIS profile that was reset): listed, and adopted only on request."""
+
+    profile: str
+    job_id: str
+    name: str = ""
+    state: str = ""
+    progress: float = 0.0
+    message: str = ""
+    submitted: str = ""
+
+    @classmethod
+    def from_entry(cls, profile: str, entry: dict[str, Any]) -> ClusterJob:
+        def text(key: str) -> str:
+            value = entry.get(key)
+            return value if isinstance(value, str) else ""
+
+        progress = entry.get("progress")
+        return cls(profile, entry["job_id"], text("name"), text("state"),
+                   float(progress) if isinstance(progress, (int, float)) else 0.0,
+                   text("message"), text("submitted"))
+
+    @property
+    def adoptable(self) -> bool:
+        return self.state in ("queued", "running", "succeeded")
+
+
 class JobController(QObject):
     jobs_changed = pyqtSignal()
     results_loaded = pyqtSignal(str, list)  # job id, layers
+    _saved_elsewhere = pyqtSignal(str)  # emitted in any thread, handled in the GUI thread
 
     def __init__(self, iface: Any, project: QgsProject | None = None, *,
                  task_manager: Any = None, poll_s: float = 2.0) -> None:
         super().__init__()
         self.iface = iface
-        self.project = project or QgsProject.instance()
+        self._project = project
         self.task_manager = task_manager or QgsApplication.taskManager()
         self.poll_s = poll_s
         self._records: dict[str, JobRecord] = {r.job_id: r for r in settings.load_jobs()}
         self.tasks: dict[str, RsTask] = {}
+        self._lookups: dict[str, ReconcileTask] = {}  # profile name -> its job list being read
+        self._cluster_only: dict[str, ClusterJob] = {}
+        self._cancel_when_found: set[str] = set()
+        self._look_again: set[str] = set()
         self._closing = False
+        # Processing algorithms record their jobs from a worker thread: show them here too.
+        self._saved_elsewhere.connect(self._on_saved)
+        settings.add_job_listener(self._job_saved)
+
+    @property
+    def project(self) -> QgsProject:
+        # Looked up when needed rather than held: a controller left in a reference cycle (a
+        # task's callback) would otherwise take QGIS's project wrapper into the garbage
+        # collector, which clears the Python connections of every project signal.
+        return self._project if self._project is not None else QgsProject.instance()
 
     # -- records ------------------------------------------------------------------------------------
     def records(self) -> list[JobRecord]:
@@ -105,20 +157,84 @@ class JobController(QObject):
         self.jobs_changed.emit()
         return record
 
-    def forget(self, job_id: str) -> None:
-        if job_id in self.tasks:
-            raise SpecError(tr("the job is still busy here; cancel it first"))
-        self._records.pop(job_id, None)
-        settings.forget_job(job_id)
+    def cluster_jobs(self) -> list[ClusterJob]:
+        """Jobs the last look at each cluster found there that no record here knows."""
+        return sorted(self._cluster_only.values(), key=lambda j: j.submitted or j.job_id,
+                      reverse=True)
+
+    def cluster_job(self, job_id: str) -> ClusterJob | None:
+        return self._cluster_only.get(job_id)
+
+    def _job_saved(self, job_id: str) -> None:
+        self._saved_elsewhere.emit(job_id)  # queued to the GUI thread when saved in another
+
+    @pyqtSlot(str)
+    def _on_saved(self, job_id: str) -> None:
+        """A record saved or forgotten elsewhere (a Processing algorithm); our own saves read
+        back the same record and change nothing."""
+        if self._closing:
+            return
+        saved = settings.load_job(job_id)
+        if saved == self._records.get(job_id) and (saved is None or saved.origin != "processing"):
+            return
+        if saved is None:
+            self._records.pop(job_id, None)
+        else:
+            self._records[job_id] = saved
+            self._cluster_only.pop(job_id, None)
         self.jobs_changed.emit()
 
+    def forget(self, job_id: str, *, delete_on_cluster: bool = False) -> CleanJobTask | None:
+        """Drops the record (or the listed cluster job); with ``delete_on_cluster``, only once
+        a task has deleted the job's folder on the cluster (``rs-cluster job clean``)."""
+        if job_id in self.active_job_ids():
+            raise SpecError(tr("the job is still busy here; cancel it first"))
+        record, listed = self._records.get(job_id), self._cluster_only.get(job_id)
+        if not delete_on_cluster:
+            self._drop_record(job_id)
+            return None
+        profile_name = record.profile if record is not None else listed.profile if listed else ""
+        profile, passphrase = self.connection(profile_name)
+        task = CleanJobTask(profile, settings.known_hosts_path(), passphrase, job_id,
+                            on_done=self._cleaned)
+        self.tasks[job_id] = task
+        self.task_manager.addTask(task)
+        self.jobs_changed.emit()
+        return task
+
+    def _drop_record(self, job_id: str) -> None:
+        self._cluster_only.pop(job_id, None)
+        if self._records.pop(job_id, None) is not None:
+            settings.forget_job(job_id)
+        self.jobs_changed.emit()
+
+    def _cleaned(self, task: RsTask) -> None:
+        assert isinstance(task, CleanJobTask)
+        self._drop_task(task.job_id, task)
+        record, listed = self._records.get(task.job_id), self._cluster_only.get(task.job_id)
+        name = record.name if record else listed.name if listed and listed.name else task.job_id
+        if task.result:
+            self._drop_record(task.job_id)
+            self.notify(tr("Job {name} forgotten, and its folder deleted on the cluster").format(
+                name=name))
+        elif task.error is not None:
+            self.notify(tr("Could not delete the folder of job {name} on the cluster: {reason}. "
+                           "The job stays in the list.").format(name=name, reason=task.error),
+                        Qgis.Critical, 0)
+
     def active_job_ids(self) -> list[str]:
-        return list(self.tasks)
+        """Jobs something is busy with: a task here, a look-up on the cluster, Processing."""
+        looked_up = {j for task in self._lookups.values() for j in task.candidates}
+        running = processing_jobs()
+        return [*self.tasks, *(sorted((looked_up | running) - set(self.tasks)))]
 
     # -- messages -----------------------------------------------------------------------------------
     def notify(self, text: str, level: Any = Qgis.Info, duration: int = 8) -> None:
+        """Pushes ``text`` as plain text: the message bar renders rich text and opens links,
+        and messages embed what the cluster said (status messages, its error output)."""
         if self.iface is not None and not self._closing:
-            self.iface.messageBar().pushMessage(tr(TITLE), text, level, duration)
+            self.iface.messageBar().pushMessage(tr(TITLE), html.escape(text, quote=False),
+                                                level, duration)
 
     # -- connections ----------------------------------------------------------------------------------
     @staticmethod
@@ -141,8 +257,7 @@ class JobController(QObject):
         def local(layer: QgsRasterLayer) -> str:
             if layer.id() in exported:
                 return exported[layer.id()]
-            path = None if clip_extent is not None else local_raster_path(
-                layer.providerType(), layer.source())
+            path = None if clip_extent is not None else layer_upload_path(layer)
             if path is None:
                 target = export_dir / str(len(exports) + 1) / f"{safe_stem(layer.name())}.tif"
                 exports.append(ExportRasterTask(
@@ -187,12 +302,34 @@ class JobController(QObject):
         record = self._records.get(task.job_id)
         if record is None:
             return
-        if task.result is not None:
+        if task.result is not None:  # the job started on the cluster, whatever happened next
             record = self._update(record.with_status(task.result))
-            self.notify(tr("Job {name} started on the cluster").format(name=record.name))
-            self.watch(record.job_id)
+            if task.cancel_error is not None:
+                self.notify(tr("Could not cancel job {name}: {reason}. It runs on the cluster; "
+                               "cancel it again in the jobs panel.").format(
+                    name=record.name, reason=task.cancel_error), Qgis.Critical, 0)
+            elif task.isCanceled():
+                self.notify(tr("Job {name} cancelled on the cluster").format(name=record.name))
+            else:
+                self.notify(tr("Job {name} started on the cluster").format(name=record.name))
+            if record.remote_active:
+                self.watch(record.job_id)
+            elif record.needs_fetch:  # it ended before the cancel reached it
+                self.fetch(record.job_id)
             return
         failed = task.error or next((e.error for e in getattr(task, "exports", []) if e.error), None)
+        if task.uncertain:
+            # The spec or `job submit` may have reached the cluster: never forget such a job.
+            reason = failed or tr("cancelled while the job was being started")
+            if task.isCanceled():
+                self._cancel_when_found.add(record.job_id)
+            self._update(replace(record, state="unknown", message=tr(
+                "starting the job failed where the cluster may have it anyway: {reason}").format(
+                reason=reason)))
+            self.notify(tr("Job {name}: {reason}. Looking for it on the cluster…").format(
+                name=record.name, reason=reason), Qgis.Warning)
+            self._look_up(record.profile)
+            return
         if isinstance(failed, UnknownHostKeyError):
             failed = tr("{reason}. Open Connections… and press Test connection to review the "
                         "key's fingerprint and trust it").format(reason=failed)
@@ -214,8 +351,10 @@ class JobController(QObject):
             self.notify(str(e), Qgis.Warning)
             return None
         task = WatchJobTask(profile, settings.known_hosts_path(), passphrase, job_id,
-                            on_done=self._watched, poll_s=self.poll_s)
+                            on_done=self._watched, poll_s=self.poll_s,
+                            skip_events=record.events_seen)
         task.status_changed.connect(self._on_status)
+        task.event_received.connect(self._on_event)
         self.tasks[job_id] = task
         self.task_manager.addTask(task)
         return task
@@ -226,6 +365,21 @@ class JobController(QObject):
         if record is not None and not self._closing:
             self._update(record.with_status(status))
 
+    @pyqtSlot(str, object)
+    def _on_event(self, job_id: str, event: ProgressEvent) -> None:
+        """Warnings and infos go to the plugin's log tab; warnings are also counted and kept in
+        the record (the jobs panel, the finished-job message)."""
+        record = self._records.get(job_id)
+        if record is None or self._closing:
+            return
+        record = record.with_event(event.event, event.message)
+        if event.event in ("warning", "info"):
+            level = log.warning if event.event == "warning" else log.info
+            level("job %s (%s), %s: %s", record.name, job_id, event.stage or "-", event.message)
+            self._update(record)
+        else:  # saved with the next status
+            self._records[job_id] = record
+
     def _watched(self, task: RsTask) -> None:
         assert isinstance(task, WatchJobTask)
         self._drop_task(task.job_id, task)
@@ -234,15 +388,7 @@ class JobController(QObject):
             return
         if task.result is not None:
             status: JobStatus = task.result
-            record = self._update(record.with_status(status))
-            if status.state == "succeeded":
-                self.fetch(record.job_id)
-            elif status.state == "failed":
-                self.notify(tr("Job {name} failed on the cluster: {reason}").format(
-                    name=record.name, reason=status.message or tr("no reason given")),
-                    Qgis.Critical, 0)
-            else:
-                self.notify(tr("Job {name} was cancelled").format(name=record.name))
+            self._ended(self._update(record.with_status(status)), status)
         elif task.remote_cancelled is not None:
             self._update(record.with_status(task.remote_cancelled))
             self.notify(tr("Job {name} cancelled on the cluster").format(name=record.name))
@@ -251,8 +397,7 @@ class JobController(QObject):
             self._cancel_remote(record)
         elif task.error is not None:
             if isinstance(task.error, RemoteCommandError) and "no job" in str(task.error):
-                self._update(replace(record, state="error", message=tr(
-                    "the cluster has no such job (interrupted before it started?)")))
+                self._vanished(record)
             else:
                 self._update(replace(record, message=str(task.error)))
             self.notify(tr("Lost track of job {name}: {reason}. It may still be running; "
@@ -303,6 +448,9 @@ class JobController(QObject):
         message = summary or ""
         self._update(replace(record, loaded=True, message=message or record.message))
         text = tr("Job {name} done: {n} layer(s) added").format(name=record.name, n=len(layers))
+        if record.warnings:
+            text += ", " + (tr("1 warning") if record.warnings == 1 else
+                            tr("{n} warnings").format(n=record.warnings))
         self.notify(text + (f" — {summary}" if summary else ""), Qgis.Success, 0 if summary else 8)
         self.results_loaded.emit(record.job_id, layers)
         return layers
@@ -341,27 +489,161 @@ class JobController(QObject):
             self.notify(tr("Could not cancel {name}: {reason}").format(
                 name=record.name, reason=task.error), Qgis.Critical)
 
-    def reattach(self) -> None:
-        """Picks up where the last session stopped: watches running jobs, fetches finished ones."""
-        for record in self.records():
-            if record.job_id in self.tasks:
+    def reattach(self, *, include_last_profile: bool = False) -> None:
+        """Start-up and Refresh: reconciles the records with each cluster's ``job list``, then
+        watches running jobs, fetches finished ones, looks up those whose start was uncertain,
+        marks those the cluster no longer has, and lists the cluster's jobs unknown here (of the
+        last used profile too with ``include_last_profile``, even if it has no records)."""
+        names = {r.profile for r in self._records.values()}
+        if include_last_profile and settings.last_profile():
+            names.add(settings.last_profile())
+        for name in sorted(names):
+            self._look_up(name)
+
+    def _look_up(self, profile_name: str) -> ReconcileTask | None:
+        if profile_name in self._lookups:
+            # that look began before this was asked for: look again once it is done
+            self._look_again.add(profile_name)
+            return None
+        mine = [r for r in self._records.values() if r.profile == profile_name]
+        try:
+            profile, passphrase = self.connection(profile_name)
+        except RsPluginError as e:
+            log.warning("cannot look up the jobs of profile %s: %s", profile_name, e)
+            if any(r.remote_active or r.state == "unknown" for r in mine):
+                self.notify(str(e), Qgis.Warning)
+            return None
+        busy = set(self.tasks) | processing_jobs()
+        # Only jobs nothing else is busy with are acted on (a submit may finish after the list
+        # was read); the cluster's status only of those not settled, for the others the list
+        # is enough.
+        candidates = {r.job_id for r in mine if r.job_id not in busy}
+        detail = {r.job_id for r in mine if r.job_id in candidates and
+                  r.state not in TERMINAL_STATES}
+        task = ReconcileTask(profile, settings.known_hosts_path(), passphrase,
+                             [r.job_id for r in mine], detail, candidates,
+                             on_done=self._reconciled)
+        self._lookups[profile_name] = task
+        self.task_manager.addTask(task)
+        self.jobs_changed.emit()
+        return task
+
+    def _reconciled(self, task: RsTask) -> None:
+        assert isinstance(task, ReconcileTask)
+        if self._lookups.get(task.profile_name) is task:
+            del self._lookups[task.profile_name]
+        if self._closing:
+            return
+        if task.result is None:
+            waiting = [r for r in self._records.values() if r.profile == task.profile_name
+                       and (r.remote_active or r.state == "unknown")]
+            if task.error is not None and waiting:
+                self.notify(tr("Could not look up the jobs on {profile}: {reason}. Refresh in "
+                               "the jobs panel to look again.").format(
+                    profile=task.profile_name, reason=task.error), Qgis.Warning, 0)
+            self._look_again.discard(task.profile_name)
+            self.jobs_changed.emit()
+            return
+        found: Reconciliation = task.result
+        self._cluster_only = {k: v for k, v in self._cluster_only.items()
+                              if v.profile != task.profile_name}
+        for entry in found.others:
+            if entry["job_id"] not in self._records:
+                self._cluster_only[entry["job_id"]] = ClusterJob.from_entry(task.profile_name,
+                                                                            entry)
+        busy = set(self.tasks) | processing_jobs()
+        for job_id in task.known:
+            record = self._records.get(job_id)
+            if record is None or job_id in busy or job_id not in task.candidates:
                 continue
-            if record.remote_active or record.state in ("exporting", "uploading"):
-                log.info("reattaching to job %s (%s)", record.job_id, record.state)
-                self.watch(record.job_id)
+            if job_id in found.statuses:
+                self._follow(record, found.statuses[job_id])
+            elif job_id in found.not_started:
+                if record.state != "error":
+                    self._update(replace(record, state="error", message=tr(
+                        "the job's folder is on the cluster, but the job never started ({why}); "
+                        "Forget it to delete the folder").format(why=found.not_started[job_id])))
+            elif job_id in found.missing:
+                self._vanished(record)
             elif record.needs_fetch:
-                log.info("fetching the results of job %s", record.job_id)
-                self.fetch(record.job_id)
+                self.fetch(job_id)
+        self.jobs_changed.emit()
+        if task.profile_name in self._look_again:
+            self._look_again.discard(task.profile_name)
+            self._look_up(task.profile_name)
+
+    def _follow(self, record: JobRecord, status: JobStatus) -> None:
+        """A recorded job found on the cluster: watch it, or act on how it ended meanwhile."""
+        ended_before = record.state in TERMINAL_STATES
+        record = self._update(record.with_status(status))
+        if record.remote_active:
+            log.info("reattaching to job %s (%s)", record.job_id, record.state)
+            if record.job_id in self._cancel_when_found:
+                self._cancel_when_found.discard(record.job_id)
+                self._cancel_remote(record)
+            else:
+                self.watch(record.job_id)
+        elif not ended_before:
+            self._ended(record, status)
+        elif record.needs_fetch:
+            log.info("fetching the results of job %s", record.job_id)
+            self.fetch(record.job_id)
+
+    def _ended(self, record: JobRecord, status: JobStatus) -> None:
+        if status.state == "succeeded":
+            self.fetch(record.job_id)
+        elif status.state == "failed":
+            self.notify(tr("Job {name} failed on the cluster: {reason}").format(
+                name=record.name, reason=status.message or tr("no reason given")),
+                Qgis.Critical, 0)
+        else:
+            self.notify(tr("Job {name} was cancelled").format(name=record.name))
+
+    def _vanished(self, record: JobRecord) -> None:
+        """The cluster has no such job: marked, never dropped silently."""
+        if record.gone:
+            return
+        if record.state in TERMINAL_STATES:  # ran, then its folder was cleaned elsewhere
+            log.info("job %s is no longer on the cluster", record.job_id)
+            self._update(replace(record, gone=True))
+        elif record.remote_active:
+            self._update(replace(record, state="error", gone=True, message=tr(
+                "the job's folder was removed from the cluster while it ran")))
+        else:  # "exporting", "uploading", "unknown", "error": it never got there
+            reason = record.message
+            message = tr("the cluster has no such job: it never started")
+            self._update(replace(record, state="error", gone=True,
+                                 message=f"{message} ({reason})" if reason else message))
+
+    def adopt(self, job_id: str) -> JobRecord | None:
+        """Records a job found on the cluster that was started elsewhere, then follows it like
+        the others: watched while it runs, its results (model, masks, report) fetched."""
+        job = self._cluster_only.get(job_id)
+        if job is None or not job.adoptable:
+            return None
+        del self._cluster_only[job_id]
+        record = self._update(JobRecord(
+            job_id=job_id, name=job.name or job_id, profile=job.profile, mode="adopted",
+            state=job.state if job.state in STATES else "unknown", progress=job.progress,
+            created=job.submitted or now_iso(), local_dir=str(settings.results_dir() / job_id),
+            fetch=(MODEL_OUTPUT, PREDICTIONS, REPORT)))
+        if record.remote_active:
+            self.watch(job_id)
+        elif record.needs_fetch:
+            self.fetch(job_id)
+        return record
 
     def shutdown(self) -> None:
         """Stops watching without cancelling anything on the cluster (QGIS closing, unload)."""
         self._closing = True
-        for task in list(self.tasks.values()):
+        settings.remove_job_listener(self._job_saved)
+        for task in [*self.tasks.values(), *self._lookups.values()]:
             if isinstance(task, WatchJobTask):
                 task.detach()
             else:
                 task.cancel()
         self.tasks.clear()
+        self._lookups.clear()
 
     def _drop_task(self, job_id: str, task: RsTask) -> None:
         if self.tasks.get(job_id) is task:

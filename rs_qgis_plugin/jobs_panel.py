@@ -1,15 +1,24 @@
-"""The jobs panel: every job this QGIS profile started, with state, stage, progress and start
-time, kept across restarts; Cancel, Refresh (reattach), Load results, Forget."""
+"""The jobs panel: every job this QGIS profile started (from the dock or Processing), with state,
+stage, progress, warnings and start time, kept across restarts, and the cluster's jobs started
+elsewhere; Cancel, Refresh (looks every job up on the cluster), Load results, Forget (and
+delete the job's folder on the cluster).
+
+Everything the cluster sent (status messages, warnings) is shown as plain text: cells are plain
+text already, and tooltips, which Qt renders as rich text, get it escaped.
+"""
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
-from qgis.PyQt.QtCore import QCoreApplication, Qt
+from qgis.core import Qgis
+from qgis.PyQt.QtCore import QCoreApplication, Qt, pyqtSlot
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
     QHBoxLayout,
     QHeaderView,
+    QMessageBox,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -18,23 +27,38 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from rs_qgis_plugin.core.errors import RsPluginError
-from rs_qgis_plugin.logic import progress_text
+from rs_qgis_plugin.logic import JobRecord, progress_text
 
 
 def tr(text: str) -> str:
     return QCoreApplication.translate("JobsPanel", text)
 
 
+def plain_tooltip(text: str) -> str:
+    """``text`` as a tooltip that shows it literally: always rich text (so the escaped
+    characters are decoded, never shown as ``&lt;``), with its line breaks kept."""
+    return f'<p style="white-space:pre-wrap">{html.escape(text, quote=False)}</p>' if text else ""
+
+
+def _warnings_text(record: JobRecord) -> str:
+    if not record.recent_warnings:
+        return ""
+    head = tr("{n} warning(s); the last ones:").format(n=record.warnings)
+    return "\n".join([head, *(f"• {w}" for w in record.recent_warnings)])
+
+
 class JobsPanel(QWidget):
-    COLUMNS = ("name", "state", "stage", "progress", "started", "profile", "job id")
+    # Qt slots (pyqtSlot) throughout, so connections need no PyQt proxy objects: with a lambda
+    # here, panels made and deleted were seen to break an unrelated connection of the project.
+    COLUMNS = ("name", "state", "stage", "progress", "warnings", "started", "profile", "job id")
 
     def __init__(self, controller: Any, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.controller = controller
         self.table = QTableWidget(0, len(self.COLUMNS), self)
         self.table.setHorizontalHeaderLabels([tr("Name"), tr("State"), tr("Stage"),
-                                              tr("Progress"), tr("Started"), tr("Profile"),
-                                              tr("Job id")])
+                                              tr("Progress"), tr("Warnings"), tr("Started"),
+                                              tr("Profile"), tr("Job id")])
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SingleSelection)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
@@ -44,9 +68,12 @@ class JobsPanel(QWidget):
         self.load_button = QPushButton(tr("Load results"), self)
         self.forget_button = QPushButton(tr("Forget"), self)
         self.cancel_button.setToolTip(tr("Cancel the selected job here and on the cluster"))
-        self.refresh_button.setToolTip(tr("Look again at running jobs and fetch finished ones"))
-        self.forget_button.setToolTip(tr("Remove the job from this list (the cluster keeps its "
-                                         "folder)"))
+        self.refresh_button.setToolTip(tr("Look the jobs up on the cluster: follow running ones, "
+                                          "fetch finished ones, list those started elsewhere"))
+        self.load_button.setToolTip(tr("Download and load the results (a job started elsewhere "
+                                       "is added to this list first)"))
+        self.forget_button.setToolTip(tr("Remove the job from this list; you choose whether its "
+                                         "folder on the cluster is deleted too"))
         buttons = QHBoxLayout()
         for b in (self.cancel_button, self.refresh_button, self.load_button, self.forget_button):
             buttons.addWidget(b)
@@ -54,12 +81,17 @@ class JobsPanel(QWidget):
         layout.addWidget(self.table)
         layout.addLayout(buttons)
         self.cancel_button.clicked.connect(self._cancel)
-        self.refresh_button.clicked.connect(self.controller.reattach)
+        self.refresh_button.clicked.connect(self.refresh_from_cluster)
         self.load_button.clicked.connect(self._load)
         self.forget_button.clicked.connect(self._forget)
         self.table.itemSelectionChanged.connect(self._update_buttons)
         controller.jobs_changed.connect(self.refresh)
         self.refresh()
+
+    @pyqtSlot()
+    def refresh_from_cluster(self) -> None:
+        """Refresh: every job looked up on the cluster (that of the last used profile too)."""
+        self.controller.reattach(include_last_profile=True)
 
     def selected_job(self) -> str | None:
         rows = self.table.selectionModel().selectedRows()
@@ -67,48 +99,114 @@ class JobsPanel(QWidget):
             return None
         return self.table.item(rows[0].row(), 0).data(Qt.UserRole)
 
+    def _record(self, job_id: str | None) -> JobRecord | None:
+        return next((r for r in self.controller.records() if r.job_id == job_id), None)
+
+    @pyqtSlot()
     def refresh(self) -> None:
         selected = self.selected_job()
         records = self.controller.records()
-        self.table.setRowCount(len(records))
+        listed = self.controller.cluster_jobs()
+        self.table.setRowCount(len(records) + len(listed))
         busy = set(self.controller.active_job_ids())
         for row, r in enumerate(records):
-            state = r.state + (" ✓" if r.loaded else "") + (" …" if r.job_id in busy else "")
+            state = (r.state + (tr(" — not on the cluster") if r.gone else "")
+                     + (" ✓" if r.loaded else "") + (" …" if r.job_id in busy else ""))
             stage = r.stage + (f" (restarted {r.restarts}×)" if r.restarts else "")
-            values = (r.name, state, stage, progress_text(r), (r.started or r.created or "")
-                      .replace("T", " ")[:19], r.profile, r.job_id)
-            for col, value in enumerate(values):
-                item = QTableWidgetItem(value)
-                item.setData(Qt.UserRole, r.job_id)
-                if r.message:
-                    item.setToolTip(r.message)
-                self.table.setItem(row, col, item)
+            name = r.name + (tr(" (Processing)") if r.origin == "processing" else "")
+            values = (name, state, stage, progress_text(r), str(r.warnings or ""),
+                      (r.started or r.created or "").replace("T", " ")[:19], r.profile, r.job_id)
+            tip = plain_tooltip("\n\n".join(t for t in (r.message, _warnings_text(r)) if t))
+            self._fill(row, r.job_id, values, tip)
+            if r.warnings:
+                self.table.item(row, self.COLUMNS.index("warnings")).setToolTip(
+                    plain_tooltip(_warnings_text(r)))
             if r.job_id == selected:
+                self.table.selectRow(row)
+        for row, job in enumerate(listed, start=len(records)):
+            state = job.state + tr(" — on the cluster, not started here") + (
+                " …" if job.job_id in busy else "")
+            values = (job.name or job.job_id, state, "", f"{job.progress:.0f}%", "",
+                      job.submitted.replace("T", " ")[:19], job.profile, job.job_id)
+            self._fill(row, job.job_id, values, plain_tooltip(job.message))
+            for col in range(len(self.COLUMNS)):
+                item = self.table.item(row, col)
+                font = item.font()
+                font.setItalic(True)
+                item.setFont(font)
+            if job.job_id == selected:
                 self.table.selectRow(row)
         self._update_buttons()
 
+    def _fill(self, row: int, job_id: str, values: tuple[str, ...], tip: str) -> None:
+        for col, value in enumerate(values):
+            item = QTableWidgetItem(value)  # plain text, whatever it holds
+            item.setData(Qt.UserRole, job_id)
+            if tip:
+                item.setToolTip(tip)
+            self.table.setItem(row, col, item)
+
+    @pyqtSlot()
     def _update_buttons(self) -> None:
         job = self.selected_job()
-        record = next((r for r in self.controller.records() if r.job_id == job), None)
+        record = self._record(job)
+        listed = self.controller.cluster_job(job) if job and record is None else None
         busy = job in self.controller.active_job_ids()
         self.cancel_button.setEnabled(bool(record and (busy or record.remote_active)))
-        self.load_button.setEnabled(bool(record and record.state == "succeeded" and not busy))
-        self.forget_button.setEnabled(bool(record and not busy))
+        self.load_button.setEnabled(bool(
+            (record and record.state == "succeeded" and not record.gone and not busy)
+            or (listed and listed.adoptable and not busy)))
+        self.forget_button.setEnabled(bool((record or listed) and not busy))
 
+    @pyqtSlot()
     def _cancel(self) -> None:
         job = self.selected_job()
         if job:
             self.controller.cancel(job)
 
+    @pyqtSlot()
     def _load(self) -> None:
         job = self.selected_job()
-        if job:
+        if not job:
+            return
+        if self._record(job) is not None:
             self.controller.fetch(job)
+        else:
+            self.controller.adopt(job)
 
+    @pyqtSlot()
     def _forget(self) -> None:
         job = self.selected_job()
-        if job:
-            try:
-                self.controller.forget(job)
-            except RsPluginError as e:
-                self.controller.notify(str(e))
+        if not job:
+            return
+        record = self._record(job)
+        delete = False
+        if record is not None:
+            # exporting/uploading (of a session that ended): the cluster never got a job
+            if not record.gone and record.state not in ("exporting", "uploading"):
+                answer = QMessageBox.question(
+                    self, tr("Forget job"),
+                    tr("Forget job {name}.\n\nAlso delete its folder on the cluster ({profile}), "
+                       "with its inputs and results? That frees the cluster's disk, and cannot "
+                       "be undone.").format(name=record.name, profile=record.profile),
+                    QMessageBox.Yes | QMessageBox.No | QMessageBox.Cancel, QMessageBox.No)
+                if answer == QMessageBox.Cancel:
+                    return
+                delete = answer == QMessageBox.Yes
+        else:
+            listed = self.controller.cluster_job(job)
+            if listed is None:
+                return
+            answer = QMessageBox.question(
+                self, tr("Delete cluster job"),
+                tr("Job {name} was not started here. Delete its folder on the cluster "
+                   "({profile}), with its inputs and results? This cannot be undone.").format(
+                    name=listed.name or job, profile=listed.profile),
+                QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+            if answer != QMessageBox.Yes:
+                return
+            delete = True
+        try:
+            self.controller.forget(job, delete_on_cluster=delete)
+        except RsPluginError as e:
+            self.controller.notify(str(e), Qgis.Warning)

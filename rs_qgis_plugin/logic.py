@@ -8,14 +8,16 @@ three entry points cannot drift apart.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from rs_qgis_plugin.core.errors import SpecError
+from rs_qgis_plugin.core.formats import is_raster, is_sidecar
 from rs_qgis_plugin.core.jobspec import JobSpec, JobSpecBuilder
 from rs_qgis_plugin.core.protocol import JobStatus
 
@@ -133,9 +135,14 @@ class PlannedJob:
 
 
 def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
-             job_id: str | None = None) -> PlannedJob:
+             job_id: str | None = None,
+             sidecars: Callable[[str], Sequence[str] | None] | None = None) -> PlannedJob:
     """Turns the analyst's choice into a job spec; raises :class:`SpecError` saying what is
-    missing (e.g. a reference mask for training)."""
+    missing (e.g. a reference mask for training).
+
+    Each raster goes up with its sidecars (``sidecars(path)``, by default
+    :func:`raster_sidecars`), renamed with it, so the cluster's GDAL finds them beside it.
+    """
     if not picks:
         raise SpecError("choose at least one imagery layer")
     mode = params.mode
@@ -154,17 +161,18 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
     if mode in (MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE) and not to_predict:
         raise SpecError("choose at least one imagery layer to predict")
 
-    def ext(path: str) -> str:
-        return Path(path).suffix.lower() or ".tif"
-
     builder = JobSpecBuilder(name, job_id)
     inputs: dict[str, str] = {}
+
+    def add(folder: str, stem: str, path: str) -> None:
+        _add_raster(inputs, folder, stem, path, sidecars)
+
     fetch: list[str] = []
     common = {"master": params.master} if params.master else {}
     if mode in (MODE_TRAIN, MODE_TRAIN_PREDICT):
         for stem, pick in paired:
-            inputs[f"{TRAIN_IMAGES}/{stem}{ext(pick.image)}"] = pick.image
-            inputs[f"{TRAIN_MASKS}/{stem}{ext(pick.mask or '')}"] = pick.mask or ""
+            add(TRAIN_IMAGES, stem, pick.image)
+            add(TRAIN_MASKS, stem, pick.mask or "")
         chosen = {"base_filters": params.base_filters, "lr": params.learning_rate,
                   "patience": params.patience}
         training = {k: v for k, v in chosen.items() if v is not None}
@@ -179,7 +187,7 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
         fetch.append(MODEL_OUTPUT)
     if mode in (MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE):
         for stem, pick in to_predict:
-            inputs[f"{IMAGES}/{stem}{ext(pick.image)}"] = pick.image
+            add(IMAGES, stem, pick.image)
         if mode == MODE_TRAIN_PREDICT:
             model = MODEL_OUTPUT
         else:
@@ -192,7 +200,7 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
         fetch.append(PREDICTIONS)
     if mode == MODE_EVALUATE:
         for stem, pick in to_predict:
-            inputs[f"{MASKS}/{stem}{ext(pick.mask or '')}"] = pick.mask or ""
+            add(MASKS, stem, pick.mask or "")
         builder.evaluate(pred=PREDICTIONS, truth=MASKS, json=REPORT)
         fetch.append(REPORT)
     return PlannedJob(spec=builder.build(), inputs=inputs, fetch=tuple(fetch),
@@ -202,7 +210,8 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
 
 
 def plan_evaluation(name: str, predicted: Sequence[str], truth: Sequence[str], *,
-                    job_id: str | None = None) -> PlannedJob:
+                    job_id: str | None = None,
+                    sidecars: Callable[[str], Sequence[str] | None] | None = None) -> PlannedJob:
     """Scores masks already made against reference masks, paired by position."""
     if not predicted or len(predicted) != len(truth):
         raise SpecError(f"give as many reference masks as predicted masks "
@@ -210,13 +219,24 @@ def plan_evaluation(name: str, predicted: Sequence[str], truth: Sequence[str], *
     stems = unique_stems(predicted)
     inputs: dict[str, str] = {}
     for stem, pred, ref in zip(stems, predicted, truth):
-        inputs[f"{PREDICTIONS}/{stem}{MASK_SUFFIX}"] = pred
-        inputs[f"{MASKS}/{stem}{Path(ref).suffix.lower() or '.tif'}"] = ref
-    # The predictions are uploaded under inputs/ so the job's own outputs stay separate.
-    inputs = {k.replace(PREDICTIONS, "inputs/predicted", 1): v for k, v in inputs.items()}
+        # The predictions are uploaded under inputs/ so the job's own outputs stay separate.
+        _add_raster(inputs, "inputs/predicted", f"{stem}_mask", pred, sidecars, suffix=".tif")
+        _add_raster(inputs, MASKS, stem, ref, sidecars)
     spec = (JobSpecBuilder(name, job_id)
             .evaluate(pred="inputs/predicted", truth=MASKS, json=REPORT).build())
     return PlannedJob(spec=spec, inputs=inputs, fetch=(REPORT,))
+
+
+def _add_raster(inputs: dict[str, str], folder: str, stem: str, path: str,
+                sidecars: Callable[[str], Sequence[str] | None] | None, *,
+                suffix: str | None = None) -> None:
+    """``path`` as ``folder/stem.ext`` in ``inputs``, and each of its sidecars beside it."""
+    name = f"{stem}{suffix or Path(path).suffix.lower() or '.tif'}"
+    inputs[f"{folder}/{name}"] = path
+    for side in (sidecars or raster_sidecars)(path) or ():
+        renamed = sidecar_name(Path(path).name, Path(side).name, name)
+        if renamed is not None:
+            inputs[f"{folder}/{renamed}"] = side
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -261,6 +281,15 @@ def summarize_report(report: Mapping[str, Any]) -> str:
 # -- job records (the jobs panel, kept across restarts) -----------------------------------------
 @dataclass(frozen=True)
 class JobRecord:
+    """A job as the jobs panel remembers it.
+
+    ``state`` is the cluster's, or "exporting"/"uploading" (the cluster does not know the job
+    yet), "error" (it never started), or "unknown": starting it failed at a point where the
+    cluster may have it anyway (the link dropped during ``job submit``), so it is looked up on
+    the cluster until it is found or certainly absent. ``gone``: the cluster no longer has the
+    job's folder (cleaned elsewhere), so there is nothing left to watch or fetch.
+    """
+
     job_id: str
     name: str
     profile: str
@@ -276,25 +305,38 @@ class JobRecord:
     fetch: tuple[str, ...] = ()
     loaded: bool = False
     restarts: int = 0
+    origin: str = "dock"  # or "processing": started by a Processing algorithm
+    gone: bool = False
+    warnings: int = 0
+    recent_warnings: tuple[str, ...] = ()  # the last few warning texts, newest last
+    events_seen: int = 0  # events already counted, so a reattach replays none of them
 
     @property
     def remote_active(self) -> bool:
-        return self.state in ACTIVE_REMOTE_STATES
+        return self.state in ACTIVE_REMOTE_STATES and not self.gone
 
     @property
     def needs_fetch(self) -> bool:
-        return self.state == "succeeded" and not self.loaded
+        return self.state == "succeeded" and not self.loaded and not self.gone
 
     def with_status(self, status: JobStatus) -> JobRecord:
         return replace(self, state=status.state, stage=status.stage or self.stage,
                        progress=status.progress, message=status.message or self.message,
                        started=status.started or self.started,
                        finished=status.finished or self.finished,
-                       restarts=max(status.restarts, self.restarts))
+                       restarts=max(status.restarts, self.restarts), gone=False)
+
+    def with_event(self, kind: str, message: str, *, keep: int = 5) -> JobRecord:
+        """Counts one more event of the job; a warning also counts, and its text is kept."""
+        if kind != "warning":
+            return replace(self, events_seen=self.events_seen + 1)
+        return replace(self, events_seen=self.events_seen + 1, warnings=self.warnings + 1,
+                       recent_warnings=(*self.recent_warnings, message)[-keep:])
 
     def to_json(self) -> str:
         data = asdict(self)
         data["fetch"] = list(self.fetch)
+        data["recent_warnings"] = list(self.recent_warnings)
         return json.dumps(data, ensure_ascii=False)
 
     @classmethod
@@ -304,6 +346,7 @@ class JobRecord:
             raise ValueError("a job record is a JSON object")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["fetch"] = tuple(known.get("fetch") or ())
+        known["recent_warnings"] = tuple(str(w) for w in known.get("recent_warnings") or ())
         return cls(**known)
 
 
@@ -318,13 +361,67 @@ def progress_text(record: JobRecord) -> str:
 
 
 # -- layers ---------------------------------------------------------------------------------------
-GDAL_FILE_SUFFIXES = frozenset({".tif", ".tiff", ".gtiff", ".img", ".jp2", ".png", ".jpg",
-                                ".jpeg", ".ecw", ".sid", ".asc", ".nc", ".hdr", ".bil", ".dem"})
+def sidecar_name(raster: str, sidecar: str, uploaded: str) -> str | None:
+    """The name ``sidecar`` (of the file named ``raster``) takes beside the raster uploaded as
+    ``uploaded``: ``a b.TIF.aux.xml`` -> ``a_b.tif.aux.xml``, ``a b.tfw`` -> ``a_b.tfw``. ``None``
+    when the sidecar is named after neither the raster's name nor its stem."""
+    for old, new in ((raster, uploaded), (Path(raster).stem, Path(uploaded).stem)):
+        rest = sidecar[len(old):]
+        # The case of the rest is kept: GDAL tries a world file's extension in both cases.
+        if sidecar.lower().startswith(old.lower()) and rest[:1] in (".", "_"):
+            return new + rest
+    return None
+
+
+def raster_sidecars(path: str) -> tuple[str, ...] | None:
+    """The files GDAL reads along with the local raster ``path`` (``GetFileList``: world file,
+    ``.prj``, ``.aux.xml``, overviews, ENVI header...), which must travel with it; ``()`` for a
+    file that does not exist (yet: an export) or GDAL cannot open. ``None`` when GDAL lists a
+    file that cannot travel with it (another folder, not a known sidecar, not named after it):
+    such a layer is exported to GeoTIFF instead."""
+    if not os.path.isfile(path):
+        return ()
+    from osgeo import gdal  # QGIS's own GDAL: it decides what QGIS shows of the file
+
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(path, gdal.OF_RASTER | gdal.OF_READONLY)
+        listed = (dataset.GetFileList() or []) if dataset is not None else []
+    except RuntimeError:  # raised instead of returning None where gdal.UseExceptions() is on
+        listed = []
+    finally:
+        dataset = None  # closes it before the error handler goes
+        gdal.PopErrorHandler()
+    main = os.path.abspath(path)
+    found = []
+    for f in listed:
+        f = os.path.abspath(f)
+        if f == main:
+            continue
+        if (os.path.dirname(f) != os.path.dirname(main) or not is_sidecar(f)
+                or sidecar_name(os.path.basename(main), os.path.basename(f),
+                                os.path.basename(main)) is None):
+            return None
+        found.append(f)
+    return tuple(found)
+
+
+def layer_upload_path(layer: Any) -> str | None:
+    """The file a raster layer (a ``QgsRasterLayer``) goes up as, or ``None`` when it is exported
+    first: as :func:`local_raster_path` says, and also when its CRS in QGIS is not the file's own
+    (the analyst set one on the layer, or the file has none), since only an export writes the
+    layer's CRS into the file the cluster reads."""
+    path = local_raster_path(layer.providerType(), layer.source())
+    if path is not None and layer.crs() != layer.dataProvider().crs():
+        return None
+    return path
 
 
 def local_raster_path(provider: str, source: str, *, exists: bool | None = None) -> str | None:
     """The local file a raster layer reads, or ``None`` when it must be exported first (WMS/WCS,
-    in-memory, a VRT that points elsewhere, ``/vsicurl/`` and other virtual paths)."""
+    in-memory, a VRT that points elsewhere, ``/vsicurl/`` and other virtual paths, a format
+    outside the contract's list, a file whose sidecars cannot travel with it). Whether the
+    layer's CRS is the file's is the caller's check (it needs QGIS)."""
     if provider != "gdal":
         return None
     path = source.split("|", 1)[0]
@@ -332,8 +429,10 @@ def local_raster_path(provider: str, source: str, *, exists: bool | None = None)
         return None
     if re.match(r"^[A-Za-z][A-Za-z0-9_]+:", path):  # a GDAL driver prefix: GPKG:, NETCDF:...
         return None
-    if Path(path).suffix.lower() not in GDAL_FILE_SUFFIXES:
+    if not is_raster(path):
         return None
     if exists is None:
         exists = Path(path).is_file()
-    return path if exists else None
+    if not exists or raster_sidecars(path) is None:
+        return None
+    return path

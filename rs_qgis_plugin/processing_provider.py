@@ -6,6 +6,7 @@ and run the same blocking steps as its tasks (Processing already runs them off t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,27 @@ from rs_qgis_plugin.log import get_logger
 from rs_qgis_plugin.logic import (
     MODE_PREDICT,
     MODE_TRAIN,
+    JobRecord,
     PlannedJob,
     RasterPick,
     RunParams,
     classify_results,
-    local_raster_path,
+    layer_upload_path,
+    now_iso,
     plan_evaluation,
     plan_job,
     safe_stem,
 )
 from rs_qgis_plugin.results import MASK_STYLE, POLYGON_STYLE, resource_path
-from rs_qgis_plugin.tasks import ExportRasterTask, TaskCancelFlag, connect, fetch, submit_planned, watch
+from rs_qgis_plugin.tasks import (
+    ExportRasterTask,
+    TaskCancelFlag,
+    connect,
+    fetch,
+    run_by_processing,
+    submit_planned,
+    watch,
+)
 
 log = get_logger("processing")
 PROVIDER_ID = "rs_buildings"
@@ -73,24 +84,65 @@ class _Styler(QgsProcessingLayerPostProcessorInterface):
         layer.triggerRepaint()
 
 
-def run_job_blocking(profile_name: str, planned: PlannedJob, local_dir: Path,
-                     feedback: Any) -> list[Path]:
-    """Upload (0-20 %), run (20-90 %), download (90-100 %); cancelling cancels the cluster job."""
+class _Recorder:
+    """Keeps the job's record in the settings current, as the dock's controller does (from the
+    algorithm's thread; the jobs panel hears of each save)."""
+
+    def __init__(self, record: JobRecord) -> None:
+        self.record = record
+
+    def save(self, record: JobRecord) -> None:
+        self.record = record
+        settings.save_job(record)
+
+
+def run_job_blocking(profile_name: str, planned: PlannedJob, local_dir: Path, feedback: Any, *,
+                     mode: str = "") -> list[Path]:
+    """Upload (0-20 %), run (20-90 %), download (90-100 %); cancelling cancels the cluster job.
+
+    The job is recorded like the dock's jobs: the jobs panel shows it while it runs and after,
+    and should QGIS close or the link drop mid-way, it is found again like any other."""
     try:
         profile = settings.load_profile(profile_name)
         passphrase = settings.load_passphrase(settings.profile_authcfg(profile_name))
         jobs = RemoteJobs(connect(profile, settings.known_hosts_path(), passphrase))
     except RsPluginError as e:
         raise QgsProcessingException(str(e)) from e
+    job_id = planned.spec.job_id
+    recorder = _Recorder(JobRecord(
+        job_id=job_id, name=planned.spec.name, profile=profile_name, mode=mode or "processing",
+        state="uploading", created=now_iso(), local_dir=str(local_dir), fetch=planned.fetch,
+        origin="processing"))
+    try:
+        with run_by_processing(job_id):
+            return _run_recorded(jobs, planned, local_dir, feedback, recorder)
+    finally:
+        settings.job_changed(job_id)  # no longer busy here
+        jobs.client.close()
+
+
+def _run_recorded(jobs: RemoteJobs, planned: PlannedJob, local_dir: Path, feedback: Any,
+                  recorder: _Recorder) -> list[Path]:
     cancel = TaskCancelFlag(feedback)
     job_id = planned.spec.job_id
+    recorder.save(recorder.record)
     started = False
     try:
         feedback.pushInfo(tr("Uploading {n} input(s) for job {job}").format(
             n=len(planned.inputs), job=job_id))
-        submit_planned(jobs, planned, progress=lambda p: feedback.setProgress(0.2 * p),
-                       cancel=cancel)
+        try:
+            status = submit_planned(jobs, planned, progress=lambda p: feedback.setProgress(0.2 * p),
+                                    cancel=cancel)
+        except CancelledError:
+            raise
+        except Exception as e:
+            # The spec or `job submit` may have reached the cluster: the jobs panel looks it up.
+            recorder.save(replace(recorder.record, state="unknown", message=tr(
+                "starting the job failed where the cluster may have it anyway: {reason}").format(
+                reason=e)))
+            raise
         started = True
+        recorder.save(recorder.record.with_status(status))
         last_stage = [""]
 
         def on_status(status: Any) -> None:
@@ -98,24 +150,47 @@ def run_job_blocking(profile_name: str, planned: PlannedJob, local_dir: Path,
             if status.stage and status.stage != last_stage[0]:
                 last_stage[0] = status.stage
                 feedback.pushInfo(tr("Stage {stage}").format(stage=status.stage))
+            recorder.save(recorder.record.with_status(status))
 
-        final = watch(jobs, job_id, on_status=on_status, cancel=cancel)
+        def on_event(event: Any) -> None:
+            record = recorder.record.with_event(event.event, event.message)
+            if event.event == "warning":
+                feedback.pushWarning(f"{event.stage}: {event.message}")
+                recorder.save(record)
+            elif event.event == "info":
+                feedback.pushInfo(f"{event.stage}: {event.message}")
+                recorder.save(record)
+            else:
+                recorder.record = record  # saved with the next status
+
+        final = watch(jobs, job_id, on_status=on_status, on_event=on_event, cancel=cancel)
         if final.state != "succeeded":
             raise QgsProcessingException(tr("job {job} {state}: {reason}").format(
                 job=job_id, state=final.state, reason=final.message or tr("no reason given")))
         files = fetch(jobs, job_id, planned.fetch, local_dir,
                       progress=lambda p: feedback.setProgress(90 + 0.1 * p), cancel=cancel)
+        # Processing loads the layers when the algorithm returns
+        recorder.save(replace(recorder.record, loaded=True))
         feedback.setProgress(100)
         return files
     except CancelledError:
-        if started:
-            jobs.cancel(job_id)
+        if not started:
+            recorder.save(replace(recorder.record, state="cancelled",
+                                  message=tr("cancelled before start")))
+            raise QgsProcessingException(tr("cancelled; job {job} was not started").format(
+                job=job_id)) from None
+        try:
+            recorder.save(recorder.record.with_status(jobs.cancel(job_id)))
+        except RsPluginError as e:
+            recorder.save(replace(recorder.record, message=str(e)))
+            raise QgsProcessingException(tr(
+                "cancelled here, but cancelling job {job} on the cluster failed: {reason}; it "
+                "may still run there (see the jobs panel)").format(job=job_id, reason=e)) from e
         raise QgsProcessingException(tr("cancelled; job {job} cancelled on the cluster")
                                      .format(job=job_id)) from None
     except RsPluginError as e:
+        recorder.save(replace(recorder.record, message=str(e)))
         raise QgsProcessingException(str(e)) from e
-    finally:
-        jobs.client.close()
 
 
 class _ClusterAlgorithm(QgsProcessingAlgorithm):
@@ -143,7 +218,7 @@ class _ClusterAlgorithm(QgsProcessingAlgorithm):
             if not isinstance(layer, QgsRasterLayer):
                 raise QgsProcessingException(tr("{name} is not a raster layer").format(
                     name=getattr(layer, "name", lambda: layer)()))
-            path = local_raster_path(layer.providerType(), layer.source())
+            path = layer_upload_path(layer)
             if path is None:
                 feedback.pushInfo(tr("Exporting {name} to GeoTIFF").format(name=layer.name()))
                 task = ExportRasterTask(
@@ -214,7 +289,8 @@ class PredictAlgorithm(_ClusterAlgorithm):
         except RsPluginError as e:
             raise QgsProcessingException(str(e)) from e
         files = classify_results(run_job_blocking(
-            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback))
+            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback,
+            mode=self.name()))
         for path in files.masks:
             details = QgsProcessingContext.LayerDetails(Path(path).stem, context.project(),
                                                         self.MASKS)
@@ -301,7 +377,8 @@ class TrainAlgorithm(_ClusterAlgorithm):
         except RsPluginError as e:
             raise QgsProcessingException(str(e)) from e
         files = classify_results(run_job_blocking(
-            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback))
+            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback,
+            mode=self.name()))
         return {self.OUTPUT: str(out), self.MODEL: files.model or ""}
 
 
@@ -345,7 +422,8 @@ class EvaluateAlgorithm(_ClusterAlgorithm):
         except RsPluginError as e:
             raise QgsProcessingException(str(e)) from e
         files = classify_results(run_job_blocking(
-            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback))
+            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback,
+            mode=self.name()))
         if not files.report:
             raise QgsProcessingException(tr("the job produced no report"))
         report = json.loads(Path(files.report).read_text(encoding="utf-8"))

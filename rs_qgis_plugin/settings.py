@@ -4,7 +4,10 @@ authentication database (the settings hold an ``authcfg`` id, never a passphrase
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from pathlib import Path
+from typing import Callable
 
 from qgis.core import QgsApplication, QgsAuthMethodConfig, QgsSettings
 
@@ -118,6 +121,43 @@ def load_passphrase(authcfg: str) -> str | None:
 
 
 # -- job records -----------------------------------------------------------------------------------
+# Told which job record was saved or forgotten, in whichever thread did it (Processing algorithms
+# save theirs from a worker thread), so the jobs panel can show it. Bound methods, held weakly:
+# a listener that is gone is dropped, never called.
+_listeners: list[weakref.WeakMethod] = []
+_listeners_lock = threading.Lock()
+
+
+def add_job_listener(method: Callable[[str], None]) -> None:
+    with _listeners_lock:
+        _listeners[:] = [ref for ref in _listeners if ref() is not None]
+        _listeners.append(weakref.WeakMethod(method))
+
+
+def remove_job_listener(method: Callable[[str], None]) -> None:
+    with _listeners_lock:
+        _listeners[:] = [ref for ref in _listeners if ref() not in (None, method)]
+
+
+def job_changed(job_id: str) -> None:
+    """Tells the listeners that the record of ``job_id`` (or what uses it) changed."""
+    with _listeners_lock:
+        alive = [m for m in (ref() for ref in _listeners) if m is not None]
+    for method in alive:
+        method(job_id)
+
+
+def load_job(job_id: str) -> JobRecord | None:
+    text = QgsSettings().value(f"{JOBS}/{job_id}", "", type=str)
+    if not text:
+        return None
+    try:
+        return JobRecord.from_json(text)
+    except (ValueError, TypeError) as e:
+        log.warning("unreadable job record %s: %s", job_id, e)
+        return None
+
+
 def load_jobs() -> list[JobRecord]:
     s = QgsSettings()
     s.beginGroup(JOBS)
@@ -138,7 +178,9 @@ def load_jobs() -> list[JobRecord]:
 
 def save_job(record: JobRecord) -> None:
     QgsSettings().setValue(f"{JOBS}/{record.job_id}", record.to_json())
+    job_changed(record.job_id)
 
 
 def forget_job(job_id: str) -> None:
     QgsSettings().remove(f"{JOBS}/{job_id}")
+    job_changed(job_id)

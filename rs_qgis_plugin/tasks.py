@@ -10,9 +10,12 @@ algorithms, which already run off the GUI thread.
 from __future__ import annotations
 
 import posixpath
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -36,7 +39,7 @@ from rs_qgis_plugin.core.errors import (
 )
 from rs_qgis_plugin.core.jobs import RemoteJobs
 from rs_qgis_plugin.core.profile import ConnectionProfile
-from rs_qgis_plugin.core.protocol import JobStatus
+from rs_qgis_plugin.core.protocol import STATES, JobStatus, ProgressEvent
 from rs_qgis_plugin.core.ssh import SshClient
 from rs_qgis_plugin.log import get_logger
 from rs_qgis_plugin.logic import MODEL_INPUT, MODEL_OUTPUT, PlannedJob
@@ -68,17 +71,46 @@ def connect(profile: ConnectionProfile, known_hosts: str | Path,
 
 
 # -- blocking steps, shared with Processing -------------------------------------------------------
+_PROCESSING_JOBS: set[str] = set()
+_PROCESSING_LOCK = threading.Lock()
+
+
+def processing_jobs() -> set[str]:
+    """Jobs a Processing algorithm of this QGIS runs right now (in its own thread): the jobs
+    panel shows them, and leaves watching and fetching them to the algorithm."""
+    with _PROCESSING_LOCK:
+        return set(_PROCESSING_JOBS)
+
+
+@contextmanager
+def run_by_processing(job_id: str) -> Iterator[None]:
+    with _PROCESSING_LOCK:
+        _PROCESSING_JOBS.add(job_id)
+    try:
+        yield
+    finally:
+        with _PROCESSING_LOCK:
+            _PROCESSING_JOBS.discard(job_id)
+
+
 def submit_planned(jobs: RemoteJobs, planned: PlannedJob, *,
                    progress: Callable[[float], None] | None = None, cancel: Any = None) -> JobStatus:
     """Uploads the inputs, reuses a training job's model on the cluster, starts the job."""
     if planned.model_job:
         # The spec only names paths inside its own job folder, so the earlier job's model is
-        # copied there (on the cluster, nothing crosses the network).
+        # put there on the cluster (nothing crosses the network) as hard links: no second copy
+        # on the cluster's disk, and the model stays whole when the training job is cleaned.
         job_dir = jobs.job_dir(planned.spec.job_id)
         target = posixpath.join(job_dir, MODEL_INPUT)
         jobs.transfers.makedirs(posixpath.dirname(target))
         source = posixpath.join(jobs.job_dir(planned.model_job), MODEL_OUTPUT)
-        jobs.client.run(["cp", "-R", "--", source, target], timeout=600)
+        try:
+            jobs.client.run(["cp", "-al", "--", source, target], timeout=600)
+        except RemoteCommandError as e:
+            # Hard links cannot cross filesystems (the training job's folder on other storage)
+            log.info("could not link the model of job %s (%s); copying it", planned.model_job, e)
+            jobs.client.run(["rm", "-rf", "--", target], timeout=600)
+            jobs.client.run(["cp", "-R", "--", source, target], timeout=600)
 
     def on_bytes(done: int, total: int, percent: float) -> None:
         if progress:
@@ -88,12 +120,29 @@ def submit_planned(jobs: RemoteJobs, planned: PlannedJob, *,
 
 
 def watch(jobs: RemoteJobs, job_id: str, *, on_status: Callable[[JobStatus], None] | None = None,
-          cancel: Any = None, poll_s: float = 2.0) -> JobStatus:
-    """Follows a job to its end, reconnecting after a dropped link."""
+          on_event: Callable[[ProgressEvent], None] | None = None, cancel: Any = None,
+          poll_s: float = 2.0, skip_events: int = 0) -> JobStatus:
+    """Follows a job to its end, reconnecting after a dropped link.
+
+    ``on_event`` gets each event once, from number ``skip_events`` on: each (re)connection reads
+    the job's events from the first, and those already passed on are skipped.
+    """
+    delivered = skip_events
     failures = 0
     while True:
+        index = 0
+
+        def each(event: ProgressEvent) -> None:
+            nonlocal index, delivered
+            index += 1
+            if index > delivered:
+                delivered = index
+                if on_event is not None:
+                    on_event(event)
+
         try:
-            return jobs.wait(job_id, poll_s=poll_s, on_status=on_status, cancel=cancel)
+            return jobs.wait(job_id, poll_s=poll_s, on_status=on_status, on_event=each,
+                             cancel=cancel)
         except (EOFError, HostUnreachableError, ConnectionError) as e:
             failures += 1
             if failures > RECONNECT_TRIES:
@@ -108,6 +157,34 @@ def watch(jobs: RemoteJobs, job_id: str, *, on_status: Callable[[JobStatus], Non
                 jobs.client.connect()
             except (HostUnreachableError, OSError) as again:
                 log.warning("reconnect failed: %s", again)
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """What one cluster's ``job list`` says about the jobs recorded here for its profile."""
+
+    statuses: dict[str, JobStatus] = field(default_factory=dict)  # the cluster ran or runs them
+    not_started: dict[str, str] = field(default_factory=dict)  # folder there, never started: why
+    missing: frozenset[str] = frozenset()  # the cluster has no such job
+    others: tuple[dict[str, Any], ...] = ()  # jobs of the workspace not recorded here
+
+
+def reconcile(jobs: RemoteJobs, known: list[str], detail: set[str] | None = None) -> Reconciliation:
+    """Looks the ``known`` job ids up in ``job list``; the status of those in ``detail`` (all,
+    when ``None``) that the cluster has is read too."""
+    listed = {entry["job_id"]: entry for entry in jobs.list()}
+    statuses, not_started, missing = {}, {}, set()
+    for job_id in known:
+        entry = listed.get(job_id)
+        if entry is None:
+            missing.add(job_id)
+        elif entry.get("state") not in STATES:  # "new": a spec, never submitted; "unknown"
+            not_started[job_id] = str(entry.get("message") or entry.get("state"))
+        elif detail is None or job_id in detail:
+            statuses[job_id] = jobs.status(job_id)
+    recorded = set(known)
+    others = tuple(entry for job_id, entry in listed.items() if job_id not in recorded)
+    return Reconciliation(statuses, not_started, frozenset(missing), others)
 
 
 def fetch(jobs: RemoteJobs, job_id: str, paths: tuple[str, ...], local_dir: str | Path, *,
@@ -169,8 +246,10 @@ class RsTask(QgsTask):
         return not self.isCanceled()
 
     def finished(self, result: bool) -> None:  # noqa: FBT001 - QgsTask's signature
-        if self.on_done is not None:
-            self.on_done(self)
+        # Dropped once called: a finished task no longer keeps its caller (the controller) alive
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(self)
 
 
 class ExportRasterTask(RsTask):
@@ -270,9 +349,13 @@ class EnvTask(_RemoteTask):
 
 
 class SubmitJobTask(_RemoteTask):
-    """Uploads the inputs (progress = bytes sent) and starts the job; ``result`` is its status.
+    """Uploads the inputs (progress = bytes sent) and starts the job; ``result`` is its status
+    whenever the job started, even if the task was cancelled.
 
-    Cancelled after the job started, it cancels the job on the cluster too.
+    Cancelled after the job started, it cancels the job on the cluster too: ``result`` is then
+    the cancelled status, or, when that cancel failed, the running one with ``cancel_error``
+    saying why. ``uncertain``: it failed once connected, where the cluster may have received
+    and started the job anyway (the link dropped during ``job submit``); look it up.
     """
 
     def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
@@ -281,36 +364,51 @@ class SubmitJobTask(_RemoteTask):
                          known_hosts, passphrase, on_done)
         self.planned = planned
         self.job_id = planned.spec.job_id
+        self.uncertain = False
+        self.cancel_error: BaseException | None = None
 
     def work(self) -> JobStatus:
         jobs = self.open_jobs()
         try:
-            status = submit_planned(jobs, self.planned, progress=self.setProgress,
-                                    cancel=self.cancel_flag)
+            try:
+                status = submit_planned(jobs, self.planned, progress=self.setProgress,
+                                        cancel=self.cancel_flag)
+            except CancelledError:
+                raise  # before the spec went up: the cluster has no job
+            except Exception:
+                self.uncertain = True
+                raise
             if self.isCanceled():
-                jobs.cancel(self.job_id)
-                raise CancelledError(f"job {self.job_id} cancelled right after it started")
+                try:
+                    status = jobs.cancel(self.job_id)
+                except Exception as e:  # noqa: BLE001 - reported, and the job is followed
+                    log.error("job %s started, but cancelling it failed: %s", self.job_id, e)
+                    self.cancel_error = e
             return status
         finally:
             jobs.client.close()
 
 
 class WatchJobTask(_RemoteTask):
-    """Follows a job until it ends; ``status_changed`` carries each new status to the GUI.
+    """Follows a job until it ends; ``status_changed`` carries each new status to the GUI, and
+    ``event_received`` each event of the job (job id, :class:`ProgressEvent`) from number
+    ``skip_events`` on.
 
     ``cancel()`` cancels the job on the cluster as well; ``detach()`` only stops watching
     (the plugin unloading, QGIS closing), so the job keeps running and is found again later.
     """
 
     status_changed = pyqtSignal(object)
+    event_received = pyqtSignal(str, object)
 
     def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
                  job_id: str, on_done: Callable[[RsTask], None] | None = None,
-                 poll_s: float = 2.0) -> None:
+                 poll_s: float = 2.0, skip_events: int = 0) -> None:
         super().__init__(tr("Cluster job {job}").format(job=job_id), profile, known_hosts,
                          passphrase, on_done)
         self.job_id = job_id
         self.poll_s = poll_s
+        self.skip_events = skip_events
         self.cancel_remote = True
         self.remote_cancelled: JobStatus | None = None
 
@@ -322,12 +420,16 @@ class WatchJobTask(_RemoteTask):
         self.setProgress(status.progress)
         self.status_changed.emit(status)
 
+    def _event(self, event: ProgressEvent) -> None:
+        self.event_received.emit(self.job_id, event)
+
     def work(self) -> JobStatus:
         jobs = self.open_jobs()
         try:
             try:
-                return watch(jobs, self.job_id, on_status=self._status, cancel=self.cancel_flag,
-                             poll_s=self.poll_s)
+                return watch(jobs, self.job_id, on_status=self._status, on_event=self._event,
+                             cancel=self.cancel_flag, poll_s=self.poll_s,
+                             skip_events=self.skip_events)
             except CancelledError:
                 if self.cancel_remote:
                     self.remote_cancelled = jobs.cancel(self.job_id)
@@ -350,6 +452,52 @@ class CancelJobTask(_RemoteTask):
             return jobs.cancel(self.job_id)
         finally:
             jobs.client.close()
+
+
+class ReconcileTask(_RemoteTask):
+    """Reads one cluster's ``job list`` for the jobs recorded for its profile (``known``), with
+    the status of those in ``detail``; ``result`` is a :class:`Reconciliation`. ``candidates``
+    are the jobs the caller will act on (those nothing else was busy with)."""
+
+    def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
+                 known: list[str], detail: set[str], candidates: set[str] | None = None,
+                 on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(tr("Look up the jobs on {profile}").format(profile=profile.name),
+                         profile, known_hosts, passphrase, on_done)
+        self.profile_name = profile.name
+        self.known = list(known)
+        self.detail = set(detail)
+        self.candidates = set(known if candidates is None else candidates)
+
+    def work(self) -> Reconciliation:
+        jobs = self.open_jobs()
+        try:
+            return reconcile(jobs, self.known, self.detail)
+        finally:
+            jobs.client.close()
+
+
+class CleanJobTask(_RemoteTask):
+    """Deletes a finished job's folder on the cluster (``rs-cluster job clean``); ``result`` is
+    ``True`` once the folder is gone, also when it was gone already."""
+
+    def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
+                 job_id: str, on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(tr("Delete cluster job {job}").format(job=job_id), profile, known_hosts,
+                         passphrase, on_done)
+        self.job_id = job_id
+
+    def work(self) -> bool:
+        jobs = self.open_jobs()
+        try:
+            jobs.clean(self.job_id)
+        except RemoteCommandError as e:
+            if f"no job {self.job_id!r}" not in str(e):
+                raise
+            log.info("job %s: nothing to delete on the cluster (%s)", self.job_id, e)
+        finally:
+            jobs.client.close()
+        return True
 
 
 class FetchResultsTask(_RemoteTask):

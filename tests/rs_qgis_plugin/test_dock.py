@@ -168,3 +168,25 @@ def test_a_cancelled_export_leaves_no_file(dock, tmp_path, results_root):
     export.cancel()
     assert export.run() is False
     assert not export.target.exists() and export.error is None
+
+
+def test_the_status_line_shows_an_error_quoting_the_cluster_as_text(dock, monkeypatch,
+                                                                     results_root):
+    """An error may quote what the cluster said; a link in it must not become clickable."""
+    from qgis.PyQt.QtCore import Qt
+
+    from rs_qgis_plugin.core.errors import RemoteCommandError
+
+    hostile = "rs-cluster: <a href='file:///home/ana/.ssh'>click to fix</a><img src='x'>"
+
+    def start(*args, **kwargs):
+        raise RemoteCommandError(hostile)
+
+    monkeypatch.setattr(dock.controller, "start", start)
+    monkeypatch.setattr(dock, "prepare_run", lambda: None)
+    dock.mode.setCurrentIndex(dock.mode.findData("train"))  # needs no model
+    dock.profile.addItem("loopback")
+    dock.profile.setCurrentText("loopback")
+    assert dock.run() is None
+    assert dock.status.text() == hostile
+    assert dock.status.textFormat() == Qt.PlainText

@@ -20,11 +20,11 @@ from qgis.core import Qgis, QgsProject, QgsRasterLayer, QgsVectorLayer
 from rs_qgis_plugin import settings
 from rs_qgis_plugin.controller import JobController, PreparedRun
 from rs_qgis_plugin.core.jobs import RemoteJobs
-from rs_qgis_plugin.core.jobspec import JobSpecBuilder
 from rs_qgis_plugin.core.ssh import SshClient
 from rs_qgis_plugin.logic import MODE_PREDICT, PlannedJob, RasterPick, RunParams, plan_job
 from rs_qgis_plugin.results import JOB_PROPERTY
 from rs_qgis_plugin.tasks import FetchResultsTask, WatchJobTask
+from tests.cluster_selftest import plugin_sleep_spec
 from tests.procs import ENV_JOB_ID, live_processes
 from tests.rs_qgis_plugin.conftest import dev_image, wait_for
 
@@ -51,7 +51,7 @@ def controllers(qgis_iface):
 
 
 def sleep_job(name: str, seconds: float, steps: int, **inputs) -> PlannedJob:
-    spec = JobSpecBuilder(name).step("sleep", seconds=seconds, steps=steps).build()
+    spec = plugin_sleep_spec(name, seconds=seconds, steps=steps)
     return PlannedJob(spec=spec, inputs={k: str(v) for k, v in inputs.items()}, fetch=())
 
 
@@ -251,3 +251,90 @@ def test_cancelling_the_download_loads_nothing_and_a_later_fetch_completes(
     layers = job_layers(job)
     assert sorted(type(lyr).__name__ for lyr in layers) == [QgsRasterLayer.__name__,
                                                             QgsVectorLayer.__name__]
+
+
+def wrapped_profile(profile, tmp_path: Path, *, failing_cancel: bool = False):
+    """The saved profile, with the real ``rs-cluster`` behind a wrapper on the "cluster":
+    ``job submit`` answers only 3 s after the job started (a loaded login node), which gives a
+    test the time to cancel or cut the link between the two; with ``failing_cancel``,
+    ``job cancel`` fails the way it does when a job's processes will not stop."""
+    import shlex
+
+    real = shlex.join(profile.remote_command)
+    cancel = ('if [ "$2" = cancel ]; then\n'
+              '  echo "error: could not stop process(es) [4242] of the job" >&2; exit 2\nfi\n'
+              if failing_cancel else "")
+    wrapper = tmp_path / "rs-cluster-wrapper.sh"
+    wrapper.write_text(f"""#!/bin/sh
+{cancel}if [ "$2" = submit ]; then
+  {real} "$@"; rc=$?
+  sleep 3
+  exit $rc
+fi
+exec {real} "$@"
+""")
+    wrapped = profile.__class__.from_dict({**profile.to_dict(),
+                                           "remote_command": ["/bin/sh", str(wrapper)]})
+    settings.save_profile(wrapped)
+    return wrapped
+
+
+def test_a_cancel_that_fails_right_after_submit_leaves_the_job_followed(
+        qgis_iface, qtbot, profile, results_root, controllers, tmp_path):
+    """Cancel lands while ``job submit`` is answering; the cancel that follows fails on the
+    cluster. The job runs there, so the record follows it instead of saying "cancelled before
+    start", and the failed cancel is reported."""
+    wrapped_profile(profile, tmp_path, failing_cancel=True)
+    controller = controllers()
+    planned = sleep_job("cancel fails", 6.0, 6)
+    job = planned.spec.job_id
+    controller.start(profile.name, PreparedRun(planned, []), "predict")
+    wait_for(qtbot, lambda: (job_dir(profile, job) / "status.json").exists(), 60)
+    controller.cancel(job)  # the user pressed Cancel: the job has just started on the cluster
+
+    wait_for(qtbot, lambda: controller.record(job).state == "running", 60)
+    critical = qgis_iface.messageBar().get_messages(Qgis.Critical)
+    assert any("could not cancel" in m.lower() and "could not stop process" in m
+               for m in critical), critical
+    assert controller.record(job).message != "cancelled before start"
+    # followed to its end, as any running job
+    wait_for(qtbot, lambda: controller.record(job).state == "succeeded" and
+             job not in controller.tasks, 60)
+    assert settings.load_jobs()[0].state == "succeeded"
+
+
+def test_a_link_dropped_during_submit_is_looked_up_and_the_job_followed(
+        qgis_iface, qtbot, sshd, profile, results_root, controllers, tmp_path):
+    """The connection is cut while ``job submit`` answers: the plugin cannot tell whether the
+    job started, so it looks it up on the cluster instead of leaving an "error" record."""
+    wrapped_profile(profile, tmp_path)
+    controller = controllers()
+    planned = sleep_job("cut at submit", 4.0, 4)
+    job = planned.spec.job_id
+    submit = controller.start(profile.name, PreparedRun(planned, []), "predict")
+    wait_for(qtbot, lambda: (job_dir(profile, job) / "status.json").exists() and
+             running_a_command(sshd), 60)
+    assert controller.tasks.get(job) is submit
+    assert sshd.kill_connections() >= 1
+
+    wait_for(qtbot, lambda: controller.record(job).state == "succeeded" and
+             job not in controller.tasks, 90)
+    assert settings.load_jobs()[0].state == "succeeded"
+    assert any("cut at submit" in m for m in qgis_iface.messageBar().get_messages(Qgis.Warning))
+
+
+def test_an_uncertain_submit_the_cluster_never_got_says_so(qtbot, profile, results_root,
+                                                           controllers):
+    """A record left "unknown" (QGIS closed while the job was being started, say) for a job the
+    cluster does not have: the lookup says so, and the record is not watched forever."""
+    from rs_qgis_plugin.logic import JobRecord
+
+    settings.save_job(JobRecord(job_id="20260101-000000-00dead", name="never arrived",
+                                profile=profile.name, mode="predict", state="unknown",
+                                message="the connection dropped while the job was starting"))
+    controller = controllers()
+    controller.reattach()
+    wait_for(qtbot, lambda: controller.record("20260101-000000-00dead").state == "error" and
+             not controller.active_job_ids(), 60)
+    record = controller.record("20260101-000000-00dead")
+    assert "no such job" in record.message and "connection dropped" in record.message

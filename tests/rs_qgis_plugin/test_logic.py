@@ -138,6 +138,14 @@ def test_unique_stems_are_safe_and_distinct():
     ("gdal", "GPKG:/data/a.gpkg:table", None),
     ("wms", "url=https://tiles/{z}/{x}/{y}.png", None),
     ("virtualraster", "?crs=EPSG:3857", None),
+    ("gdal", "/data/a.png", "/data/a.png"),
+    # Formats outside the contract's list (the cluster's GDAL may lack the driver, or the file
+    # is a header whose data lies elsewhere) are exported to GeoTIFF, never left out there.
+    ("gdal", "/data/a.ecw", None),
+    ("gdal", "/data/a.sid", None),
+    ("gdal", "/data/a.asc", None),
+    ("gdal", "/data/a.nc", None),
+    ("gdal", "/data/a.hdr", None),
 ])
 def test_which_layers_are_uploaded_as_they_are(provider, source, expected):
     assert local_raster_path(provider, source, exists=True) == expected
@@ -176,3 +184,137 @@ def test_job_records_survive_a_round_trip_and_follow_the_status():
     # a record written by a newer plugin with extra keys still loads
     data = json.loads(record.to_json()) | {"future_key": 1}
     assert JobRecord.from_json(json.dumps(data)).job_id == "j1"
+
+
+# -- georeferencing travels with the raster -------------------------------------------------------
+@pytest.fixture
+def pam_enabled():
+    """GDAL's .aux.xml files as QGIS reads them by default. The plugin tests turn them off so
+    nothing is written beside the shared dev data (conftest); the files here are the test's own."""
+    from osgeo import gdal
+
+    before = gdal.GetConfigOption("GDAL_PAM_ENABLED")
+    gdal.SetConfigOption("GDAL_PAM_ENABLED", "YES")
+    yield
+    gdal.SetConfigOption("GDAL_PAM_ENABLED", before)
+
+
+def georeferenced_copies(folder: Path) -> dict[str, Path]:
+    """A real Xiamen GeoTIFF rewritten as GDAL writes rasters whose grid and CRS lie beside them:
+    PNG + world file + .aux.xml, JPEG + .jgw + .aux.xml (upper-case extension), baseline TIFF +
+    .tfw + .aux.xml (its CRS only), ENVI .img + .hdr."""
+    from osgeo import gdal, osr
+
+    from tests.rs_qgis_plugin.conftest import dev_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # A copy: GDAL may write an .aux.xml beside what it reads while PAM is on, never in dev data.
+    source = folder / "source.tif"
+    source.write_bytes(dev_image(0).read_bytes())
+    made = {}
+    for name, driver, options in (("Scene one.png", "PNG", ["WORLDFILE=YES"]),
+                                  ("Scene two.JPG", "JPEG", ["WORLDFILE=YES", "QUALITY=95"]),
+                                  ("Scene three.tif", "GTiff", ["PROFILE=BASELINE", "TFW=YES"]),
+                                  ("Scene four.img", "ENVI", [])):
+        path = folder / name
+        assert gdal.Translate(str(path), str(source), format=driver, creationOptions=options)
+        made[name] = path
+    (folder / "Scene two.wld").rename(folder / "Scene two.jgw")
+    # GDAL also put the TIFF's grid in its .aux.xml: keep only the CRS there, so the grid comes
+    # from the world file alone (as with a TIFF from a scanner or a GIS that writes .tfw).
+    (folder / "Scene three.tif.aux.xml").unlink()
+    tiff = gdal.Open(str(made["Scene three.tif"]))
+    tiff.SetSpatialRef(osr.SpatialReference(tiff_crs_wkt()))
+    tiff = None  # read-only: GDAL writes the CRS to the .aux.xml on closing
+    return made
+
+
+def tiff_crs_wkt() -> str:
+    from osgeo import osr
+
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(3857)
+    return srs.ExportToWkt()
+
+
+def test_world_files_aux_xml_and_headers_travel_with_their_raster(tmp_path, pam_enabled):
+    """The plan uploads every sidecar GDAL lists for the file, renamed with it; laid out on the
+    cluster under those names, GDAL reads each raster at the same place in the same CRS."""
+    from osgeo import gdal
+
+    made = georeferenced_copies(tmp_path / "local")
+    picks = [RasterPick(str(p)) for p in made.values()]
+    planned = plan_job("p", RunParams(mode="predict", model_dir="/m"), picks)
+    uploaded = {k: Path(v).name for k, v in planned.inputs.items() if k.startswith("inputs/images/")}
+    assert uploaded == {
+        "inputs/images/Scene_one.png": "Scene one.png",
+        "inputs/images/Scene_one.wld": "Scene one.wld",
+        "inputs/images/Scene_one.png.aux.xml": "Scene one.png.aux.xml",
+        "inputs/images/Scene_two.jpg": "Scene two.JPG",
+        "inputs/images/Scene_two.jgw": "Scene two.jgw",
+        "inputs/images/Scene_two.jpg.aux.xml": "Scene two.JPG.aux.xml",
+        "inputs/images/Scene_three.tif": "Scene three.tif",
+        "inputs/images/Scene_three.tfw": "Scene three.tfw",
+        "inputs/images/Scene_three.tif.aux.xml": "Scene three.tif.aux.xml",
+        "inputs/images/Scene_four.img": "Scene four.img",
+        "inputs/images/Scene_four.hdr": "Scene four.hdr",
+        "inputs/images/Scene_four.img.aux.xml": "Scene four.img.aux.xml",
+    }
+    job = tmp_path / "job"
+    for remote, local in planned.inputs.items():
+        if remote.startswith("inputs/images/"):
+            (job / remote).parent.mkdir(parents=True, exist_ok=True)
+            (job / remote).write_bytes(Path(local).read_bytes())
+    source = gdal.Open(str(made["Scene one.png"]))
+    for remote in ("Scene_one.png", "Scene_two.jpg", "Scene_three.tif", "Scene_four.img"):
+        there = gdal.Open(str(job / "inputs/images" / remote))
+        assert there.GetGeoTransform() == pytest.approx(source.GetGeoTransform()), remote
+        assert there.GetSpatialRef().GetAuthorityCode(None) == "3857", remote
+    # a mask goes up with its sidecars too, named after its image
+    train = plan_job("t", RunParams(mode="train"), [RasterPick(str(made["Scene one.png"]),
+                                                               str(made["Scene three.tif"]))])
+    assert {"inputs/train/masks/Scene_one.tif", "inputs/train/masks/Scene_one.tfw",
+            "inputs/train/masks/Scene_one.tif.aux.xml"} <= set(train.inputs)
+
+
+@pytest.mark.qgis
+def test_a_layer_whose_crs_was_set_in_qgis_is_exported_with_that_crs(qgis_env, qgis_iface,
+                                                                     results_root, tmp_path):
+    """A world-file TIFF with no CRS of its own, and a GeoTIFF whose CRS the analyst overrode in
+    QGIS, go up as GeoTIFF exports carrying the layer's CRS; an untouched GeoTIFF goes as it is."""
+    from osgeo import gdal
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
+
+    from rs_qgis_plugin.controller import JobController, LayerPick
+    from tests.rs_qgis_plugin.conftest import dev_image
+
+    local = tmp_path / "local"
+    local.mkdir()
+    assert gdal.Translate(str(local / "no crs.tif"), str(dev_image(0)),
+                          creationOptions=["PROFILE=BASELINE", "TFW=YES"])
+    (local / "no crs.tif.aux.xml").unlink(missing_ok=True)  # the grid stays, the CRS goes
+    layers = {}
+    for key, path in (("no_crs", local / "no crs.tif"), ("overridden", dev_image(0)),
+                      ("untouched", dev_image(1))):
+        layers[key] = QgsRasterLayer(str(path), key, "gdal")
+        assert layers[key].isValid()
+        QgsProject.instance().addMapLayer(layers[key])
+    assert not layers["no_crs"].crs().isValid()
+    layers["no_crs"].setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    layers["overridden"].setCrs(QgsCoordinateReferenceSystem("EPSG:32650"))
+
+    run = JobController(qgis_iface).prepare(
+        "crs", RunParams(mode="predict", model_dir="/m"),
+        [LayerPick(layers["no_crs"]), LayerPick(layers["overridden"]),
+         LayerPick(layers["untouched"])])
+    assert run.planned.inputs[f"inputs/images/{dev_image(1).stem}.tif"] == str(dev_image(1))
+    assert sorted(e.layer_name for e in run.exports) == ["no_crs", "overridden"]
+    for export in run.exports:
+        assert export.run(), export.error
+        written = QgsRasterLayer(str(export.target), "written", "gdal")
+        crs, extent = written.crs(), written.extent()
+        del written  # a layer left for the interpreter's exit crashes QGIS as it shuts down
+        layer = layers[export.layer_name]
+        assert crs == layer.crs() and crs.isValid()
+        assert extent == layer.extent()
+        assert run.planned.inputs[f"inputs/images/{export.layer_name}.tif"] == str(export.target)

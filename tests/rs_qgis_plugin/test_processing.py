@@ -48,9 +48,18 @@ def test_train_predict_evaluate_are_in_the_toolbox(provider):
 
 
 @pytest.mark.ssh
-def test_evaluate_runs_on_the_cluster_and_returns_the_scores(provider, profile, tmp_path):
+def test_evaluate_runs_on_the_cluster_and_returns_the_scores(provider, profile, tmp_path,
+                                                             qgis_iface, qtbot):
+    """Also recorded as a job: it appears in the jobs panel, as the dock's jobs do."""
     import processing
 
+    from rs_qgis_plugin import settings
+    from rs_qgis_plugin.controller import JobController
+    from rs_qgis_plugin.jobs_panel import JobsPanel
+    from tests.rs_qgis_plugin.conftest import wait_for
+
+    controller = JobController(qgis_iface)  # the plugin's, while QGIS runs the algorithm
+    panel = JobsPanel(controller)
     truth = QgsRasterLayer(str(dev_mask(0)), "reference", "gdal")
     # a "prediction": the reference mask itself, so every score is exactly 1
     predicted_path = tmp_path / "pred.tif"
@@ -63,6 +72,15 @@ def test_evaluate_runs_on_the_cluster_and_returns_the_scores(provider, profile, 
     assert result["IOU"] == 1.0 and result["F1"] == 1.0
     report = json.loads(open(result["REPORT"]).read())
     assert report["pooled"]["images"] == 1
+    records = settings.load_jobs()
+    assert [(r.mode, r.state, r.origin, r.loaded) for r in records] == [
+        ("evaluate", "succeeded", "processing", True)]
+    assert records[0].local_dir == str(tmp_path / "out")
+    wait_for(qtbot, lambda: [r.state for r in controller.records()] == ["succeeded"], 10)
+    assert panel.table.rowCount() == 1
+    assert panel.table.item(0, JobsPanel.COLUMNS.index("job id")).text() == records[0].job_id
+    controller.shutdown()
+    panel.deleteLater()
 
 
 def test_an_unknown_profile_is_a_clear_processing_error(provider, tmp_path):
