@@ -20,7 +20,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # Spark and Horovod talk over loopback only.
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: help setup setup-system setup-venvs demo train-full test test-cluster test-multihost test-plugin lint bench \
+.PHONY: help setup setup-system setup-venvs hadoop-jars demo train-full test test-cluster test-multihost test-hadoop test-plugin lint bench \
         bench-prepare package install-plugin clean
 
 help:
@@ -31,7 +31,7 @@ help:
 	@echo "make lint   - ruff on both packages"
 	@echo "Options: DATA=$(DATA) EPOCHS=$(EPOCHS) WORKERS=$(WORKERS)"
 
-setup: setup-system setup-venvs
+setup: setup-system setup-venvs hadoop-jars
 
 setup-system:
 	@bash scripts/setup-system.sh
@@ -39,6 +39,10 @@ setup-system:
 setup-venvs:
 	@bash scripts/setup-venv.sh $(VENV) $(PYTHON)
 	@bash scripts/setup-qgis-venv.sh $(QGIS_VENV)
+
+# Real Hadoop 3.3.4 daemons (HDFS, YARN) for the hadoop tier, from Maven Central.
+hadoop-jars: setup-system
+	@bash scripts/fetch-hadoop.sh
 
 # The plugin's code (QGIS venv) drives a throwaway Spark + OpenSSH cluster on 127.0.0.1.
 demo: setup
@@ -50,7 +54,7 @@ train-full: setup
 	@$(VENV)/bin/python scripts/train_full.py --data "$(DATA)" --out $(BUILD)/train-full \
 	    --workers $(WORKERS)
 
-test: setup test-cluster test-multihost test-plugin
+test: setup test-cluster test-multihost test-hadoop test-plugin
 
 test-cluster:
 	$(VENV)/bin/python -m pytest tests/cluster_side tests/contract $(PYTEST_ARGS)
@@ -58,6 +62,10 @@ test-cluster:
 # Separate hosts on 127.0.0.2-6, each in its own mount namespace (root), with SeaweedFS as S3.
 test-multihost:
 	$(VENV)/bin/python -m pytest tests/multihost $(PYTEST_ARGS)
+
+# Real NameNode and DataNodes as separate processes on the rig's hosts (tests/hadoop_daemons.py).
+test-hadoop:
+	$(VENV)/bin/python -m pytest tests/hadoop $(PYTEST_ARGS)
 
 test-plugin:
 	QT_QPA_PLATFORM=offscreen $(QGIS_VENV)/bin/python -m pytest tests/rs_qgis_plugin $(PYTEST_ARGS)

@@ -4,8 +4,8 @@
 set -euo pipefail
 
 packages=(
-  # Spark runs on the JVM.
-  openjdk-17-jre-headless
+  # Spark runs on the JVM; Maven fetches the Hadoop daemons of the hadoop test tier.
+  openjdk-17-jre-headless maven
   # Cluster venv: Python 3.11 with headers (Horovod compiles against them) and a compiler.
   python3.11 python3.11-dev python3-venv build-essential cmake
   # QGIS from Debian: the plugin and its tests run against it; qgis for the desktop under Xvfb.

@@ -100,7 +100,7 @@ def register(subparsers: Any) -> None:
     sleep.add_argument("--cancel-after", action="store_true",
                        help="after the last progress event, cancel the own job as `rs-cluster job "
                        "cancel` does (its marker file, then SIGTERM to the runner) and exit 0: a "
-                       "cancel that arrives just after the job's last stage finished")
+                       "cancel that arrives while the job's last stage is exiting")
     sleep.set_defaults(func=_selftest_sleep)
 
 
@@ -124,9 +124,10 @@ def _selftest_sleep(args: Any, reporter: Any) -> int:
             child.wait()
     if args.fail:
         raise ClusterError("selftest-sleep failed on purpose (--fail)")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text("slept\n", encoding="utf-8")
+    if args.output:  # a path, or a URL in the job's shared storage (rs_cluster.storage)
+        from rs_cluster import storage
+
+        storage.write_bytes(args.output, b"slept\n")
     reporter.finish("slept")
     if args.cancel_after:
         # The runner terminates a step still running once it is told to stop: ignore that, the

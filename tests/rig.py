@@ -167,9 +167,13 @@ class Host:
                 f"--wd={cwd or self.workspace}", "--"]
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The environment of a process on this host: its own home, tmp and Spark address."""
+        """The environment of a process on this host: its own home, tmp and Spark address, and
+        its Hadoop configuration once tests/hadoop_daemons.py has written one."""
+        hadoop = {"HADOOP_CONF_DIR": str(conf)} if (conf := self.root / "hadoop" / "conf").is_dir() \
+            else {}
         return {**os.environ, "HOME": str(self.user_home), "TMPDIR": str(self.tmp),
-                "SPARK_LOCAL_IP": self.address, "RS_RIG_HOST": self.name, **(extra or {})}
+                "SPARK_LOCAL_IP": self.address, "RS_RIG_HOST": self.name, **hadoop,
+                **(extra or {})}
 
     def popen(self, argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None,
               cwd: Path | str | None = None) -> subprocess.Popen:
@@ -326,10 +330,12 @@ class Rig:
         storage = self.hosts["storage"]
         a = storage.address
         # weed also listens on 127.0.0.1 with the same master, filer and S3 ports.
-        ports = [free_port(a, "127.0.0.1") for _ in range(8)]
+        # A restart (start_storage) comes back on the same ports with the same keys.
+        ports = self._weed_ports or [free_port(a, "127.0.0.1") for _ in range(8)]
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
         self._weed_ports = ports
-        access_key, secret_key = "rig-" + secrets.token_hex(4), secrets.token_hex(16)
+        access_key, secret_key = ((self.s3.access_key, self.s3.secret_key) if self.s3 else
+                                  ("rig-" + secrets.token_hex(4), secrets.token_hex(16)))
         config = storage.root / "s3.json"  # on the storage host only: nobody else sees the keys
         config.write_text(json.dumps({"identities": [{
             "name": "rig", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
@@ -431,6 +437,32 @@ class Rig:
                 "SPARK_LOCAL_DIRS": str(self.hosts["login"].tmp / "spark-local"),
                 **(extra or {})}
 
+    def stop_storage(self) -> None:
+        """Stops SeaweedFS mid-run, as an outage would; its data, ports and keys stay for
+        :meth:`start_storage`."""
+        self._stop_weed()
+        for sock in self.hosts["storage"].tmp.glob("*.sock"):
+            sock.unlink(missing_ok=True)
+
+    def start_storage(self, timeout: float = 90) -> None:
+        """Starts SeaweedFS again after :meth:`stop_storage` and waits until it serves."""
+        self._start_storage()
+        self._wait_storage(timeout)
+
+    def _stop_weed(self) -> None:
+        if self.weed_proc is not None and self.weed_proc.poll() is None:
+            # weed's graceful stop can hang for many seconds after its volume server stops.
+            os.killpg(self.weed_proc.pid, signal.SIGTERM)
+            try:
+                self.weed_proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.weed_proc.pid, signal.SIGKILL)
+                self.weed_proc.wait()
+        self.weed_proc = None
+        for port in self._weed_ports:  # weed's gRPC unix sockets go to /tmp whatever TMPDIR says
+            for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                Path(sock).unlink(missing_ok=True)
+
     # -- stop ---------------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -441,20 +473,9 @@ class Rig:
         if self.spark is not None:
             self.spark.stop()
             self.spark = None
-        if self.weed_proc is not None and self.weed_proc.poll() is None:
-            # weed's graceful stop can hang for many seconds after its volume server stops.
-            os.killpg(self.weed_proc.pid, signal.SIGTERM)
-            try:
-                self.weed_proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.weed_proc.pid, signal.SIGKILL)
-                self.weed_proc.wait()
-        self.weed_proc = None
+        self._stop_weed()
         self._sweep()
-        # weed's gRPC unix sockets go to /tmp whatever TMPDIR says.
-        for port in self._weed_ports:
-            for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
-                Path(sock).unlink(missing_ok=True)
+        self._stop_weed()  # its sockets once more: the sweep may have been what stopped it
         self._weed_ports = []
         if self.remove:
             shutil.rmtree(self.base, ignore_errors=True)

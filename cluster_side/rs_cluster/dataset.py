@@ -94,10 +94,12 @@ def make_tile_reader(url: str, *, num_epochs: int | None = 1, cur_shard: int | N
 
     quiet_library_warnings()
     settings = {**TRAIN_READER_SETTINGS, **overrides}
-    # s3:// goes through fsspec's s3fs, configured from this host's AWS settings (storage.py).
+    # s3:// goes through fsspec's s3fs, configured from this host's AWS settings, hdfs:// through
+    # hdfs-native and this host's Hadoop configuration (storage.py).
     return make_reader(storage.petastorm_url(url), num_epochs=num_epochs, cur_shard=cur_shard,
                        shard_count=shard_count, shard_seed=seed, seed=seed, schema_fields=fields,
-                       storage_options=storage.fsspec_options(url), **settings)
+                       storage_options=storage.fsspec_options(url),
+                       filesystem=storage.petastorm_filesystem(url), **settings)
 
 
 def read_schema(url: str):
@@ -105,4 +107,5 @@ def read_schema(url: str):
     from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
 
     return get_schema_from_dataset_url(storage.petastorm_url(url),
-                                       storage_options=storage.fsspec_options(url))
+                                       storage_options=storage.fsspec_options(url),
+                                       filesystem=storage.petastorm_filesystem(url))

@@ -26,6 +26,17 @@ host (same name, same boot) the pid decides; elsewhere only a heartbeat older th
 ``jobs.heartbeat_timeout_s`` makes the job failed. A cancel from another host cannot signal the
 runner's processes: it leaves the cancel marker, which the runner polls, and waits for it.
 
+When the cluster settings (:mod:`rs_cluster.settings`) name a storage URL, the job folder is not
+where executors look: the runner copies ``inputs/`` to ``<storage>/<user>/<job-id>/inputs``, every
+path of every step becomes a URL under ``<storage>/<user>/<job-id>``, and once every step has
+counted the runner brings the steps' outputs back into the job folder, all or none, before the job
+may succeed. The storage settings reach the steps as the standard AWS variables (``AWS_PROFILE``,
+``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_ENDPOINT_URL``) and Spark executors as
+``spark.executorEnv.*``; keys written in the settings file go to this host's steps only, never into
+a spec, a status, an event or the Spark configuration. Without a storage URL, a job with a Spark
+step for a master beyond this host (not ``local[...]``) is refused at submit, in one line naming
+the setting to add.
+
 The workspace holds the user's imagery, models and results, on login nodes
 shared with other users: its folders are 0700, and the files that submit, the runner and its steps
 write are 0600 (the runner runs with umask 077), whatever umask the login shell left.
@@ -46,12 +57,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from rs_cluster import jobspec, storage
 from rs_cluster.atomic import write_json_atomic
 from rs_cluster.errors import ConfigError, DiskFullError, RsClusterError, disk_full_error, is_disk_full
-from rs_cluster.jobspec import JobSpec, check_job_id, parse_job_spec, step_argv
+from rs_cluster.jobspec import JobSpec, Step, check_job_id, parse_job_spec, step_argv
 from rs_cluster.progress import JsonLinesReporter, parse_event, utc_now
 
 STATUS_SCHEMA_VERSION = 1
@@ -374,6 +387,16 @@ def submit(workspace: Workspace, source: str | os.PathLike[str], *, wait_s: floa
         private_dir(folder)  # the uploaded folders too: SFTP made them with the server's umask
     with status_lock(job_dir):
         write_status(job_dir, initial_status(spec))
+    try:
+        job_storage(spec, job_dir)  # a job its executors could not run fails here, in one line
+    except RsClusterError as e:
+        reason = str(e)
+
+        def refuse(current: dict[str, Any]) -> bool:
+            current.update(state="failed", message=reason, finished=utc_now())
+            return True
+
+        return update_status(job_dir, refuse)
 
     argv = [sys.executable, "-m", entry_module, "--quiet", "job", "_run",
             "--workspace", str(workspace.root), spec.job_id]
@@ -506,17 +529,32 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
     heartbeat.start()
     exit_code, steps_done = 0, 0
     full_disk: OSError | None = None
+    failure: str | None = None  # why the job failed outside its steps (settings, storage)
     events_stream = open(events_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     log = open(job_dir / LOG_FILE, "ab")  # noqa: SIM115 - closed below
     try:
         reporter = JsonLinesReporter(events_stream)
         try:
             reporter.start("job", total=len(spec.steps), unit="steps", message=spec.name)
+            where: JobStorage | None = None
+            try:
+                where = job_storage(spec, job_dir)
+                if where is not None:
+                    # The runner's own copies and every step's SDK read the same store.
+                    os.environ.update(where.env)
+                    env.update(where.env)
+                    _log_line(log, f"# job files in shared storage: {where.url}")
+                    status.update(message=f"copying the inputs to {where.url}")
+                    _runner_write(job_dir, status)
+                    storage.stage_inputs(str(job_dir), where.url)
+            except RsClusterError as e:
+                failure, exit_code = str(e), e.exit_code
             for index, step in enumerate(spec.steps):
-                if stop.is_set() or (job_dir / CANCEL_FILE).exists():
+                if failure is not None or stop.is_set() or (job_dir / CANCEL_FILE).exists():
                     break
                 argv = [sys.executable, "-m", entry_module, "--quiet", "--events", str(events_path),
-                        *step_argv(step, job_dir)]
+                        *step_argv(step, job_dir, root_url=where and where.url),
+                        *(where.spark_args(step) if where is not None else ())]
                 log.write(f"$ {shlex.join(argv)}\n".encode())
                 log.flush()
                 follower = _EventFollower(events_path)
@@ -528,22 +566,34 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
                 exit_code = _follow_step(proc, follower, status, job_dir, index, len(spec.steps), stop)
                 _end_cut_line(events_path, events_stream)
                 reporter.progress(index + 1, len(spec.steps), message=f"{step.stage} exit {exit_code}")
-                if exit_code != 0:
+                if exit_code != 0 or not _step_counts(job_dir, stop):
                     break
                 steps_done = index + 1
+            if where is not None and failure is None and steps_done == len(spec.steps):
+                # Back into the job folder, where the plugin fetches them, before the job may
+                # be called succeeded: all of them, or none (storage.fetch_results).
+                status.update(message=f"copying the results back from {where.url}")
+                _runner_write(job_dir, status)
+                try:
+                    storage.fetch_results(where.url, str(job_dir), spec.outputs())
+                except RsClusterError as e:
+                    failure, exit_code = str(e), e.exit_code
         except OSError as e:  # the runner's own log and event lines, written between steps
             if not is_disk_full(e):
                 raise
             full_disk = e
-        # Decided under the lock cancel takes to leave its mark, so both agree: a job whose every
-        # step finished succeeded, even when a cancel arrived just after; anything else with a
-        # cancel pending was cancelled.
+        # A job whose every step was counted (see _step_counts) succeeded, even when a cancel
+        # arrived after that; anything else with a cancel pending was cancelled.
         with status_lock(job_dir):
-            if full_disk is None and steps_done == len(spec.steps):
+            if full_disk is None and failure is None and steps_done == len(spec.steps):
                 status.update(state="succeeded", progress=100.0, message="done",
                               results=[r for r in spec.outputs() if (job_dir / r).exists()])
             elif stop.is_set() or (job_dir / CANCEL_FILE).exists():
                 status.update(state="cancelled", message="cancelled")
+            elif failure is not None:
+                status.update(state="failed", message=failure)
+                with contextlib.suppress(OSError):
+                    _log_line(log, f"error: {failure}")
             elif full_disk is not None:
                 status.update(state="failed", message=str(disk_full_error(
                     full_disk, job_dir, "writing the job's log and events")))
@@ -563,6 +613,64 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
         heartbeat.stop()
         _close(events_stream, log)
     return 0 if status["state"] == "succeeded" else 1
+
+
+@dataclass(frozen=True)
+class JobStorage:
+    """Where a job's files live while it runs, when the cluster settings name a storage URL:
+    ``<storage>/<user>/<job-id>``, and the AWS variables that point its processes there."""
+
+    url: str
+    env: dict[str, str] = field(repr=False)  # this host's processes (may hold settings keys)
+    executor_env: dict[str, str] = field(default_factory=dict)  # never a key
+
+    def spark_args(self, step: Step) -> list[str]:
+        """Options that hand the storage pointers to a Spark step's executors."""
+        if "spark_conf" not in jobspec.STAGES[step.stage][1]:
+            return []
+        return [f"--spark-conf=spark.executorEnv.{k}={v}" for k, v in self.executor_env.items()]
+
+
+def job_storage(spec: JobSpec, job_dir: Path) -> JobStorage | None:
+    """The job's place in shared storage, or None when the cluster settings name none. Without
+    one, a Spark step bound for a master beyond this host is refused before anything runs: its
+    executors cannot see the job folder, which exists on this login host only."""
+    import getpass
+
+    from rs_cluster.settings import effective_spark, load_settings, settings_path
+
+    settings = load_settings()
+    if settings.storage.url is None:
+        for index, step in enumerate(spec.steps):
+            if "master" not in jobspec.STAGES[step.stage][1]:
+                continue  # not a Spark stage: it runs here, in the job folder
+            master = effective_spark(step.params.get("master"), settings=settings).master
+            if not master.startswith("local"):
+                path = settings.path or settings_path()[0]
+                raise ConfigError(
+                    f"step {index + 1} ({step.stage}) would run on the Spark master {master}, "
+                    f"whose executors cannot see the job folder {job_dir} on this login host: set "
+                    f"storage.url in {path} to a store every node reaches (s3://bucket/prefix, or "
+                    "file:///path every node mounts)")
+        return None
+    url = storage.job_url(settings.storage.url, getpass.getuser(), spec.job_id)
+    return JobStorage(url=url, env=settings.storage.environment(),
+                      executor_env=settings.storage.environment(executors=True))
+
+
+def _log_line(log: Any, line: str) -> None:
+    log.write(f"{line}\n".encode())
+    log.flush()
+
+
+def _step_counts(job_dir: Path, stop: threading.Event) -> bool:
+    """Whether a step that exited 0 counts as done. Not when a cancel came while it ran: the
+    runner may learn of the exit and of the cancel in the same poll, or see the exit first, so
+    the order it sees them in says nothing. Decided under the lock cancel takes to leave its
+    marker (before it signals anyone): a cancel either came first and the job is cancelled, or
+    it finds the step counted and the job keeps its success."""
+    with status_lock(job_dir):
+        return not (stop.is_set() or (job_dir / CANCEL_FILE).exists())
 
 
 def _heartbeat_interval_s() -> float:

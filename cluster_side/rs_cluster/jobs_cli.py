@@ -65,6 +65,11 @@ def register(subparsers: Any) -> None:
         description="Prints JSON: the versions of the stack, the GPUs, and under \"cluster\" the "
         "effective settings (Spark master and where it came from, resources, storage URL and where "
         "its credentials come from; never the credentials).")
+    env.add_argument("--probe", action="store_true",
+                     help="also run a tiny Spark job: is the master reachable, do executors start "
+                     "this Python and import TensorFlow and Horovod, can this host and every "
+                     "executor write, read and delete a probe object at the storage URL; exits 1 "
+                     "and lists the problems when any check fails")
     env.set_defaults(func=_env)
 
 
@@ -88,6 +93,9 @@ def _submit(args: argparse.Namespace, reporter: Reporter) -> int:
         _print_json(status)
     else:
         print(status["job_id"])
+        if status["state"] == "failed":
+            print(f"rs-cluster job submit: job {status['job_id']} failed: {status.get('message')}",
+                  file=sys.stderr)
     return 0 if status["state"] != "failed" else 1
 
 
@@ -174,5 +182,13 @@ def _env(args: argparse.Namespace, reporter: Reporter) -> int:
     from rs_cluster.settings import report
 
     cluster = report()  # first: a settings file with a mistake is the answer, named
-    _print_json({**environment(), "cluster": cluster})
-    return 0
+    if not args.probe:
+        _print_json({**environment(), "cluster": cluster})
+        return 0
+    from rs_cluster.envinfo import probe
+
+    found = probe()
+    _print_json({**environment(), "cluster": cluster, "probe": found})
+    for problem in found["problems"]:
+        print(f"rs-cluster env --probe: {problem}", file=sys.stderr)
+    return 1 if found["problems"] else 0

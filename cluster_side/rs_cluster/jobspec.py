@@ -56,13 +56,14 @@ def _rules(**kinds: str) -> Mapping[str, ParamRule]:
 STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
     "prepare": ("prepare", _rules(
         images=_PATH, masks=_PATH, output=_PATH, tile_size=_INT, stride=_INT, split=_SPLIT,
-        seed=_INT, overwrite=_FLAG, skip_bad=_FLAG, **_SPARK_OVERRIDES)),
+        seed=_INT, val_rasters=_STR, overwrite=_FLAG, skip_bad=_FLAG, **_SPARK_OVERRIDES)),
     "train": ("train", _rules(
         data=_PATH, model_dir=_PATH, epochs=_INT, batch_size=_INT, num_proc=_INT,
         lr=_FLOAT, patience=_INT, resume=_FLAG, overwrite=_FLAG, base_filters=_INT, seed=_INT,
         dice=_FLAG, tile_size=_INT, steps_per_epoch=_INT, validation_steps=_INT,
         warmup_epochs=_INT, threads_per_worker=_INT, nics=_STR, no_augment=_FLAG,
-        max_restarts=_INT, **_SPARK_OVERRIDES)),
+        max_restarts=_INT, arch=_STR, init_model=_PATH, loss=_STR, lr_schedule=_STR,
+        **_SPARK_OVERRIDES)),
     "predict": ("predict", _rules(
         model=_PATH, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
         probabilities=_FLAG, polygons=_FLAG, fail_fast=_FLAG, overwrite=_FLAG,
@@ -237,8 +238,11 @@ def resolve_in_job(job_dir: str | os.PathLike[str], value: str, *, what: str = "
     return target
 
 
-def step_argv(step: Step, job_dir: str | os.PathLike[str]) -> list[str]:
-    """The ``rs-cluster`` arguments (after the global options) that run ``step``."""
+def step_argv(step: Step, job_dir: str | os.PathLike[str], *,
+              root_url: str | None = None) -> list[str]:
+    """The ``rs-cluster`` arguments (after the global options) that run ``step``. With
+    ``root_url`` (the job's folder in shared storage) every path becomes a URL under it, still
+    checked against ``job_dir`` first."""
     command, rules = STAGES[step.stage]
     argv = [command]
     for key, value in step.params.items():
@@ -247,7 +251,9 @@ def step_argv(step: Step, job_dir: str | os.PathLike[str]) -> list[str]:
             if value:
                 argv.append(rule.option)
         elif rule.kind == _PATH:
-            argv += [rule.option, str(resolve_in_job(job_dir, value, what=key))]
+            local = resolve_in_job(job_dir, value, what=key)
+            argv += [rule.option, str(local) if root_url is None else
+                     f"{root_url.rstrip('/')}/{PurePosixPath(value).as_posix()}"]
         elif rule.kind == _CONF:
             argv += [f"{rule.option}={k}={v}" for k, v in value.items()]
         else:

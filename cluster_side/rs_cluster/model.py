@@ -23,12 +23,14 @@ Importing this module imports TensorFlow: only training workers (and tests) impo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import tensorflow as tf
 
+from rs_cluster.archs import (ARCHS, DEFAULT_ARCH, FALLBACK_ARCH, LEGACY_ARCH, Arch,  # noqa: F401
+                              check_input, get_arch)
 from rs_cluster.encoders import efficientnet_lite as lite
 from rs_cluster.errors import ConfigError
 
@@ -48,12 +50,24 @@ def build_unet(tile_size: int = 128, base_filters: int = 64, bands: int = 3,
     """
     if tile_size % DOWNSAMPLING:
         raise ValueError(f"tile size {tile_size} is not a multiple of {DOWNSAMPLING}")
+    return _unet_layout(tile_size, base_filters, bands, dropout, _conv_relu, "unet")
+
+
+# A U-Net's convolution unit: (x, filters, kernel, level, index) -> x. ``index`` is 1 or 2 for the
+# two 3x3 convolutions of a level and 0 for the 2x2 one after an upsampling; the unit names its
+# layers from ``level`` and ``index``.
+ConvUnit = Callable[[Any, int, int, str, int], Any]
+
+
+def _unet_layout(tile_size: int, base_filters: int, bands: int, dropout: float, conv: ConvUnit,
+                 name: str) -> tf.keras.Model:
+    """The 2019 U-Net's levels, widths, skips and dropout, with ``conv`` as every convolution but
+    the 1x1 sigmoid head: the one layout both U-Nets share."""
     layers = tf.keras.layers
 
-    def conv_block(x: Any, filters: int, name: str) -> Any:
+    def conv_block(x: Any, filters: int, level: str) -> Any:
         for i in (1, 2):
-            x = layers.Conv2D(filters, 3, padding="same", activation="relu",
-                              kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
+            x = conv(x, filters, 3, level, i)
         return x
 
     f = base_filters
@@ -67,43 +81,29 @@ def build_unet(tile_size: int = 128, base_filters: int = 64, bands: int = 3,
     x = layers.Dropout(dropout, name="drop5")(c5)
     for level, (skip, filters) in enumerate(((d4, f * 8), (c3, f * 4), (c2, f * 2), (c1, f)), 1):
         x = layers.UpSampling2D(2, name=f"up{level}_sample")(x)
-        x = layers.Conv2D(filters, 2, padding="same", activation="relu",
-                          kernel_initializer="he_normal", name=f"up{level}_conv")(x)
+        x = conv(x, filters, 2, f"up{level}", 0)
         x = layers.Concatenate(axis=3, name=f"up{level}_skip")([skip, x])
         x = conv_block(x, filters, f"up{level}")
     outputs = layers.Conv2D(1, 1, activation="sigmoid", name="building")(x)
-    return tf.keras.Model(inputs, outputs, name="unet")
+    return tf.keras.Model(inputs, outputs, name=name)
+
+
+def _conv_relu(x: Any, filters: int, kernel: int, level: str, index: int) -> Any:
+    """The 2019 unit: a convolution with its ReLU built in, named as in 2019 (``down1_conv1``,
+    ``up1_conv``) so that the 2019 config stays what it was."""
+    name = f"{level}_conv{index}" if index else f"{level}_conv"
+    return tf.keras.layers.Conv2D(filters, kernel, padding="same", activation="relu",
+                                  kernel_initializer="he_normal", name=name)(x)
+
+
+def _conv_bn_relu_unit(x: Any, filters: int, kernel: int, level: str, index: int) -> Any:
+    """The BN U-Net's unit: convolution, batch normalisation, ReLU (``down1_1_conv``, ...)."""
+    return _conv_bn_relu(x, filters, kernel, f"{level}_{index}")
 
 
 # -- choosing the network ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Arch:
-    """A network :func:`build_model` builds: what it is and what tiles it takes."""
-
-    name: str
-    summary: str
-    # A tile side must be a multiple of this, for the skips to line up with the decoder.
-    downsampling: int
-    # The ImageNet-pretrained encoder it starts from; None: every weight starts random.
-    encoder: str | None = None
-    # The number of bands it needs; None: any.
-    bands: int | None = None
-
-
-ARCHS: Mapping[str, Arch] = {
-    "unet2019": Arch("unet2019", "the 2019 U-Net, no normalisation (reproduces the thesis)",
-                     DOWNSAMPLING),
-    "unet_bn": Arch("unet_bn", "the 2019 U-Net shape with batch normalisation, from scratch",
-                    DOWNSAMPLING),
-    "effnet_lite0_unet": Arch("effnet_lite0_unet", "a U-Net decoder with batch normalisation over "
-                              "an ImageNet-pretrained EfficientNet-Lite0 encoder",
-                              lite.DOWNSAMPLING, encoder="efficientnet_lite0", bands=3),
-}
-DEFAULT_ARCH = "effnet_lite0_unet"
-# What a caller that allows it gets when the default's weights package is not installed.
-FALLBACK_ARCH = "unet_bn"
 # The Keras model name of each network. The 2019 builder has always named its model "unet", and
 # keeping that keeps its config byte for byte what it was.
 _MODEL_NAMES = {"unet": "unet2019", "unet_bn": "unet_bn", "effnet_lite0_unet": "effnet_lite0_unet"}
@@ -124,30 +124,6 @@ class BuiltModel:
     arch: str
     requested: str
     fallback_reason: str | None = None
-
-
-def get_arch(arch: str) -> Arch:
-    """The :class:`Arch` named ``arch``; a :class:`ConfigError` naming the choices otherwise."""
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown network {arch!r}: choose one of {', '.join(ARCHS)} "
-                          f"(the default is {DEFAULT_ARCH})")
-    return ARCHS[arch]
-
-
-def check_input(arch: str, tile_size: int, bands: int) -> None:
-    """Refuses tiles the network ``arch`` cannot take, naming the numbers and what would fit."""
-    spec = get_arch(arch)
-    d = spec.downsampling
-    if tile_size < d or tile_size % d:
-        below = tile_size // d * d
-        fits = f"{d}" if below < d else f"{below} or {below + d}"
-        raise ConfigError(f"{arch} needs a tile size that is a multiple of {d} (it halves the tile "
-                          f"{d.bit_length() - 1} times); {tile_size} px is not: prepare tiles of "
-                          f"{fits} px")
-    if spec.bands is not None and bands != spec.bands:
-        raise ConfigError(f"{arch} needs {spec.bands} bands (RGB, as its ImageNet encoder was "
-                          f"trained on), the tiles have {bands}; choose --arch {FALLBACK_ARCH} for "
-                          "other band counts")
 
 
 def resolve_arch(arch: str = DEFAULT_ARCH, *, fallback: bool = False) -> tuple[str, str | None]:
@@ -197,7 +173,8 @@ def build_model(arch: str = DEFAULT_ARCH, tile_size: int = 256, bands: int = 3, 
     if built == "unet2019":
         model = build_unet(tile_size, base_filters, bands, dropout)
     elif built == "unet_bn":
-        model = _build_unet_bn(tile_size, base_filters, bands, dropout)
+        model = _unet_layout(tile_size, base_filters, bands, dropout, _conv_bn_relu_unit,
+                             "unet_bn")
     else:
         model = _build_effnet_unet(tile_size, base_filters, load_pretrained)
     return BuiltModel(model, built, arch, reason)
@@ -210,34 +187,6 @@ def _conv_bn_relu(x: Any, filters: int, kernel: int, name: str) -> Any:
                       kernel_initializer="he_normal", name=f"{name}_conv")(x)
     x = layers.BatchNormalization(name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
-
-
-def _build_unet_bn(tile_size: int, base_filters: int, bands: int, dropout: float) -> tf.keras.Model:
-    """:func:`build_unet`'s levels, widths, skips and dropout, with every convolution but the
-    head followed by batch normalisation and then the ReLU."""
-    layers = tf.keras.layers
-
-    def conv_block(x: Any, filters: int, name: str) -> Any:
-        for i in (1, 2):
-            x = _conv_bn_relu(x, filters, 3, f"{name}_{i}")
-        return x
-
-    f = base_filters
-    inputs = tf.keras.Input((tile_size, tile_size, bands), name="image")
-    c1 = conv_block(inputs, f, "down1")
-    c2 = conv_block(layers.MaxPooling2D(2, name="pool1")(c1), f * 2, "down2")
-    c3 = conv_block(layers.MaxPooling2D(2, name="pool2")(c2), f * 4, "down3")
-    c4 = conv_block(layers.MaxPooling2D(2, name="pool3")(c3), f * 8, "down4")
-    d4 = layers.Dropout(dropout, name="drop4")(c4)
-    c5 = conv_block(layers.MaxPooling2D(2, name="pool4")(d4), f * 16, "bottom")
-    x = layers.Dropout(dropout, name="drop5")(c5)
-    for level, (skip, filters) in enumerate(((d4, f * 8), (c3, f * 4), (c2, f * 2), (c1, f)), 1):
-        x = layers.UpSampling2D(2, name=f"up{level}_sample")(x)
-        x = _conv_bn_relu(x, filters, 2, f"up{level}_0")
-        x = layers.Concatenate(axis=3, name=f"up{level}_skip")([skip, x])
-        x = conv_block(x, filters, f"up{level}")
-    outputs = layers.Conv2D(1, 1, activation="sigmoid", name="building")(x)
-    return tf.keras.Model(inputs, outputs, name="unet_bn")
 
 
 def _build_effnet_unet(tile_size: int, base_filters: int, load_pretrained: bool) -> tf.keras.Model:

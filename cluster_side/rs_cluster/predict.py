@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from rs_cluster import __version__, storage
+from rs_cluster import __version__, archs, storage
 from rs_cluster.atomic import write_json_atomic
 from rs_cluster.config import check_keys
 from rs_cluster.keras_file import check_model_file, confined_model_file
@@ -92,6 +92,7 @@ class ModelCard:
     scale_value: float
     threshold: float
     architecture: str = ""
+    arch: str = archs.LEGACY_ARCH  # which network (rs_cluster.archs); cards before it: 2019's
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str]) -> "ModelCard":
@@ -137,9 +138,14 @@ class ModelCard:
         if value == 0:
             raise ConfigError(f"{path}: input_scaling divides by 0")
         threshold = float(card.get("threshold", 0.5))
+        arch = card.get("arch", archs.LEGACY_ARCH)
+        if arch not in archs.ARCHS:
+            # Another network may want its input scaled otherwise than input_scaling says.
+            raise ConfigError(f"{path}: network {arch!r} is not one this rs-cluster knows "
+                              f"({', '.join(archs.ARCHS)}); update rs-cluster on the cluster")
         return cls(model_dir=model_dir, model_file=model_file, tile_size=tile_size, bands=bands,
                    scaling=method, scale_value=value, threshold=threshold,
-                   architecture=str(card.get("architecture", "")))
+                   architecture=str(card.get("architecture", "")), arch=arch)
 
     def scale(self, pixels: np.ndarray) -> np.ndarray:
         x = pixels.astype(np.float32)
@@ -978,6 +984,7 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rs_cluster_version": __version__,
         "model": model_url or os.path.abspath(storage.local_path(cfg.model) or cfg.model),
+        "arch": card.arch,
         "tile_size": card.tile_size,
         "bands": list(card.bands),
         "overlap": cfg.overlap,

@@ -49,6 +49,9 @@ class PrepareConfig:
     stride: int | None = None
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
+    # Raster ids (image file names) chosen as the validation split; the others are then split
+    # train/test by the train and test fractions.
+    val_rasters: tuple[str, ...] = ()
     master: str | None = None
     overwrite: bool = False
     skip_bad: bool = False
@@ -76,6 +79,10 @@ class PrepareConfig:
         data = check_keys(cls, data, "prepare")
         if "split" in data:
             data["split"] = tuple(float(x) for x in data["split"])
+        if isinstance(data.get("val_rasters"), str):
+            data["val_rasters"] = tuple(v for v in data["val_rasters"].split(",") if v)
+        elif "val_rasters" in data:
+            data["val_rasters"] = tuple(data["val_rasters"])
         return cls(**data)
 
 
@@ -114,12 +121,19 @@ class _TaskSums(AccumulatorParam):
 
 
 def assign_splits(raster_ids: Iterable[str], fractions: tuple[float, float, float],
-                  seed: int) -> dict[str, str]:
+                  seed: int, *, validation: Iterable[str] = ()) -> dict[str, str]:
     """Deterministic split by whole raster: the same ids, fractions and seed give the same split.
 
     Counts are rounded by largest remainder; a split with a non-zero fraction gets at least one
-    raster whenever there are enough rasters to go round.
+    raster whenever there are enough rasters to go round. The ``validation`` ids (the analyst's
+    choice) are the validation split; the rest go to train and test in their fractions' ratio.
     """
+    chosen = set(validation)
+    if chosen:
+        train, _, test = fractions
+        rest = assign_splits([r for r in raster_ids if r not in chosen],
+                             (train / (train + test), 0.0, test / (train + test)), seed)
+        return {**rest, **{r: "val" for r in chosen}}
     ids = sorted(set(raster_ids))
     random.Random(seed).shuffle(ids)
     n = len(ids)
@@ -340,7 +354,7 @@ def _write_partition(index: int, items: Iterable[tuple[str, bytes]], staging: st
                 storage.upload(tmp, final)
                 os.unlink(tmp)
             else:
-                filesys.move(tmp, final)
+                storage.replace_file(filesys, tmp, final)
             del writers[split]
     finally:
         for writer, filesys, tmp, _ in writers.values():  # only after a failure: drop partial files
@@ -407,7 +421,15 @@ def run_prepare(cfg: PrepareConfig, *, reporter: Reporter | None = None, spark: 
             if not info.stretch.identity:  # the rule applied is said, and kept in dataset.json
                 reporter.warning(info.stretch.describe(info.pair.image))
 
-        split_of = assign_splits([i.pair.raster_id for i in infos], cfg.split, cfg.seed)
+        ids = [i.pair.raster_id for i in infos]
+        unknown = sorted(set(cfg.val_rasters) - set(ids))
+        if unknown:
+            raise InputError(f"{cfg.images}: the validation rasters {', '.join(unknown)} are not "
+                             f"among its image/mask pairs")
+        if cfg.val_rasters and not set(ids) - set(cfg.val_rasters):
+            raise InputError(f"{cfg.images}: every raster is chosen for validation; none is "
+                             f"left to train on")
+        split_of = assign_splits(ids, cfg.split, cfg.seed, validation=cfg.val_rasters)
         schema = tile_schema(cfg.tile_size)
         staging = _staging_url(output_url)
         try:

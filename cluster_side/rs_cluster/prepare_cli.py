@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", type=_split, default=(0.6, 0.2, 0.2), metavar="TRAIN,VAL,TEST",
                    help="fractions of rasters per split (default 0.6,0.2,0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split by raster (default 0)")
+    p.add_argument("--val-rasters", default="", metavar="NAMES",
+                   help="comma-separated image file names that form the validation split; the "
+                   "others are split train/test by the TRAIN and TEST fractions")
     p.add_argument("--master", metavar="URL",
                    help="Spark master (default: the cluster settings file's, else local[*]; "
                    "e.g. spark://host:7077, yarn)")
@@ -54,7 +57,9 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
     try:
         cfg = PrepareConfig(images=args.images, masks=args.masks, output=args.output,
                             tile_size=args.tile_size, stride=args.stride, split=args.split,
-                            seed=args.seed, master=args.master, overwrite=args.overwrite,
+                            seed=args.seed,
+                            val_rasters=tuple(v for v in args.val_rasters.split(",") if v),
+                            master=args.master, overwrite=args.overwrite,
                             skip_bad=args.skip_bad, resources=resources_from_args(args))
     except TypeError as e:  # pragma: no cover - argparse already typed everything
         raise ConfigError(str(e)) from None

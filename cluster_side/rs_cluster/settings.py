@@ -131,6 +131,25 @@ class StorageSettings:
             return "settings file"
         return self.credentials
 
+    def environment(self, *, executors: bool = False) -> dict[str, str]:
+        """The standard AWS variables that point every AWS SDK (pyarrow's, botocore, GDAL) of a
+        job's process at this store: the endpoint, the profile or the credentials file to read.
+        Keys written in the settings file go only to the job's processes on this host
+        (``executors=False``): handing them to executors would put them into the Spark
+        configuration, which Spark logs; executors read their own node's AWS chain."""
+        env: dict[str, str] = {}
+        if self.endpoint_url:
+            env["AWS_ENDPOINT_URL"] = self.endpoint_url
+        source = self.credentials or ""
+        if source.startswith("aws-profile:"):
+            env["AWS_PROFILE"] = source[len("aws-profile:"):]
+        elif source.startswith("file:"):
+            env["AWS_SHARED_CREDENTIALS_FILE"] = source[len("file:"):]
+        elif source == "settings" and not executors:
+            env["AWS_ACCESS_KEY_ID"] = self.access_key_id or ""
+            env["AWS_SECRET_ACCESS_KEY"] = self.secret_access_key or ""
+        return env
+
 
 @dataclass(frozen=True)
 class ClusterSettings:

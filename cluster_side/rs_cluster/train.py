@@ -1,4 +1,5 @@
-"""The train stage: a U-Net on a prepared tile dataset, over N workers of a training engine.
+"""The train stage: a U-Net (:mod:`rs_cluster.archs` names which) on a prepared tile dataset, over
+N workers of a training engine, from scratch, from ImageNet weights, or from a model (fine-tuning).
 
 The driver checks the dataset and the model folder, then has the engine (Horovod by default, see
 :mod:`rs_cluster.engine`) run :func:`train_worker` once per worker: in this process for one worker,
@@ -8,7 +9,7 @@ Everything a run writes goes to a hidden sibling of the model folder, ``.<name>.
 
     state.json          epochs done, per-epoch metrics, best epoch, early-stopping count
     checkpoint/         model + optimizer (tf.train.Checkpoint), for --resume
-    best-<n>.weights.h5 weights of the best epoch so far
+    best-<n>.weights.h5 weights of the best epoch so far (by val IoU)
     events.jsonl        rank 0's progress, relayed by the driver to the reporter
     model/              what becomes the model folder: model.keras, metrics.jsonl, logs/, model.json
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -32,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from rs_cluster import __version__, storage
+from rs_cluster import __version__, archs, storage
 from rs_cluster.atomic import replace_dir, write_json_atomic, write_text_atomic
 from rs_cluster.dataset import DatasetInfo, load_dataset
 from rs_cluster.config import check_keys
@@ -53,10 +55,15 @@ EVENTS_FILE = "events.jsonl"
 STAGED_MODEL = "model"
 ENV_NICS = "RS_HOROVOD_NICS"
 # Kept in sync with rs_cluster.model (not imported here: it imports TensorFlow).
-DIVISOR, THRESHOLD, INPUT_SCALE, BANDS = 16, 0.5, 255.0, ["red", "green", "blue"]
+THRESHOLD, INPUT_SCALE, BANDS = 0.5, 255.0, ["red", "green", "blue"]
+DEFAULT_BASE_FILTERS = 64
 EPOCH_KEYS = ("loss", "accuracy", "iou", "val_loss", "val_accuracy", "val_iou")
+LOSSES = ("bce", "bce_dice")
+LR_SCHEDULES = ("cosine", "constant")
 # Settings a resumed run must share with the checkpoint it continues.
-FINGERPRINT_KEYS = ("data", "tile_size", "base_filters", "dice", "engine")
+FINGERPRINT_KEYS = ("data", "tile_size", "base_filters", "dice", "engine", "arch", "init_model")
+# What a checkpoint state written before a setting existed was trained with.
+_FINGERPRINT_BEFORE = {"arch": archs.LEGACY_ARCH, "init_model": None}
 
 
 @dataclass(frozen=True)
@@ -69,12 +76,12 @@ class TrainConfig:
     master: str | None = None
     lr: float = 1e-4
     patience: int = 5
-    min_delta: float = 0.0  # how much val loss must fall to count as better
+    min_delta: float = 0.0  # how much val IoU must rise to count as better
     resume: bool = False
     overwrite: bool = False
-    base_filters: int = 64
+    base_filters: int | None = None  # default: 64, or the init model's
     seed: int = 0
-    dice: bool = False
+    dice: bool = False  # the same as loss="bce_dice", kept for older specs and scripts
     tile_size: int | None = None  # the model's input; default: the dataset's tile size
     steps_per_epoch: int | None = None  # default: one pass over the train split
     validation_steps: int | None = None  # default: the whole val split every epoch
@@ -87,6 +94,13 @@ class TrainConfig:
     augment: bool = True
     max_restarts: int = 2  # times a run that lost a worker starts again from its last checkpoint
     resources: SparkResources | None = None  # overrides of the cluster settings file
+    # The network (rs_cluster.archs.ARCHS); default: the init model's, else DEFAULT_ARCH, which
+    # falls back to FALLBACK_ARCH when its ImageNet weights are not installed.
+    arch: str | None = None
+    init_model: str | None = None  # a model folder whose weights training starts from
+    loss: str = "bce_dice"
+    # cosine: after the warm-up, the LR falls from its peak to 0 by the last step; constant: 2019's
+    lr_schedule: str = "cosine"
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "num_proc": self.num_proc,
@@ -101,11 +115,28 @@ class TrainConfig:
         if self.patience < 0 or self.warmup_epochs < 0 or self.min_delta < 0 or self.max_restarts < 0:
             raise ConfigError("train: patience, min_delta, warmup_epochs and max_restarts must not "
                               "be negative")
-        if self.tile_size is not None and (self.tile_size < DIVISOR or self.tile_size % DIVISOR):
-            raise ConfigError(f"train: the U-Net needs a tile size that is a multiple of {DIVISOR} "
-                              f"(got {self.tile_size})")
+        if self.arch is not None:
+            archs.get_arch(self.arch)  # a named error before anything runs
+        if self.loss not in LOSSES:
+            raise ConfigError(f"train: loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.dice and self.loss != "bce_dice":
+            raise ConfigError(f"train: dice (the same as loss bce_dice) contradicts loss "
+                              f"{self.loss!r}; pick one")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train: lr_schedule {self.lr_schedule!r} is not one of "
+                              f"{', '.join(LR_SCHEDULES)}")
+        if self.tile_size is not None:
+            # Without --arch the network is known only once the init model's card or the weights
+            # package is looked at: the driver checks its tile size then.
+            problem = archs.tile_problem(self.arch or archs.LEGACY_ARCH, self.tile_size)
+            if problem:
+                raise ConfigError(f"train: {problem}")
         if self.resume and self.overwrite:
             raise ConfigError("train: --resume and --overwrite contradict each other; pick one")
+
+    @property
+    def uses_dice(self) -> bool:
+        return self.dice or self.loss == "bce_dice"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -113,6 +144,29 @@ class TrainConfig:
         if data.get("nics") is not None:
             data["nics"] = tuple(data["nics"])
         return cls(**data)
+
+
+class ArchMismatchError(ConfigError):
+    """Fine-tuning asked for another network than the init model's: its weights fit only its own."""
+
+
+@dataclass(frozen=True)
+class InitModel:
+    """The model a fine-tuning run starts from, as its card describes it."""
+
+    location: str
+    model_file: str  # its name inside the folder
+    model_sha256: str
+    arch: str
+    base_filters: int
+    bands: tuple[str, ...]
+    tile_size: int
+    dataset: str | None
+
+    def to_card(self) -> dict[str, Any]:
+        return {"location": self.location, "model_sha256": self.model_sha256, "arch": self.arch,
+                "tile_size": self.tile_size, "base_filters": self.base_filters,
+                "dataset": self.dataset}
 
 
 @dataclass(frozen=True)
@@ -135,13 +189,20 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
     quiet_library_warnings()
     reporter.start("train", message=f"checking {cfg.data} and {cfg.model_dir}")
     info = load_dataset(cfg.data)
-    tile_size = _check_tiles(info, cfg)
+    bands = list(info.meta.get("bands", BANDS))
+    init = _read_init_model(cfg.init_model, bands) if cfg.init_model else None
+    arch, fallback_reason = _choose_arch(cfg, init)
+    if fallback_reason:
+        reporter.warning(fallback_reason)
+    base_filters = _base_filters(cfg, init)
+    tile_size = _check_tiles(info, cfg, arch, len(bands))
     train_tiles, val_tiles = _check_splits(info)
     # The model folder and the run's work folder are locations (a path, file://, s3://, hdfs://):
     # rank 0 may run on any node, so it reads and writes them through rs_cluster.storage.
     final, work = _locations(cfg.model_dir)
-    fingerprint = {"data": info.url, "tile_size": tile_size, "base_filters": cfg.base_filters,
-                   "dice": cfg.dice, "engine": cfg.engine}
+    fingerprint = {"data": info.url, "tile_size": tile_size, "base_filters": base_filters,
+                   "dice": cfg.uses_dice, "engine": cfg.engine, "arch": arch,
+                   "init_model": init.model_sha256 if init else None}
     if cfg.resume and not cfg.overwrite and _read_state(work) is None and \
             storage.is_file(storage.join(final, MODEL_JSON)):
         reporter.finish(f"{cfg.model_dir}: training is already complete; nothing to resume")
@@ -155,7 +216,13 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
     spec = {
         "engine": cfg.engine, "work": str(work), "fingerprint": fingerprint,
         "train_url": info.split_url("train"), "val_url": info.split_url("val"),
-        "tile_size": tile_size, "base_filters": cfg.base_filters, "dice": cfg.dice,
+        "tile_size": tile_size, "base_filters": base_filters, "dice": cfg.uses_dice,
+        "lr_schedule": cfg.lr_schedule,
+        "arch": arch, "requested_arch": cfg.arch or (init.arch if init else archs.DEFAULT_ARCH),
+        "fallback_reason": fallback_reason, "bands": len(bands),
+        "init_model": init.location if init else None,
+        "init_model_file": init.model_file if init else None,
+        "init_sha256": init.model_sha256 if init else None,
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "patience": cfg.patience,
         "min_delta": cfg.min_delta,
         "warmup_epochs": cfg.warmup_epochs, "seed": cfg.seed, "augment": cfg.augment,
@@ -166,7 +233,8 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
     where = "in this process" if world == 1 else f"as Spark tasks on {resolve_master(cfg.master)}"
     resuming = f", resuming after epoch {resumed_from}" if resumed_from else ""
     reporter.start("train", total=cfg.epochs * steps, unit="steps",
-                   message=f"training a U-Net ({cfg.base_filters} base filters, {tile_size} px) on "
+                   message=f"training {arch} ({base_filters} base filters, {tile_size} px"
+                   f"{', from ' + init.location if init else ''}) on "
                    f"{train_tiles} train / {val_tiles} val tiles with {world} worker(s) {where}"
                    f"{resuming}")
     if world == 1 and cfg.master:
@@ -188,7 +256,9 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
     if final_state is None:  # pragma: no cover - rank 0 always writes a state after an epoch
         raise ClusterError(f"{work}: training ended without a checkpoint state")
     wall = prior_wall + time.monotonic() - started
-    card = _model_card(info, cfg, spec, final_state, workers, wall, resumed_from, restarts)
+    network = next((w.pop("network") for w in workers if "network" in w), None)
+    card = _model_card(info, cfg, spec, final_state, workers, wall, resumed_from, restarts,
+                       network, init)
     staged = storage.join(work, STAGED_MODEL)
     _write_json(storage.join(staged, MODEL_JSON), card)  # last: it means the model is complete
     _commit(staged, final, cfg.overwrite)
@@ -261,7 +331,7 @@ _HOST_ENV = ("HOME", "TMPDIR", "TMP", "TEMP", "PWD", "OLDPWD", "HOSTNAME", "SPAR
              "SPARK_LOCAL_DIRS", "SPARK_PUBLIC_DNS", "RS_RIG_HOST", "AWS_ACCESS_KEY_ID",
              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
              "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_PROFILE", "KRB5CCNAME",
-             "HADOOP_TOKEN_FILE_LOCATION")
+             "HADOOP_TOKEN_FILE_LOCATION", "HADOOP_CONF_DIR", "HADOOP_HOME", "YARN_CONF_DIR")
 
 
 def _worker_env() -> dict[str, str]:
@@ -275,16 +345,83 @@ def _first_line(e: BaseException) -> str:
 
 # -- driver-side checks ------------------------------------------------------------------------------
 
-def _check_tiles(info: DatasetInfo, cfg: TrainConfig) -> int:
+def _read_init_model(location: str, bands: list[str]) -> InitModel:
+    """The model folder ``location`` that fine-tuning starts from, checked the way predict
+    checks a model (a confined ``.keras`` file of built-in layers), with its file's sha256."""
+    from rs_cluster.keras_file import check_model_file, confined_model_file
+
+    card_url = storage.join(location, MODEL_JSON)
+    if not storage.is_file(card_url):
+        raise ConfigError(f"{card_url}: not found; --init-model takes a model folder written by "
+                          "'rs-cluster train' (model.json and model.keras)")
+    try:
+        card = storage.read_json(card_url)
+    except ValueError as e:
+        raise ConfigError(f"{card_url}: not valid JSON ({e})") from None
+    if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT:
+        raise ConfigError(f"{card_url}: not an rs-cluster model card (format should be "
+                          f"{MODEL_FORMAT!r}); --init-model takes a model written by rs-cluster train")
+    arch = card.get("arch", archs.LEGACY_ARCH)  # cards before networks were a choice: 2019's
+    if not isinstance(arch, str) or arch not in archs.ARCHS:
+        raise ConfigError(f"{card_url}: network {arch!r} is not one this rs-cluster builds "
+                          f"({', '.join(archs.ARCHS)}); fine-tuning needs the same network")
+    base_filters, tile_size = card.get("base_filters"), card.get("tile_size")
+    if not isinstance(base_filters, int) or not isinstance(tile_size, int):
+        raise ConfigError(f"{card_url}: 'base_filters' and 'tile_size' must be whole numbers")
+    if list(card.get("bands", BANDS)) != bands:
+        raise InputError(f"{card_url}: the init model takes bands {card.get('bands')}, the dataset "
+                         f"has {bands}; fine-tune on tiles of the same bands")
+    with storage.local_input(location) as folder:
+        path = confined_model_file(folder, card.get("model_file"), card_url)
+        check_model_file(path)  # the worker loads it in Keras's safe mode, as predict does
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    return InitModel(location=str(Path(location).absolute()) if storage.is_local(location)
+                     else location, model_file=os.path.basename(path), model_sha256=digest,
+                     arch=arch, base_filters=base_filters, bands=tuple(bands),
+                     tile_size=tile_size, dataset=(card.get("dataset") or {}).get("path"))
+
+
+def _choose_arch(cfg: TrainConfig, init: InitModel | None) -> tuple[str, str | None]:
+    """The network to train and, when it is the fallback, why. Fine-tuning keeps the init
+    model's network; without --arch, the default falls back to the BN U-Net where its ImageNet
+    weights are not installed, while an explicit --arch effnet_lite0_unet fails instead."""
+    if init is not None:
+        if cfg.arch is not None and cfg.arch != init.arch:
+            raise ArchMismatchError(
+                f"{cfg.init_model}: is a {init.arch} model, this run asks for --arch {cfg.arch}; "
+                f"fine-tuning starts from the init model's weights, which fit only its own network: "
+                f"leave out --arch (or pass --arch {init.arch}), or train {cfg.arch} without "
+                "--init-model")
+        return init.arch, None
+    requested = cfg.arch or archs.DEFAULT_ARCH
+    if archs.get_arch(requested).encoder is None:
+        return requested, None
+    from rs_cluster import model  # imports TensorFlow, only for a network with a pretrained encoder
+
+    return model.resolve_arch(requested, fallback=cfg.arch is None)
+
+
+def _base_filters(cfg: TrainConfig, init: InitModel | None) -> int:
+    if init is None:
+        return cfg.base_filters or DEFAULT_BASE_FILTERS
+    if cfg.base_filters is not None and cfg.base_filters != init.base_filters:
+        raise ArchMismatchError(f"{cfg.init_model}: has {init.base_filters} base filters, this run "
+                                f"asks for {cfg.base_filters}; fine-tuning keeps the init model's "
+                                "width: leave out --base-filters")
+    return init.base_filters
+
+
+def _check_tiles(info: DatasetInfo, cfg: TrainConfig, arch: str, bands: int) -> int:
     """The tile size the model is built for, after checking the dataset can feed it."""
     tile = info.tile_size
     if cfg.tile_size is not None and cfg.tile_size != tile:
         raise InputError(f"{cfg.data}: has {tile} px tiles but the model is for {cfg.tile_size} px "
                          "tiles; prepare the data with --tile-size "
                          f"{cfg.tile_size} or train for {tile} px")
-    if tile < DIVISOR or tile % DIVISOR:
-        raise InputError(f"{cfg.data}: {tile} px tiles do not fit the U-Net, which halves them four "
-                         f"times; prepare tiles whose side is a multiple of {DIVISOR} (e.g. 128)")
+    problem = archs.tile_problem(arch, tile, bands)
+    if problem:
+        raise InputError(f"{cfg.data}: its {tile} px tiles of {bands} band(s) do not fit: {problem}")
     from rs_cluster.dataset import read_schema
 
     for split in ("train", "val"):
@@ -335,9 +472,10 @@ def _claim_model_dir(cfg: TrainConfig, final: str, work: str, fingerprint: dict[
                                     "written there; move it away or pass --overwrite")
         old = state.get("fingerprint", {})
         for key in FINGERPRINT_KEYS:
-            if old.get(key) != fingerprint[key]:
+            was = old.get(key, _FINGERPRINT_BEFORE.get(key))
+            if was != fingerprint[key]:
                 raise ConfigError(f"{cfg.model_dir}: cannot resume: the checkpoint was trained with "
-                                  f"{key}={old.get(key)!r}, this run asks for {fingerprint[key]!r}; "
+                                  f"{key}={was!r}, this run asks for {fingerprint[key]!r}; "
                                   "use the same settings, or --overwrite to start over")
         return state
     if nonempty:
@@ -498,18 +636,23 @@ def _commit(staged: str, final: str, overwrite: bool) -> None:
 
 def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state: dict[str, Any],
                 workers: list[dict[str, Any]], wall: float, resumed_from: int,
-                restarts: list[int]) -> dict[str, Any]:
+                restarts: list[int], network: dict[str, Any] | None,
+                init: InitModel | None) -> dict[str, Any]:
     meta = info.meta
     return {
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
         "model_file": MODEL_FILE,
-        "architecture": "unet",
+        "architecture": "unet",  # every network is a U-Net; "arch" says which
+        "arch": spec["arch"],
+        "network": network,  # rs_cluster.model.arch_info: encoder, its weights' sha256, size
+        "init_model": init.to_card() if init else None,
         "tile_size": spec["tile_size"],
         "bands": list(meta.get("bands", BANDS)),
+        # Every network takes [0, 1]; the pretrained encoder normalises further inside the model.
         "input_scaling": {"method": "divide", "value": INPUT_SCALE},
         "threshold": THRESHOLD,
-        "base_filters": cfg.base_filters,
+        "base_filters": spec["base_filters"],
         "output": "sigmoid building probability",
         "dataset": {
             "path": info.url,
@@ -525,7 +668,9 @@ def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state
         "wall_time_s": round(wall, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rs_cluster_version": __version__,
-        "loss": "binary_crossentropy + dice" if cfg.dice else "binary_crossentropy",
+        "loss": "binary_crossentropy + dice" if cfg.uses_dice else "binary_crossentropy",
+        # The model is the epoch of the best val IoU, which early stopping watches too.
+        "best_by": "val_iou",
         "metrics_file": METRICS_FILE,
         "logs_dir": LOGS_DIR,
         "engine": cfg.engine,
@@ -535,7 +680,8 @@ def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state
             "stopped_early": bool(state.get("stopped")), "patience": cfg.patience,
             "min_delta": cfg.min_delta,
             "batch_size_per_worker": cfg.batch_size, "lr": cfg.lr, "lr_scaled": cfg.lr * cfg.num_proc,
-            "warmup_epochs": cfg.warmup_epochs if cfg.num_proc > 1 else 0, "seed": cfg.seed,
+            "warmup_epochs": _warmup_epochs(spec, cfg.num_proc), "seed": cfg.seed,
+            "lr_schedule": cfg.lr_schedule,
             "steps_per_epoch": spec["steps_per_epoch"],
             "validation_steps": spec["validation_steps"] or "whole val split",
             "augmentation": ["flip_left_right", "flip_up_down", "rot90"] if cfg.augment else [],
@@ -543,6 +689,22 @@ def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state
             "restarts_after_lost_worker": restarts,  # epochs done at each restart
         },
     }
+
+
+def _warmup_epochs(spec: dict[str, Any], world: int) -> int:
+    """Epochs of the engine's LR warm-up: only a larger world scales the LR up, so one worker
+    starts at its peak."""
+    return min(spec["warmup_epochs"], spec["epochs"]) if world > 1 else 0
+
+
+def cosine_lr(peak: float, step: int, total_steps: int, warmup_steps: int) -> float | None:
+    """The LR of global ``step`` (0-based) under the cosine schedule: None during the warm-up
+    (the engine sets it then), then ``peak`` falling along half a cosine to 0 after the last
+    step."""
+    if step < warmup_steps:
+        return None
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 def _result_from_card(final: str) -> TrainResult:
@@ -695,8 +857,16 @@ def _train_worker(spec: dict[str, Any], engine: Any, device: str, rank: int, siz
     tf.keras.utils.set_random_seed(spec["seed"])
 
     lr = spec["lr"] * size  # larger global batch, larger steps (warmed up, see engine.callbacks)
+    # Only rank 0 of a fresh run reads the starting weights (ImageNet's, or the init model's):
+    # the engine's start-of-training broadcast gives every other worker rank 0's.
+    fresh = chief and state is None
     with engine.scope():
-        net = unet.build_unet(spec["tile_size"], spec["base_filters"])
+        net = unet.build_model(spec["arch"], spec["tile_size"], spec["bands"],
+                               base_filters=spec["base_filters"],
+                               load_pretrained=fresh and spec["init_model"] is None).model
+        if fresh and spec["init_model"] is not None:
+            _start_from(net, spec)
+            log.write(event="info", message=f"starting from the weights of {spec['init_model']}")
         optimizer = engine.wrap_optimizer(tf.keras.optimizers.Adam(lr))
         net.compile(optimizer=optimizer, loss=unet.make_loss(spec["dice"]), metrics=unet.make_metrics())
     checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer)
@@ -724,6 +894,10 @@ def _train_worker(spec: dict[str, Any], engine: Any, device: str, rank: int, siz
                               sync=mirror.sync)
         callbacks = engine.callbacks(initial_lr=lr, warmup_epochs=spec["warmup_epochs"],
                                      steps_per_epoch=spec["steps_per_epoch"])
+        if spec["lr_schedule"] == "cosine":
+            # Every worker sets the same LR from the step count: nothing to broadcast.
+            callbacks.append(_CosineSchedule(lr, spec["epochs"], spec["steps_per_epoch"],
+                                             _warmup_epochs(spec, size)))
         callbacks.append(keeper)  # after the engine's: it needs the averaged metrics
         if chief:
             callbacks.append(tf.keras.callbacks.TensorBoard(str(staged / LOGS_DIR), write_graph=False,
@@ -739,7 +913,9 @@ def _train_worker(spec: dict[str, Any], engine: Any, device: str, rank: int, siz
             reader.join()
     digest = unet.weights_digest(net)
     if chief:
-        final = unet.build_unet(spec["tile_size"], spec["base_filters"])  # uncompiled: loads anywhere
+        # Uncompiled, so it loads anywhere; its weights are set from the best epoch just below.
+        final = unet.build_model(spec["arch"], spec["tile_size"], spec["bands"],
+                                 base_filters=spec["base_filters"], load_pretrained=False).model
         best = keeper.best_weights_path()
         if best is not None:
             final.load_weights(str(best))
@@ -749,7 +925,38 @@ def _train_worker(spec: dict[str, Any], engine: Any, device: str, rank: int, siz
         final.save(str(staged / MODEL_FILE))
         mirror.sync()
     log.close()
-    return {"rank": rank, "pid": os.getpid(), "device": device, "weights_sha256": digest}
+    result = {"rank": rank, "pid": os.getpid(), "device": device, "weights_sha256": digest}
+    if chief:
+        result["network"] = unet.arch_info(unet.BuiltModel(
+            final, spec["arch"], spec["requested_arch"], spec["fallback_reason"]))
+    return result
+
+
+def _start_from(net: Any, spec: dict[str, Any]) -> None:
+    """Sets ``net``'s weights to the init model's, layer by layer: the same network, so the
+    same layers and shapes whatever its tile size (both are fully convolutional)."""
+    from rs_cluster.keras_file import load_model
+
+    with storage.local_input(spec["init_model"]) as folder:
+        path = os.path.join(folder, spec["init_model_file"])
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != spec["init_sha256"]:
+            raise ConfigError(f"{spec['init_model']}: {spec['init_model_file']} changed after the "
+                              f"run started (sha256 {digest}, was {spec['init_sha256']}); start "
+                              "again")
+        source = load_model(path)  # checked again: .keras, built-in layers, safe mode
+    theirs = {layer.name: layer for layer in source.layers}
+    for layer in net.layers:
+        if not layer.weights:
+            continue
+        other = theirs.get(layer.name)
+        shapes = [tuple(w.shape) for w in layer.weights]
+        if other is None or [tuple(w.shape) for w in other.weights] != shapes:
+            raise ArchMismatchError(f"{spec['init_model']}: its layer {layer.name!r} does not fit "
+                                    f"{spec['arch']} with {spec['base_filters']} base filters; "
+                                    "it is not the network its model.json says")
+        layer.set_weights(other.get_weights())
 
 
 def _make_epoch_keeper() -> type:
@@ -758,8 +965,11 @@ def _make_epoch_keeper() -> type:
     class EpochKeeper(tf.keras.callbacks.Callback):
         """Per-epoch bookkeeping on every worker; rank 0 also checkpoints and reports.
 
-        Early stopping on val_loss is decided by rank 0 and broadcast, so all workers stop at the
-        same epoch (a worker that stopped alone would leave the others waiting in allreduce).
+        The best epoch, the one whose weights become the model, is the one of the highest val
+        IoU: what the analyst gets judged by, where val loss (BCE, plus Dice) may keep falling on
+        confident background while the buildings get worse. Early stopping watches the same
+        figure; it is decided by rank 0 and broadcast, so all workers stop at the same epoch (a
+        worker that stopped alone would leave the others waiting in allreduce).
         """
 
         def __init__(self, engine: Any, chief: bool, state: dict[str, Any] | None, checkpoint: Any,
@@ -771,7 +981,7 @@ def _make_epoch_keeper() -> type:
                 engine, chief, work, spec, size, log)
             state = state or {}
             self.history: list[dict[str, Any]] = list(state.get("history", []))
-            self.best_val = float(state.get("best_val_loss", math.inf))
+            self.best_val = float(state.get("best_val_iou", -math.inf))
             self.best_epoch = int(state.get("best_epoch", 0))
             self.best_file: str | None = state.get("best_weights")
             self.wait = int(state.get("wait", 0))
@@ -811,14 +1021,15 @@ def _make_epoch_keeper() -> type:
             train_s = (self._train_end or now) - self._t0
             images = self.spec["steps_per_epoch"] * self.spec["batch_size"] * self.size
             row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in EPOCH_KEYS if k in logs},
+                   "lr": float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
                    "seconds": round(now - self._t0, 3), "train_seconds": round(train_s, 3),
                    "images_per_s": round(images / train_s, 2) if train_s > 0 else None}
             self.history.append(row)
-            val_loss = row.get("val_loss", math.nan)
-            improved = math.isfinite(val_loss) and val_loss < self.best_val - self.spec["min_delta"]
+            val_iou = row.get("val_iou", math.nan)
+            improved = math.isfinite(val_iou) and val_iou > self.best_val + self.spec["min_delta"]
             old_best = self.best_file
             if improved:
-                self.best_val, self.best_epoch, self.wait = val_loss, epoch + 1, 0
+                self.best_val, self.best_epoch, self.wait = val_iou, epoch + 1, 0
                 self.best_file = f"best-{epoch + 1}.weights.h5"
                 if self.chief:
                     self.model.save_weights(str(self.work / self.best_file))
@@ -831,7 +1042,7 @@ def _make_epoch_keeper() -> type:
                 state = {
                     "version": 1, "fingerprint": self.spec["fingerprint"], "epochs_done": epoch + 1,
                     "checkpoint": os.path.relpath(saved, self.work), "history": self.history,
-                    "best_epoch": self.best_epoch, "best_val_loss": self.best_val,
+                    "best_epoch": self.best_epoch, "best_val_iou": self.best_val,
                     "best_weights": self.best_file, "wait": self.wait, "stopped": stop,
                     "world_size": self.size,
                     "wall_time_s": round(self.prior_wall + now - self.started, 3),
@@ -858,3 +1069,26 @@ def _make_epoch_keeper() -> type:
 def _EpochKeeper(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - used like the class it builds
     """Builds the callback; its class derives from Keras', so it is made once TensorFlow is imported."""
     return _make_epoch_keeper()(*args, **kwargs)
+
+
+def _CosineSchedule(peak: float, epochs: int, steps_per_epoch: int,  # noqa: N802
+                    warmup_epochs: int) -> Any:
+    """A callback setting the LR of every step by :func:`cosine_lr`, from the step count alone,
+    so a resumed run goes on where the interrupted one was."""
+    import tensorflow as tf
+
+    class CosineSchedule(tf.keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self._epoch = 0
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self._epoch = epoch
+
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            lr = cosine_lr(peak, self._epoch * steps_per_epoch + batch, epochs * steps_per_epoch,
+                           warmup_epochs * steps_per_epoch)
+            if lr is not None:
+                self.model.optimizer.learning_rate.assign(lr)
+
+    return CosineSchedule()

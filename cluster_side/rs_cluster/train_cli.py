@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from rs_cluster.archs import ARCHS, DEFAULT_ARCH, FALLBACK_ARCH
 from rs_cluster.progress import Reporter
 from rs_cluster.settings import add_resource_options, resources_from_args
 
@@ -19,10 +20,11 @@ def _nics(text: str) -> tuple[str, ...]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train the building U-Net on a prepared dataset with Horovod on Spark",
-        description="Trains the U-Net on the train split of a prepared dataset, early-stopping on "
-        "the val split, with N Horovod workers run as Spark tasks (one worker runs in this "
-        "process). Writes model.keras, model.json, metrics.jsonl and TensorBoard logs to "
-        "--model-dir, complete or not at all.")
+        description="Trains a building U-Net (--arch; by default over an ImageNet-pretrained "
+        "encoder), or fine-tunes one (--init-model), on the train split of a prepared dataset, "
+        "keeping the epoch of the best val IoU and early-stopping on it, with N Horovod workers "
+        "run as Spark tasks (one worker runs in this process). Writes model.keras, model.json, "
+        "metrics.jsonl and TensorBoard logs to --model-dir, complete or not at all.")
     p.add_argument("--data", required=True, metavar="DIR_OR_URL", help="dataset made by `rs-cluster prepare`")
     p.add_argument("--model-dir", required=True, metavar="DIR", help="model folder to create")
     p.add_argument("--epochs", type=int, default=30, help="most epochs to train (default 30)")
@@ -35,15 +37,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-4,
                    help="Adam learning rate of one worker; scaled by N with warm-up (default 1e-4)")
     p.add_argument("--patience", type=int, default=5,
-                   help="stop after this many epochs without a better val loss (0: never; default 5)")
+                   help="stop after this many epochs without a better val IoU (0: never; default "
+                   "5); the model is the epoch of the best val IoU")
     p.add_argument("--min-delta", type=float, default=0.0,
-                   help="val loss must fall by more than this to count as better (default 0)")
+                   help="val IoU must rise by more than this to count as better (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --model-dir")
     p.add_argument("--overwrite", action="store_true", help="replace a model or unfinished run there")
-    p.add_argument("--base-filters", type=int, default=64,
-                   help="filters of the first U-Net level (default 64, as in 2019)")
+    p.add_argument("--arch", choices=list(ARCHS),
+                   help=f"the network: {'; '.join(f'{a.name}: {a.summary}' for a in ARCHS.values())} "
+                   f"(default {DEFAULT_ARCH}, or {FALLBACK_ARCH} where its ImageNet weights package "
+                   "is not installed; with --init-model: that model's)")
+    p.add_argument("--init-model", metavar="DIR_OR_URL",
+                   help="fine-tune: start from the weights of this model folder (model.json + "
+                   "model.keras from rs-cluster train), keeping its network and width; its tile "
+                   "size may differ")
+    p.add_argument("--base-filters", type=int,
+                   help="width: filters of the first U-Net level, or x4 those of the pretrained "
+                   "network's first decoder level (default 64, as in 2019; with --init-model: "
+                   "that model's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--dice", action="store_true", help="loss: binary cross-entropy + Dice")
+    p.add_argument("--loss", choices=["bce", "bce_dice"], default="bce_dice",
+                   help="binary cross-entropy, or binary cross-entropy + soft Dice (default; "
+                   "keeps small data from collapsing to an all-background mask)")
+    p.add_argument("--dice", action="store_true", help="the same as --loss bce_dice (older scripts)")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="cosine (default): after the warm-up the LR falls along half a cosine to 0 "
+                   "by the last step; constant: as in 2019")
     p.add_argument("--tile-size", type=int, metavar="PX",
                    help="tile size the model is for (default: the dataset's); must match the data")
     p.add_argument("--steps-per-epoch", type=int, metavar="N",
@@ -78,7 +97,8 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
         dice=args.dice, tile_size=args.tile_size, steps_per_epoch=args.steps_per_epoch,
         validation_steps=args.validation_steps, warmup_epochs=args.warmup_epochs,
         threads=args.threads_per_worker, nics=args.nics, augment=not args.no_augment,
-        max_restarts=args.max_restarts, resources=resources_from_args(args))
+        max_restarts=args.max_restarts, resources=resources_from_args(args), arch=args.arch,
+        init_model=args.init_model, loss=args.loss, lr_schedule=args.lr_schedule)
     result = run_train(cfg, reporter=reporter)
     if args.json:
         print(json.dumps(asdict(result), indent=2))

@@ -212,3 +212,18 @@ def test_arch_info_records_the_encoder_and_its_weights_for_the_card():
     with pytest.raises(ConfigError, match="not built by rs_cluster.model.build_model"):
         inputs = tf.keras.Input((8, 8, 3))
         model.arch_info(tf.keras.Model(inputs, inputs, name="someone_elses"))
+
+
+def test_the_tensorflow_free_table_agrees_with_the_networks_it_names():
+    """rs_cluster.archs answers the CLI and the train driver without TensorFlow; its strides
+    must be the built networks' own."""
+    from rs_cluster import archs
+
+    assert archs.EFFNET_DOWNSAMPLING == lite.DOWNSAMPLING
+    assert archs.UNET_DOWNSAMPLING == model.DOWNSAMPLING
+    for name, spec in archs.ARCHS.items():
+        d = spec.downsampling
+        assert model.build_model(name, d, 3, base_filters=4,
+                                 load_pretrained=False).model.output_shape == (None, d, d, 1)
+        with pytest.raises(ConfigError, match=f"multiple of {d}"):
+            model.build_model(name, d + d // 2, 3, base_filters=4, load_pretrained=False)

@@ -433,3 +433,15 @@ def test_16_bit_and_float_imagery_is_tiled_by_the_stated_stretch(spark, tmp_path
     deep = next(n for n in notes if "deep.tif" in n)
     assert "pixels are uint16" in deep and f"band 1 {low[0] * 200 + 1500:.6g}.." in deep
     assert any("reflectance.tif" in n and "pixels are float32" in n for n in notes)
+
+
+def test_chosen_validation_rasters_form_the_validation_split(spark, tmp_path):
+    names = devdata.first_files("xiamen_robosat_z18", 3)
+    images, masks = _pairs(tmp_path, {"xiamen_robosat_z18": names})
+    result = run_prepare(_cfg(images, masks, tmp_path / "out", val_rasters=(names[1],)),
+                         spark=spark)
+    assert result.rasters == {"train": 2, "val": 1, "test": 0}
+    meta = load_dataset(str(tmp_path / "out")).meta
+    assert meta["splits"]["val"]["raster_ids"] == [names[1]]
+    with pytest.raises(InputError, match="validation rasters nope.tif are not among"):
+        run_prepare(_cfg(images, masks, tmp_path / "bad", val_rasters=("nope.tif",)), spark=spark)

@@ -27,3 +27,12 @@ def test_every_nonzero_split_gets_a_raster_when_possible():
     assert counts == {"train": 1, "val": 1, "test": 1}
     counts = Counter(assign_splits(["a", "b", "c", "d"], (1.0, 0.0, 0.0), 0).values())
     assert counts == {"train": 4}
+
+
+def test_chosen_validation_rasters_are_the_validation_split():
+    """The analyst's "use these layers for validation": exactly those, the rest train/test in
+    the ratio of their fractions."""
+    ids = [f"r{i}.tif" for i in range(14)]
+    split = assign_splits(ids, (0.6, 0.2, 0.2), 0, validation=["r3.tif", "r7.tif"])
+    assert sorted(r for r, s in split.items() if s == "val") == ["r3.tif", "r7.tif"]
+    assert Counter(split.values()) == {"train": 9, "val": 2, "test": 3}

@@ -124,13 +124,15 @@ def test_copy_tree_and_the_runner_hooks_stage_and_fetch_a_job(tmp_path):
     (job_dir / "inputs" / "images").mkdir(parents=True)
     (job_dir / "inputs" / "images" / "a.tif").write_bytes(b"tif")
     store = tmp_path / "store"
-    job_url = storage.job_url(f"file://{store}", "20261201-1200-ab12")
+    job_url = storage.job_url(f"file://{store}", "ana", "20261201-1200-ab12")
 
     storage.stage_inputs(str(job_dir), job_url)
-    assert (store / "jobs" / "20261201-1200-ab12" / "inputs" / "images" / "a.tif").read_bytes() == b"tif"
+    assert (store / "ana" / "20261201-1200-ab12" / "inputs" / "images" / "a.tif").read_bytes() == b"tif"
     storage.write_json(storage.join(job_url, "masks", "predict.json"), {"outputs": []})
     copied = storage.fetch_results(job_url, str(job_dir), ("masks", "model"))
     assert copied == ["masks"]
     assert (job_dir / "masks" / "predict.json").is_file() and not (job_dir / "model").exists()
     with pytest.raises(StorageError):
-        storage.job_url("s3://b/p", "../other")
+        storage.job_url("s3://b/p", "ana", "../other")
+    with pytest.raises(StorageError):
+        storage.job_url("s3://b/p", "../ana", "job1")

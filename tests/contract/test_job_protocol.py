@@ -51,6 +51,49 @@ def test_plugin_spec_is_accepted_by_the_cluster(tmp_path):
     assert argv[0] == "prepare" and "--split=0.8,0.1,0.1" in argv
 
 
+def test_chosen_validation_rasters_reach_the_prepare_cli(tmp_path):
+    """The dock's "validate on" ticks become prepare's --val-rasters, which its CLI parses."""
+    import argparse
+
+    from rs_cluster import prepare_cli
+
+    spec = (plugin_jobspec.JobSpecBuilder("x")
+            .prepare(images="inputs/train/images", masks="inputs/train/masks",
+                     output="outputs/dataset", split=[0.8, 0.0, 0.2],
+                     val_rasters="tile_3.tif,tile_7.tif").build())
+    parsed = jobspec.parse_job_spec(json.loads(spec.to_json()), tmp_path)
+    argv = jobspec.step_argv(parsed.steps[0], tmp_path)
+    parser = argparse.ArgumentParser()
+    prepare_cli.register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    assert args.val_rasters == "tile_3.tif,tile_7.tif" and args.split == (0.8, 0.0, 0.2)
+
+
+def test_plugin_fine_tuning_spec_becomes_the_cluster_train_options(tmp_path):
+    """The plugin names the network and ships the model to fine-tune where it ships a model to
+    predict with (inputs/model); the cluster's CLI parses the options the step becomes."""
+    import argparse
+
+    from rs_cluster import train_cli
+
+    spec = (plugin_jobspec.JobSpecBuilder("fine-tune")
+            .train(data="outputs/ds", model_dir="outputs/model", arch="effnet_lite0_unet",
+                   init_model="inputs/model", lr=1e-5)
+            .build())
+    parsed = jobspec.parse_job_spec(json.loads(spec.to_json()), tmp_path)
+    argv = jobspec.step_argv(parsed.steps[0], tmp_path)
+    assert "--arch=effnet_lite0_unet" in argv
+    assert argv[argv.index("--init-model") + 1] == str(tmp_path / "inputs" / "model")
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    assert (args.arch, args.init_model) == ("effnet_lite0_unet", str(tmp_path / "inputs" / "model"))
+    escaping = spec.to_dict()
+    escaping["steps"][0]["params"]["init_model"] = "../other-job/outputs/model"
+    with pytest.raises(ConfigError, match="leaves the job folder"):
+        jobspec.parse_job_spec(escaping, tmp_path)
+
+
 def test_spec_with_a_path_outside_the_job_or_another_version_is_refused(tmp_path):
     good = plugin_jobspec.JobSpecBuilder("x").prepare(images="inputs/images").build().to_dict()
     escaping = json.loads(json.dumps(good))

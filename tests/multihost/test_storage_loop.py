@@ -24,14 +24,18 @@ XIAMEN = "xiamen_robosat_z18"  # georeferenced (EPSG:3857): the masks must keep 
 INRIA = "inria_austin_chicago"
 
 
-def _aws_files(home: Path, rig: Rig, access_key: str, secret_key: str) -> None:
-    """~/.aws/credentials and ~/.aws/config of one host, as a cluster admin writes them."""
+def _aws_files(home: Path, rig: Rig, access_key: str, secret_key: str, *,
+               profile: str = "default", config: bool = True) -> None:
+    """~/.aws/credentials (keys under ``profile``) and, with ``config``, ~/.aws/config (region
+    and the rig's endpoint) of one host, as a cluster admin writes them."""
     aws = home / ".aws"
     aws.mkdir(mode=0o700, exist_ok=True)
     (aws / "credentials").write_text(
-        f"[default]\naws_access_key_id = {access_key}\naws_secret_access_key = {secret_key}\n")
+        f"[{profile}]\naws_access_key_id = {access_key}\naws_secret_access_key = {secret_key}\n")
     (aws / "credentials").chmod(0o600)
-    (aws / "config").write_text(f"[default]\nregion = {rig.s3.region}\nendpoint_url = {rig.s3.url}\n")
+    if config:
+        (aws / "config").write_text(
+            f"[default]\nregion = {rig.s3.region}\nendpoint_url = {rig.s3.url}\n")
 
 
 def _snapshot(folder: Path) -> set[str]:
@@ -43,15 +47,21 @@ def _snapshot(folder: Path) -> set[str]:
             if not (rel := str(p.relative_to(folder))).startswith(".keras")}
 
 
-@pytest.fixture(scope="module")
-def store(rig):
-    """The bucket, and every host's own AWS files with the rig's keys; removed afterwards."""
+def rig_bucket(rig: Rig, bucket: str):
+    """A pyarrow S3 filesystem on the rig's store, with the test's own ``bucket`` created."""
     import pyarrow.fs as pafs
 
     s3 = pafs.S3FileSystem(access_key=rig.s3.access_key, secret_key=rig.s3.secret_key,
                            endpoint_override=rig.s3.endpoint, scheme="http", region=rig.s3.region,
                            allow_bucket_creation=True)
-    s3.create_dir(BUCKET)
+    s3.create_dir(bucket)
+    return s3
+
+
+@pytest.fixture(scope="module")
+def store(rig):
+    """The bucket, and every host's own AWS files with the rig's keys; removed afterwards."""
+    s3 = rig_bucket(rig, BUCKET)
     hosts = ("login", *WORKERS)
     for name in hosts:
         _aws_files(rig.host(name).home, rig, rig.s3.access_key, rig.s3.secret_key)
@@ -107,6 +117,34 @@ def _task_hosts(rig: Rig) -> dict[str, set[str]]:
     return out
 
 
+def run_the_loop(rig: Rig, job: str) -> None:
+    """prepare -> train (2 Horovod workers) -> predict -> evaluate on ``job``'s inputs, each
+    location under the URL ``job``; the driver on login, the tasks on the workers."""
+    prepare = _rs(rig, "prepare", "--images", f"{job}/inputs/images", "--masks",
+                  f"{job}/inputs/masks", "--output", f"{job}/dataset", "--tile-size", "128",
+                  "--split", "0.5,0.25,0.25")
+    assert prepare.returncode == 0, prepare.stderr[-3000:]
+    train = _rs(rig, "train", "--data", f"{job}/dataset", "--model-dir", f"{job}/model",
+                "--epochs", "1", "--base-filters", "8", "--batch-size", "4", "--num-proc", "2",
+                "--nics", "lo", "--arch", "unet2019", timeout=400)
+    assert train.returncode == 0, train.stderr[-3000:]
+    predict = _rs(rig, "predict", "--model", f"{job}/model", "--input", f"{job}/inputs/images",
+                  "--output", f"{job}/masks", "--polygons")
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    evaluate = _rs(rig, "evaluate", "--pred", f"{job}/masks", "--truth", f"{job}/inputs/masks",
+                   "--json", f"{job}/report.json", spark=False)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+
+
+def assert_tasks_ran_on_the_workers_only(rig: Rig) -> None:
+    """Each worker host ran part of every Spark stage, the Horovod training included; the
+    driver's host ran none."""
+    hosts = _task_hosts(rig)
+    workers = {ADDRESSES[w] for w in WORKERS}
+    for app in ("rs-cluster prepare", "rs-cluster train", "rs-cluster predict"):
+        assert hosts.get(app) == workers, f"{app} ran its tasks on {hosts.get(app)}"
+
+
 def test_the_whole_loop_runs_on_both_workers_with_every_location_in_s3(rig, store):
     import rasterio
 
@@ -117,20 +155,7 @@ def test_the_whole_loop_runs_on_both_workers_with_every_location_in_s3(rig, stor
     before = {name: (_snapshot(rig.host(name).home), _snapshot(rig.host(name).workspace))
               for name in ("login", *WORKERS)}
 
-    prepare = _rs(rig, "prepare", "--images", f"{job}/inputs/images", "--masks",
-                  f"{job}/inputs/masks", "--output", f"{job}/dataset", "--tile-size", "128",
-                  "--split", "0.5,0.25,0.25")
-    assert prepare.returncode == 0, prepare.stderr[-3000:]
-    train = _rs(rig, "train", "--data", f"{job}/dataset", "--model-dir", f"{job}/model",
-                "--epochs", "1", "--base-filters", "8", "--batch-size", "4", "--num-proc", "2",
-                "--nics", "lo", timeout=400)
-    assert train.returncode == 0, train.stderr[-3000:]
-    predict = _rs(rig, "predict", "--model", f"{job}/model", "--input", f"{job}/inputs/images",
-                  "--output", f"{job}/masks", "--polygons")
-    assert predict.returncode == 0, predict.stderr[-3000:]
-    evaluate = _rs(rig, "evaluate", "--pred", f"{job}/masks", "--truth", f"{job}/inputs/masks",
-                   "--json", f"{job}/report.json", spark=False)
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    run_the_loop(rig, job)
 
     # Everything the job made is in the store.
     keys = {info.path.removeprefix(f"{BUCKET}/loop/") for info in
@@ -154,12 +179,7 @@ def test_the_whole_loop_runs_on_both_workers_with_every_location_in_s3(rig, stor
     with rasterio.MemoryFile(mask_bytes) as mem, mem.open() as mask:
         assert mask.crs == crs and mask.transform.almost_equals(transform)
 
-    # Each worker host ran part of every Spark stage, the Horovod training included; the
-    # driver's host ran none.
-    hosts = _task_hosts(rig)
-    workers = {ADDRESSES[w] for w in WORKERS}
-    for app in ("rs-cluster prepare", "rs-cluster train", "rs-cluster predict"):
-        assert hosts.get(app) == workers, f"{app} ran its tasks on {hosts.get(app)}"
+    assert_tasks_ran_on_the_workers_only(rig)
 
     # Nothing of the job landed in a host's own folders; the temporary copies are gone too.
     for name in ("login", *WORKERS):
