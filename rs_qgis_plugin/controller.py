@@ -8,6 +8,8 @@ messages shown.
 from __future__ import annotations
 
 import html
+import time
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +24,7 @@ from qgis.core import (
     QgsTask,
 )
 from qgis.PyQt.QtCore import QCoreApplication, QObject, pyqtSignal, pyqtSlot
+from qgis.PyQt.QtWidgets import QMessageBox
 
 from rs_qgis_plugin import settings
 from rs_qgis_plugin.core.errors import (
@@ -64,6 +67,7 @@ from rs_qgis_plugin.tasks import (
 
 log = get_logger("controller")
 TITLE = "RS Buildings"
+EVENTS_KEPT = 50
 
 
 def tr(text: str) -> str:
@@ -77,6 +81,7 @@ class LayerPick:
     image: QgsRasterLayer
     mask: QgsRasterLayer | None = None
     predict: bool = True
+    validate: bool = False  # training: this pair is the validation split (chosen, not drawn)
 
 
 @dataclass
@@ -133,6 +138,9 @@ class JobController(QObject):
         self._cancel_when_found: set[str] = set()
         self._look_again: set[str] = set()
         self._closing = False
+        # The last events of each job seen in this session, for the jobs panel's details
+        # (kept in memory: the record keeps counts and the last warnings).
+        self._events: dict[str, deque[str]] = {}
         # Processing algorithms record their jobs from a worker thread: show them here too.
         self._saved_elsewhere.connect(self._on_saved)
         settings.add_job_listener(self._job_saved)
@@ -156,6 +164,10 @@ class JobController(QObject):
         settings.save_job(record)
         self.jobs_changed.emit()
         return record
+
+    def recent_events(self, job_id: str) -> list[str]:
+        """The last events of the job this session received (oldest first), as plain text."""
+        return list(self._events.get(job_id, ()))
 
     def cluster_jobs(self) -> list[ClusterJob]:
         """Jobs the last look at each cluster found there that no record here knows."""
@@ -195,8 +207,9 @@ class JobController(QObject):
             return None
         profile_name = record.profile if record is not None else listed.profile if listed else ""
         profile, passphrase = self.connection(profile_name)
+        name = record.name if record is not None else listed.name if listed else ""
         task = CleanJobTask(profile, settings.known_hosts_path(), passphrase, job_id,
-                            on_done=self._cleaned)
+                            on_done=self._cleaned, name=name)
         self.tasks[job_id] = task
         self.task_manager.addTask(task)
         self.jobs_changed.emit()
@@ -268,8 +281,8 @@ class JobController(QObject):
             exported[layer.id()] = path
             return path
 
-        raster_picks = [RasterPick(local(p.image), local(p.mask) if p.mask else None, p.predict)
-                        for p in picks]
+        raster_picks = [RasterPick(local(p.image), local(p.mask) if p.mask else None, p.predict,
+                                   p.validate) for p in picks]
         planned = plan_job(name, params, raster_picks, job_id=job_id)
         return PreparedRun(planned, exports)
 
@@ -279,7 +292,8 @@ class JobController(QObject):
         record = self._update(JobRecord(
             job_id=spec.job_id, name=spec.name, profile=profile_name, mode=mode,
             state="exporting" if run.exports else "uploading", created=now_iso(),
-            local_dir=str(settings.results_dir() / spec.job_id), fetch=run.planned.fetch))
+            local_dir=str(settings.results_dir() / spec.job_id), fetch=run.planned.fetch,
+            project=self.project.fileName()))
         task = SubmitJobTask(profile, settings.known_hosts_path(), passphrase, run.planned,
                              on_done=self._submitted)
         task.exports = run.exports  # type: ignore[attr-defined]
@@ -352,7 +366,7 @@ class JobController(QObject):
             return None
         task = WatchJobTask(profile, settings.known_hosts_path(), passphrase, job_id,
                             on_done=self._watched, poll_s=self.poll_s,
-                            skip_events=record.events_seen)
+                            skip_events=record.events_seen, name=record.name)
         task.status_changed.connect(self._on_status)
         task.event_received.connect(self._on_event)
         self.tasks[job_id] = task
@@ -373,6 +387,9 @@ class JobController(QObject):
         if record is None or self._closing:
             return
         record = record.with_event(event.event, event.message)
+        line = " ".join(t for t in (event.time or "", event.event, event.stage or "",
+                                    event.message or "") if t)
+        self._events.setdefault(job_id, deque(maxlen=EVENTS_KEPT)).append(line)
         if event.event in ("warning", "info"):
             level = log.warning if event.event == "warning" else log.info
             level("job %s (%s), %s: %s", record.name, job_id, event.stage or "-", event.message)
@@ -395,6 +412,13 @@ class JobController(QObject):
         elif task.cancel_remote and task.isCanceled() and task.error is None:
             # Cancelled while still queued in the task manager: run() never got to the cluster.
             self._cancel_remote(record)
+        elif task.isCanceled() and task.error is None:
+            # Stopped by QGIS's task manager (its panel's cancel button, or an exit the user then
+            # called off): never a cancel on the cluster, which only Cancel job asks for.
+            self.jobs_changed.emit()
+            self.notify(tr("Stopped following job {name} here; it keeps running on the "
+                           "cluster. Refresh in the jobs panel follows it again, Cancel job "
+                           "cancels it.").format(name=record.name))
         elif task.error is not None:
             if isinstance(task.error, RemoteCommandError) and "no job" in str(task.error):
                 self._vanished(record)
@@ -414,7 +438,8 @@ class JobController(QObject):
             return None
         local_dir = Path(record.local_dir or settings.results_dir() / job_id)
         task = FetchResultsTask(profile, settings.known_hosts_path(), passphrase, job_id,
-                                record.fetch, local_dir, on_done=self._fetched)
+                                record.fetch, local_dir, on_done=self._fetched,
+                                name=record.name)
         self.tasks[job_id] = task
         self.task_manager.addTask(task)
         return task
@@ -438,7 +463,45 @@ class JobController(QObject):
             return
         self.load(record, task.result)
 
+    def _into_project(self, record: JobRecord) -> bool:
+        """Results belong in the project the job was started from. When another one is open
+        (QGIS restarted, the job reattached), the user says where: that project, this one, or
+        later (Load results in the jobs panel). ``False``: not now."""
+        current = self.project.fileName()
+        if not record.project or record.project == current or self.iface is None:
+            return True
+        answer = QMessageBox.question(
+            self.iface.mainWindow(), tr("Load results of {name}").format(name=record.name),
+            tr("Job {name} was started from the project\n{started}\nbut {current} is open.\n\n"
+               "Yes: open {started_name} and load the results there.\nNo: load them into the "
+               "open project.\nCancel: not now (Load results in the Jobs tab).").format(
+                name=record.name, started=record.project,
+                current=current or tr("a new, unsaved project"),
+                started_name=Path(record.project).name),
+            QMessageBox.Yes | QMessageBox.No | QMessageBox.Cancel, QMessageBox.Yes)
+        if answer == QMessageBox.No:
+            return True
+        if answer == QMessageBox.Yes:
+            if not Path(record.project).is_file():
+                self.notify(tr("The project {path} of job {name} no longer exists; its results "
+                               "were not loaded").format(path=record.project, name=record.name),
+                            Qgis.Warning, 0)
+                return False
+            if self.project.isDirty():
+                self.notify(tr("Save or close the open project first, then press Load results "
+                               "for job {name}").format(name=record.name), Qgis.Warning, 0)
+                return False
+            opener = getattr(self.iface, "addProject", None)
+            opened = opener(record.project) if opener else self.project.read(record.project)
+            return bool(opened) and self.project.fileName() == record.project
+        self._update(replace(record, message=tr(
+            "results downloaded to {folder}, not loaded yet: Load results puts them on the "
+            "map").format(folder=record.local_dir)))
+        return False
+
     def load(self, record: JobRecord, files: Sequence[Path | str]) -> list[Any]:
+        if not self._into_project(record):
+            return []
         try:
             layers, summary = load_results(self.project, record.job_id, record.name,
                                            classify_results(files))
@@ -457,8 +520,13 @@ class JobController(QObject):
 
     # -- cancel, reattach, shutdown -----------------------------------------------------------------------
     def cancel(self, job_id: str) -> None:
+        """The user's Cancel job: stops what runs here for the job and cancels it on the
+        cluster (the caller asked for confirmation)."""
         task = self.tasks.get(job_id)
         record = self._records.get(job_id)
+        if isinstance(task, WatchJobTask):
+            task.cancel_job()
+            return
         if task is not None:
             task.cancel()
             return
@@ -472,7 +540,7 @@ class JobController(QObject):
             self.notify(str(e), Qgis.Critical)
             return
         cancel = CancelJobTask(profile, settings.known_hosts_path(), passphrase, record.job_id,
-                               on_done=self._cancelled)
+                               on_done=self._cancelled, name=record.name)
         self.tasks[record.job_id] = cancel
         self.task_manager.addTask(cancel)
 
@@ -633,17 +701,32 @@ class JobController(QObject):
             self.fetch(job_id)
         return record
 
-    def shutdown(self) -> None:
-        """Stops watching without cancelling anything on the cluster (QGIS closing, unload)."""
+    def shutdown(self, wait_s: float = 20.0) -> list[RsTask]:
+        """Stops watching without cancelling anything on the cluster (QGIS closing, unload):
+        the jobs keep running there and their records stay, so the next start follows them.
+
+        Waits up to ``wait_s`` for the stopped tasks to leave their ``run`` (a status command
+        under way ends first): QGIS ends Python soon after, and must find none of them still
+        in Python. Returns the tasks still running after that."""
         self._closing = True
         settings.remove_job_listener(self._job_saved)
-        for task in [*self.tasks.values(), *self._lookups.values()]:
-            if isinstance(task, WatchJobTask):
-                task.detach()
-            else:
-                task.cancel()
+        stopped = [*self.tasks.values(), *self._lookups.values()]
+        for task in stopped:
+            try:
+                if isinstance(task, WatchJobTask):
+                    task.detach()
+                else:
+                    task.cancel()
+            except RuntimeError:  # the task manager already deleted it: it has ended
+                continue
         self.tasks.clear()
         self._lookups.clear()
+        end = time.monotonic() + wait_s
+        left = [t for t in stopped if not t.wait_ran(max(0.0, end - time.monotonic()))]
+        if left:
+            log.warning("%d task(s) still running as QGIS closes: %s", len(left),
+                        ", ".join(t.description() for t in left))
+        return left
 
     def _drop_task(self, job_id: str, task: RsTask) -> None:
         if self.tasks.get(job_id) is task:

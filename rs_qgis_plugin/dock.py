@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qgis.core import Qgis, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer
+from qgis.core import Qgis, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsSettings
 from qgis.gui import QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import QCoreApplication, Qt
 from qgis.PyQt.QtWidgets import (
@@ -16,14 +16,15 @@ from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QPushButton,
+    QScrollArea,
     QSpinBox,
-    QTableWidget,
     QTableWidgetItem,
     QTabWidget,
     QVBoxLayout,
@@ -33,15 +34,28 @@ from qgis.PyQt.QtWidgets import (
 from rs_qgis_plugin import settings
 from rs_qgis_plugin.controller import JobController, LayerPick, PreparedRun
 from rs_qgis_plugin.core.errors import RsPluginError
-from rs_qgis_plugin.jobs_panel import JobsPanel
-from rs_qgis_plugin.results import JOB_PROPERTY
+from rs_qgis_plugin.jobs_panel import JobsPanel, confirm_cancel
+from rs_qgis_plugin.layer_table import (
+    COL_IMAGE,
+    COL_MASK,
+    COL_PREDICT,
+    COL_VALIDATE,
+    LayerTable,
+    MaskCombo,
+)
 from rs_qgis_plugin.logic import (
+    FINE_TUNE_LR,
     MODE_EVALUATE,
+    MODE_FINE_TUNE,
     MODE_PREDICT,
     MODE_TRAIN,
     MODE_TRAIN_PREDICT,
+    MODEL_MODES,
+    SETTINGS_PREFIX,
+    TRAINING_MODES,
     RunParams,
 )
+from rs_qgis_plugin.pairing import split_counts
 from rs_qgis_plugin.tasks import SubmitJobTask
 
 
@@ -60,8 +74,14 @@ class RunDock(QgsDockWidget):
         self.last_task: SubmitJobTask | None = None
 
         tabs = QTabWidget(self)
-        run_page = QWidget(tabs)
-        tabs.addTab(run_page, tr("Run"))
+        # The page scrolls, so a short dock still reaches every choice and a tall one gives the
+        # extra room to the layer table.
+        run_scroll = QScrollArea(tabs)
+        run_scroll.setWidgetResizable(True)
+        run_scroll.setFrameShape(QFrame.NoFrame)
+        run_page = QWidget(run_scroll)
+        run_scroll.setWidget(run_page)
+        tabs.addTab(run_scroll, tr("Run"))
         self.jobs_panel = JobsPanel(controller, tabs)
         tabs.addTab(self.jobs_panel, tr("Jobs"))
         self.tabs = tabs
@@ -76,14 +96,13 @@ class RunDock(QgsDockWidget):
         for label, mode in ((tr("Predict with an existing model"), MODE_PREDICT),
                             (tr("Train a model"), MODE_TRAIN),
                             (tr("Train, then predict"), MODE_TRAIN_PREDICT),
+                            (tr("Fine-tune an existing model"), MODE_FINE_TUNE),
                             (tr("Evaluate a model against reference masks"), MODE_EVALUATE)):
             self.mode.addItem(label, mode)
 
-        # layers: one row per raster layer, checkable, with its reference mask
-        self.layers = QTableWidget(0, 2, run_page)
-        self.layers.setHorizontalHeaderLabels([tr("Imagery"), tr("Reference mask")])
-        self.layers.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
-        self.layers.verticalHeader().setVisible(False)
+        # layers: one row per imagery layer (masks are kept out), with its reference mask
+        self.layer_table = LayerTable(self.project, run_page)
+        self.layers = self.layer_table.table
         self.clip = QCheckBox(tr("Clip to the current map extent"), run_page)
         # Or to the extent of a polygon layer (an area of interest); it wins over the map extent.
         self.clip_layer = QgsMapLayerComboBox(run_page)
@@ -99,11 +118,21 @@ class RunDock(QgsDockWidget):
         self.model_dir.setDialogTitle(tr("Model folder (model.json + model.keras)"))
 
         # parameters
-        self.tile_size = self._spin(16, 2048, 128, 16)
+        # Steps of 32: the pretrained default network halves a tile five times.
+        self.tile_size = self._spin(32, 2048, 128, 32)
         self.overlap = self._spin(0, 1024, 32, 8)
         self.epochs = self._spin(1, 1000, 10)
         self.batch_size = self._spin(1, 1024, 16)
         self.workers = self._spin(1, 256, 1)
+        self.arch = QComboBox(run_page)
+        for label, arch in ((tr("cluster default"), ""),
+                            (tr("pretrained EfficientNet-Lite0 U-Net"), "effnet_lite0_unet"),
+                            (tr("U-Net with batch norm"), "unet_bn"),
+                            (tr("2019 U-Net"), "unet2019")):
+            self.arch.addItem(label, arch)
+        self.arch.setToolTip(tr("The cluster's default is the U-Net over an ImageNet-pretrained "
+                                "EfficientNet-Lite0 encoder (tiles a multiple of 32 px); the "
+                                "2019 U-Net reproduces the thesis"))
         # 0 leaves the choice to the cluster's rs-cluster defaults (64 filters, 1e-4)
         self.base_filters = self._spin(0, 256, 0, 8)
         self.base_filters.setSpecialValueText(tr("cluster default"))
@@ -122,6 +151,25 @@ class RunDock(QgsDockWidget):
         self.threshold.setValue(0.5)
         self.polygons = QCheckBox(tr("Also make building polygons"), run_page)
         self.polygons.setChecked(True)
+        # What training holds out and when it stops: shown, so nothing is decided silently.
+        # Percentages of the labelled rasters (whole rasters), the cluster's default 60/20/20.
+        self.split_train = self._spin(1, 100, 60, 5)
+        self.split_val = self._spin(0, 99, 20, 5)
+        self.split_test = self._spin(0, 99, 20, 5)
+        for box, what in ((self.split_train, tr("trained on")),
+                          (self.split_val, tr("held out to pick the best epoch and stop early")),
+                          (self.split_test, tr("held out for the final test score"))):
+            box.setSuffix(" %")
+            box.setToolTip(tr("Share of the labelled rasters {what}").format(what=what))
+        self.split_note = QLabel(run_page)
+        self.split_note.setWordWrap(True)
+        self.early_stopping = QCheckBox(tr("Stop early"), run_page)
+        self.early_stopping.setToolTip(tr("Stop training when the validation loss has not "
+                                          "improved for this many epochs"))
+        self.early_stopping.setChecked(True)
+        self.patience = self._spin(1, 1000, 5)
+        self.patience.setSuffix(tr(" epochs"))
+        self.patience.setToolTip(tr("Epochs without improvement before training stops"))
 
         self.run_button = QPushButton(tr("Run on the cluster"), run_page)
         self.cancel_button = QPushButton(tr("Cancel"), run_page)
@@ -141,7 +189,7 @@ class RunDock(QgsDockWidget):
         form.addRow(tr("Job name"), self.name)
         form.addRow(tr("Mode"), self.mode)
         layout.addLayout(form)
-        layout.addWidget(self.layers, 1)
+        layout.addWidget(self.layer_table, 1)
         layout.addWidget(self.clip)
         clip_row = QHBoxLayout()
         clip_row.addWidget(QLabel(tr("or clip to the extent of"), run_page))
@@ -160,8 +208,19 @@ class RunDock(QgsDockWidget):
         pform.addRow(tr("Epochs"), self.epochs)
         pform.addRow(tr("Batch size"), self.batch_size)
         pform.addRow(tr("Workers"), self.workers)
+        pform.addRow(tr("Network"), self.arch)
         pform.addRow(tr("Model width"), self.base_filters)
         pform.addRow(tr("Learning rate"), self.learning_rate)
+        split_row = QHBoxLayout()
+        for box in (self.split_train, self.split_val, self.split_test):
+            split_row.addWidget(box)
+        pform.addRow(tr("Train / validation / test"), split_row)
+        pform.addRow(self.split_note)
+        stop_row = QHBoxLayout()
+        stop_row.addWidget(self.early_stopping)
+        stop_row.addWidget(QLabel(tr("after"), run_page))
+        stop_row.addWidget(self.patience, 1)
+        pform.addRow(tr("Early stopping"), stop_row)
         pform.addRow(tr("Threshold"), self.threshold)
         pform.addRow("", self.polygons)
         layout.addWidget(params)
@@ -171,7 +230,11 @@ class RunDock(QgsDockWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.status)
 
-        self.mode.currentIndexChanged.connect(self._mode_changed)
+        self.mode.currentIndexChanged.connect(self._mode_switched)
+        self.layer_table.changed.connect(self._update_split_note)
+        for box in (self.split_train, self.split_val, self.split_test):
+            box.valueChanged.connect(self._update_split_note)
+        self.early_stopping.toggled.connect(self._mode_changed)
         self.model_source.currentIndexChanged.connect(self._mode_changed)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
@@ -179,6 +242,7 @@ class RunDock(QgsDockWidget):
         self.project.layersAdded.connect(self.refresh_layers)
         self.project.layersRemoved.connect(self.refresh_layers)
         controller.jobs_changed.connect(self._jobs_changed)
+        self.jobs_panel.status_changed.connect(self.status.setText)
         self.refresh_profiles()
         self.refresh_layers()
         self.refresh_models()
@@ -205,7 +269,7 @@ class RunDock(QgsDockWidget):
         self.model_source.clear()
         self.model_source.addItem(tr("Model folder on this computer"), "")
         for r in self.controller.records():
-            if r.state in ("succeeded",) and r.mode in ("train", "train_predict"):
+            if r.state in ("succeeded",) and r.mode in TRAINING_MODES:
                 self.model_source.addItem(tr("Cluster: model of job {name} ({job})").format(
                     name=r.name, job=r.job_id), r.job_id)
         index = self.model_source.findData(current) if current else 0
@@ -213,61 +277,102 @@ class RunDock(QgsDockWidget):
         self.model_source.blockSignals(False)
 
     def refresh_layers(self, *args: Any) -> None:
-        checked = {lid for lid, _ in self._rows() if self._item(lid).checkState() == Qt.Checked}
-        masks = {lid: combo.currentLayer() for lid, combo in self._rows()}
-        # Masks this plugin brought back are no imagery (they stay pickable as reference masks).
-        rasters = [layer for layer in self.project.mapLayers().values()
-                   if isinstance(layer, QgsRasterLayer) and not layer.customProperty(JOB_PROPERTY)]
-        self.layers.setRowCount(len(rasters))
-        for row, layer in enumerate(sorted(rasters, key=lambda lyr: lyr.name().lower())):
-            item = QTableWidgetItem(layer.name())
-            item.setFlags(Qt.ItemIsUserCheckable | Qt.ItemIsEnabled | Qt.ItemIsSelectable)
-            item.setCheckState(Qt.Checked if layer.id() in checked else Qt.Unchecked)
-            item.setData(Qt.UserRole, layer.id())
-            item.setToolTip(layer.source())
-            self.layers.setItem(row, 0, item)
-            combo = QgsMapLayerComboBox(self.layers)
-            combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
-            combo.setAllowEmptyLayer(True)
-            combo.setLayer(masks.get(layer.id()))
-            self.layers.setCellWidget(row, 1, combo)
+        self.layer_table.refresh()
 
-    def _rows(self) -> list[tuple[str, QgsMapLayerComboBox]]:
-        out = []
-        for row in range(self.layers.rowCount()):
-            item = self.layers.item(row, 0)
-            combo = self.layers.cellWidget(row, 1)
-            if item is not None and combo is not None:
-                out.append((item.data(Qt.UserRole), combo))
-        return out
+    def _rows(self) -> list[tuple[str, MaskCombo]]:
+        return [(lid, combo) for lid, _, combo, _ in self.layer_table.rows()]
 
     def _item(self, layer_id: str) -> QTableWidgetItem:
-        for row in range(self.layers.rowCount()):
-            item = self.layers.item(row, 0)
-            if item is not None and item.data(Qt.UserRole) == layer_id:
-                return item
-        raise KeyError(layer_id)
+        return self.layer_table.row_of(layer_id)[0]
 
     def set_imagery(self, layer: QgsRasterLayer, checked: bool = True,
-                    mask: QgsRasterLayer | None = None) -> None:
-        """Ticks an imagery layer and picks its reference mask (as the user would)."""
-        self._item(layer.id()).setCheckState(Qt.Checked if checked else Qt.Unchecked)
-        for lid, combo in self._rows():
-            if lid == layer.id():
-                combo.setLayer(mask)
+                    mask: QgsRasterLayer | None = None, *, keep_mask: bool = False) -> None:
+        """Ticks an imagery layer and picks its reference mask (as the user would); with
+        ``keep_mask`` the mask stays the one paired automatically."""
+        item, combo, _ = self.layer_table.row_of(layer.id())
+        item.setCheckState(Qt.Checked if checked else Qt.Unchecked)
+        if not keep_mask:
+            combo.setLayer(mask)
+
+    def set_predicted(self, layer: QgsRasterLayer, predicted: bool = True) -> None:
+        """Ticks or unticks "predict on" (Train, then predict) for an imagery layer."""
+        self.layer_table.row_of(layer.id())[2].setCheckState(
+            Qt.Checked if predicted else Qt.Unchecked)
+
+    def set_validated(self, layer: QgsRasterLayer, validated: bool = True) -> None:
+        """Ticks or unticks "validate on" (training) for an imagery layer."""
+        self.layer_table.validate_item(layer.id()).setCheckState(
+            Qt.Checked if validated else Qt.Unchecked)
+
+    def _mode_switched(self, *args: Any) -> None:
+        """A new mode starts from a clean slate: no ticks, the automatic masks, no job name."""
+        self.layer_table.reset()
+        self.name.clear()
+        self._mode_changed()
 
     def _mode_changed(self, *args: Any) -> None:
         mode = self.mode.currentData()
-        needs_model = mode in (MODE_PREDICT, MODE_EVALUATE)
+        needs_model = mode in MODEL_MODES
         self.model_box.setEnabled(needs_model)
         self.model_dir.setEnabled(needs_model and not self.model_source.currentData())
-        trains = mode in (MODE_TRAIN, MODE_TRAIN_PREDICT)
-        for w in (self.epochs, self.workers, self.base_filters, self.learning_rate):
+        trains = mode in TRAINING_MODES
+        for w in (self.epochs, self.workers, self.learning_rate):
             w.setEnabled(trains)
-        predicts = mode != MODE_TRAIN
+        # Fine-tuning keeps the network and width of the model it starts from.
+        for w in (self.arch, self.base_filters):
+            w.setEnabled(trains and mode != MODE_FINE_TUNE)
+        self.learning_rate.setSpecialValueText(
+            tr("{rate} (fine-tuning default)").format(rate=f"{FINE_TUNE_LR:g}")
+            if mode == MODE_FINE_TUNE else tr("cluster default"))
+        for w in (self.split_train, self.split_val, self.split_test, self.split_note,
+                  self.early_stopping):
+            w.setEnabled(trains)
+        self.patience.setEnabled(trains and self.early_stopping.isChecked())
+        predicts = mode not in (MODE_TRAIN, MODE_FINE_TUNE)
         for w in (self.overlap, self.threshold, self.polygons):
             w.setEnabled(predicts)
-        self.layers.setColumnHidden(1, mode == MODE_PREDICT)
+        self.layers.setColumnHidden(COL_MASK, mode == MODE_PREDICT)
+        self.layers.setColumnHidden(COL_PREDICT, mode != MODE_TRAIN_PREDICT)
+        self.layers.setColumnHidden(COL_VALIDATE, not trains)
+        self.layers.horizontalHeaderItem(COL_IMAGE).setText(
+            tr("Train on") if trains else tr("Imagery"))
+        self.layer_table.mode_trains = mode != MODE_PREDICT
+        self.layer_table.mode_predicts_separately = mode == MODE_TRAIN_PREDICT
+        self.layer_table._update_counts()
+
+    def split(self) -> tuple[float, float, float]:
+        return (self.split_train.value() / 100, self.split_val.value() / 100,
+                self.split_test.value() / 100)
+
+    def _update_split_note(self, *args: Any) -> None:
+        """Says up front how many of the ticked pairs the split trains on and holds out."""
+        if self.mode.currentData() not in TRAINING_MODES:
+            self.split_note.setText("")
+            return
+        total = sum(p for p in (self.split_train.value(), self.split_val.value(),
+                                self.split_test.value()))
+        if total != 100:
+            self.split_note.setText(tr("The shares add up to {total} %, not 100 %.").format(
+                total=total))
+            return
+        ticked = [lid for lid, combo in self._rows()
+                  if self._item(lid).checkState() == Qt.Checked and combo.currentLayer()]
+        pairs = len(ticked)
+        chosen = len(set(ticked) & set(self.layer_table.validated()))
+        self.split_val.setEnabled(not chosen)
+        if chosen:
+            share_train, _, share_test = self.split()
+            train, _, test = split_counts(pairs - chosen, (
+                share_train / (share_train + share_test), 0.0,
+                share_test / (share_train + share_test)))
+            self.split_note.setText(tr("{n} ticked pairs: {val} chosen for validation, {train} "
+                                       "train, {test} test (whole rasters)").format(
+                n=pairs, val=chosen, train=train, test=test))
+            return
+        train, val, test = split_counts(pairs, self.split())
+        self.split_note.setText(tr("{n} ticked pairs: {train} train, {val} validation, {test} "
+                                   "test (whole rasters)").format(
+            n=pairs, train=train, val=val, test=test))
 
     def _jobs_changed(self) -> None:
         active = self.last_task is not None and \
@@ -277,26 +382,46 @@ class RunDock(QgsDockWidget):
 
     # -- the run -----------------------------------------------------------------------------------------
     def picks(self) -> list[LayerPick]:
+        """The ticked rows as the mode reads them. Train, then predict: "train on" ticks train
+        (with their masks), "predict on" ticks are predicted (a held-out raster's mask stays
+        home). Training and evaluation refuse a ticked raster without a mask rather than
+        dropping it silently."""
+        mode = self.mode.currentData()
         out = []
-        for lid, combo in self._rows():
+        for lid, item, combo, predict_item in self.layer_table.rows():
             image = self.project.mapLayer(lid)
-            if image is None or self._item(lid).checkState() != Qt.Checked:
+            if image is None:
                 continue
-            mask = combo.currentLayer() if not self.layers.isColumnHidden(1) else None
-            out.append(LayerPick(image, mask if isinstance(mask, QgsRasterLayer) else None))
+            ticked = item.checkState() == Qt.Checked
+            mask = combo.currentLayer() if mode != MODE_PREDICT else None
+            if ticked and mode != MODE_PREDICT and mask is None:
+                raise RsPluginError(tr("{layer} is ticked but has no reference mask: pick one "
+                                       "or untick it").format(layer=item.text()))
+            validate = (mode in TRAINING_MODES and ticked
+                        and self.layer_table.validate_item(lid).checkState() == Qt.Checked)
+            if mode == MODE_TRAIN_PREDICT:
+                predicted = predict_item.checkState() == Qt.Checked
+                if ticked or predicted:
+                    out.append(LayerPick(image, mask if ticked else None, predicted, validate))
+            elif ticked:
+                out.append(LayerPick(image, mask, validate=validate))
         return out
 
     def run_params(self) -> RunParams:
         mode = self.mode.currentData()
         model_job = self.model_source.currentData() or None
+        tunes = mode == MODE_FINE_TUNE  # the model's own network and width, so neither is sent
         return RunParams(
             mode=mode, tile_size=self.tile_size.value(), overlap=self.overlap.value(),
             epochs=self.epochs.value(), batch_size=self.batch_size.value(),
             workers=self.workers.value(), threshold=round(self.threshold.value(), 4),
             polygons=self.polygons.isChecked(), model_job=model_job,
             model_dir=None if model_job else (self.model_dir.filePath() or None),
-            base_filters=self.base_filters.value() or None,
-            learning_rate=round(self.learning_rate.value(), 6) or None)
+            base_filters=None if tunes else (self.base_filters.value() or None),
+            arch=None if tunes else (self.arch.currentData() or None),
+            learning_rate=round(self.learning_rate.value(), 6) or None,
+            patience=self.patience.value() if self.early_stopping.isChecked() else 0,
+            split=self.split() if mode in TRAINING_MODES else None)
 
     def job_name(self, picks: list[LayerPick]) -> str:
         name = self.name.text().strip()
@@ -324,11 +449,21 @@ class RunDock(QgsDockWidget):
             if not profile:
                 raise RsPluginError(tr("create a cluster connection first (Connections…)"))
             prepared = self.prepare_run()
-            task = self.controller.start(profile, prepared, self.run_params().mode)
+            if not self._confirm_held_out():
+                self.status.setText(tr("Not started: choose rasters the model was not trained "
+                                       "on."))
+                return None
+            mode = self.run_params().mode
+            task = self.controller.start(profile, prepared, mode)
         except (RsPluginError, ValueError) as e:
             self.status.setText(str(e))
             self.controller.notify(str(e), Qgis.Warning)
             return None
+        if mode in TRAINING_MODES:
+            remember_training(prepared.planned.spec.job_id, self._trained_sources())
+        # Nothing of this run carries silently into the next one.
+        self.layer_table.reset()
+        self.name.clear()
         self.last_task = task
         self.cancel_button.setEnabled(True)
         self.status.setText(tr("Job {job} started; follow it in the Jobs tab.").format(
@@ -337,7 +472,7 @@ class RunDock(QgsDockWidget):
 
     def cancel(self) -> None:
         job = self.jobs_panel.selected_job() or (self.last_task.job_id if self.last_task else None)
-        if job:
+        if job and confirm_cancel(self, self.controller, job):
             self.controller.cancel(job)
 
     def open_profiles(self) -> None:
@@ -347,9 +482,56 @@ class RunDock(QgsDockWidget):
         dialog.exec_()
         self.refresh_profiles()
 
+    def _trained_sources(self) -> list[str]:
+        return [src for p in self.picks() if p.mask is not None
+                for src in (p.image.source(), p.mask.source())]
+
+    def _confirm_held_out(self) -> bool:
+        """Before evaluating against (or predicting) rasters the chosen model was trained on,
+        asks: such scores say how well it remembers, not how well it works."""
+        mode = self.mode.currentData()
+        if mode not in (MODE_EVALUATE, MODE_TRAIN_PREDICT):
+            return True
+        picks = self.picks()
+        if mode == MODE_EVALUATE:
+            trained = set(trained_on(self.model_source.currentData() or ""))
+            overlap = [p.image.name() for p in picks
+                       if p.image.source() in trained or (p.mask and p.mask.source() in trained)]
+            question = tr("The model was trained on {names}. Scores against rasters it was "
+                          "trained on overstate how well it works. Evaluate anyway?")
+        else:
+            overlap = [p.image.name() for p in picks if p.mask is not None and p.predict]
+            question = tr("{names} would be trained on and predicted. A prediction of a training "
+                          "raster says little about new imagery. Run anyway?")
+        if not overlap:
+            return True
+        names = ", ".join(overlap[:5]) + (tr(" and {n} more").format(n=len(overlap) - 5)
+                                          if len(overlap) > 5 else "")
+        answer = QMessageBox.question(self, tr("Rasters trained on"),
+                                      question.format(names=names),
+                                      QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        return answer == QMessageBox.Yes
+
     def disconnect_project(self) -> None:
+        self.layer_table.forget_layers()
         for signal in (self.project.layersAdded, self.project.layersRemoved):
             try:
                 signal.disconnect(self.refresh_layers)
             except TypeError:
                 pass
+
+
+# Which layer files each training job started here was trained on (images and masks), so that an
+# evaluation with its model can warn about rasters it has seen. Kept across restarts.
+TRAINED_ON = SETTINGS_PREFIX + "trained_on"
+
+
+def remember_training(job_id: str, sources: list[str]) -> None:
+    QgsSettings().setValue(f"{TRAINED_ON}/{job_id}", sources)
+
+
+def trained_on(job_id: str) -> list[str]:
+    if not job_id:
+        return []
+    value = QgsSettings().value(f"{TRAINED_ON}/{job_id}", [])
+    return [value] if isinstance(value, str) else list(value or [])

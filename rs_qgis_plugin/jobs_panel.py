@@ -13,19 +13,27 @@ import html
 from typing import Any
 
 from qgis.core import Qgis
-from qgis.PyQt.QtCore import QCoreApplication, Qt, pyqtSlot
+from pathlib import Path
+
+from qgis.PyQt.QtCore import QCoreApplication, Qt, QUrl, pyqtSignal, pyqtSlot
+from qgis.PyQt.QtGui import QDesktopServices
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
+    QFileDialog,
     QHBoxLayout,
     QHeaderView,
+    QLabel,
     QMessageBox,
+    QPlainTextEdit,
     QPushButton,
+    QSplitter,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
+from rs_qgis_plugin import settings
 from rs_qgis_plugin.core.errors import RsPluginError
 from rs_qgis_plugin.logic import JobRecord, progress_text
 
@@ -47,7 +55,48 @@ def _warnings_text(record: JobRecord) -> str:
     return "\n".join([head, *(f"• {w}" for w in record.recent_warnings)])
 
 
+def confirm_cancel(parent: QWidget | None, controller: Any, job_id: str) -> bool:
+    """Asks before a job is cancelled on the cluster (it cannot be resumed), naming the job."""
+    record = next((r for r in controller.records() if r.job_id == job_id), None)
+    name = record.name if record is not None else job_id
+    where = record.profile if record is not None else ""
+    answer = QMessageBox.question(
+        parent, tr("Cancel job"),
+        tr("Cancel job {name} ({job}) on the cluster {profile}?\n\nIts work so far is lost; "
+           "the job cannot be resumed. (Closing QGIS does not cancel jobs: they keep "
+           "running.)").format(name=name, job=job_id, profile=where),
+        QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+    return answer == QMessageBox.Yes
+
+
+def details_text(record: JobRecord, events: list[str]) -> str:
+    """The details pane of one job, as plain text (a QPlainTextEdit never renders markup: the
+    cluster's messages and warnings are shown as they came)."""
+    lines = [f"{record.name}  ({record.job_id})",
+             tr("State: {state}").format(state=record.state + (
+                 tr(" — not on the cluster") if record.gone else "")),
+             tr("Stage: {stage}   Progress: {progress}").format(
+                 stage=record.stage or "-", progress=progress_text(record)),
+             tr("Profile: {profile}   Mode: {mode}").format(profile=record.profile,
+                                                           mode=record.mode),
+             tr("Started: {started}   Finished: {finished}").format(
+                 started=(record.started or record.created or "-").replace("T", " "),
+                 finished=(record.finished or "-").replace("T", " ")),
+             tr("Results folder: {folder}").format(folder=record.local_dir or "-"),
+             tr("Results fetched: {what}").format(what=", ".join(record.fetch) or "-")]
+    if record.message:
+        lines += ["", tr("Message:"), record.message]
+    if record.warnings:
+        lines += ["", _warnings_text(record)]
+    lines += ["", tr("Events (received in this session, newest last):")]
+    lines += events or [tr("none yet")]
+    return "\n".join(lines)
+
+
 class JobsPanel(QWidget):
+    # The dock's status line follows the selected job (or the newest one): its text
+    status_changed = pyqtSignal(str)
+
     # Qt slots (pyqtSlot) throughout, so connections need no PyQt proxy objects: with a lambda
     # here, panels made and deleted were seen to break an unrelated connection of the project.
     COLUMNS = ("name", "state", "stage", "progress", "warnings", "started", "profile", "job id")
@@ -62,7 +111,26 @@ class JobsPanel(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SingleSelection)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        # Sized to their contents, then the user's to resize: no column is cut short, and
+        # the table scrolls sideways in a narrow dock.
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.Interactive)
+        header.setStretchLastSection(True)
+        self.table.setWordWrap(False)
+        self.table.setHorizontalScrollMode(QAbstractItemView.ScrollPerPixel)
+        self.details = QPlainTextEdit(self)
+        self.details.setReadOnly(True)
+        self.details.setPlaceholderText(tr("Select a job to see its events, warnings and "
+                                           "parameters"))
+        self.folder_label = QLabel(self)
+        self.folder_label.setTextFormat(Qt.PlainText)
+        self.folder_label.setWordWrap(True)
+        self.open_folder_button = QPushButton(tr("Open folder"), self)
+        self.open_folder_button.setToolTip(tr("Open the selected job's results folder (or the "
+                                              "results folder) in the file manager"))
+        self.choose_folder_button = QPushButton(tr("Results folder…"), self)
+        self.choose_folder_button.setToolTip(tr("Choose where the results of jobs started from "
+                                                "now on are downloaded"))
         self.cancel_button = QPushButton(tr("Cancel job"), self)
         self.refresh_button = QPushButton(tr("Refresh"), self)
         self.load_button = QPushButton(tr("Load results"), self)
@@ -77,9 +145,22 @@ class JobsPanel(QWidget):
         buttons = QHBoxLayout()
         for b in (self.cancel_button, self.refresh_button, self.load_button, self.forget_button):
             buttons.addWidget(b)
+        folder = QHBoxLayout()
+        folder.addWidget(self.folder_label, 1)
+        folder.addWidget(self.open_folder_button)
+        folder.addWidget(self.choose_folder_button)
+        self.splitter = QSplitter(Qt.Vertical, self)
+        self.splitter.addWidget(self.table)
+        self.splitter.addWidget(self.details)
+        self.splitter.setStretchFactor(0, 3)
+        self.splitter.setStretchFactor(1, 2)
         layout = QVBoxLayout(self)
-        layout.addWidget(self.table)
+        layout.addWidget(self.splitter, 1)
         layout.addLayout(buttons)
+        layout.addLayout(folder)
+        self.open_folder_button.clicked.connect(self.open_folder)
+        self.choose_folder_button.clicked.connect(self.choose_results_folder)
+        self.table.itemSelectionChanged.connect(self._show_details)
         self.cancel_button.clicked.connect(self._cancel)
         self.refresh_button.clicked.connect(self.refresh_from_cluster)
         self.load_button.clicked.connect(self._load)
@@ -136,7 +217,70 @@ class JobsPanel(QWidget):
                 item.setFont(font)
             if job.job_id == selected:
                 self.table.selectRow(row)
+        # Widened when their text grows, never narrowed: what the user widened stays so.
+        for col in range(self.table.columnCount() - 1):
+            wanted = max(self.table.sizeHintForColumn(col),
+                         self.table.horizontalHeader().sectionSizeHint(col))
+            if self.table.columnWidth(col) < wanted:
+                self.table.setColumnWidth(col, wanted)
+        self.folder_label.setText(tr("Results folder: {folder}").format(
+            folder=settings.results_dir()))
         self._update_buttons()
+        self._show_details()
+
+    def status_text(self) -> str:
+        """One line on the selected job, else the newest: what the Run tab's status shows."""
+        job = self.selected_job()
+        record = self._record(job) if job else next(iter(self.controller.records()), None)
+        if record is None:
+            return ""
+        text = tr("Job {name}: {state}").format(name=record.name, state=record.state)
+        if record.state == "running":
+            text += f", {progress_text(record)}"
+        if record.loaded:
+            text += tr(", results loaded")
+        return text + (f" — {record.message}" if record.message else "")
+
+    @pyqtSlot()
+    def _show_details(self) -> None:
+        job = self.selected_job()
+        record = self._record(job)
+        if record is not None:
+            text = details_text(record, self.controller.recent_events(record.job_id))
+        else:
+            listed = self.controller.cluster_job(job) if job else None
+            text = "" if listed is None else "\n".join(
+                [f"{listed.name or listed.job_id}  ({listed.job_id})",
+                 tr("On the cluster {profile}, not started here: {state}").format(
+                     profile=listed.profile, state=listed.state), listed.message])
+        if self.details.toPlainText() != text:
+            self.details.setPlainText(text)
+        status = self.status_text()
+        if status != getattr(self, "_status", None):  # a dock's own message stays till then
+            self._status = status
+            self.status_changed.emit(status)
+
+    def folder_of(self, job_id: str | None) -> Path:
+        record = self._record(job_id)
+        if record is not None and record.local_dir and Path(record.local_dir).is_dir():
+            return Path(record.local_dir)
+        return settings.results_dir()
+
+    @pyqtSlot()
+    def open_folder(self) -> None:
+        QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.folder_of(self.selected_job()))))
+
+    @pyqtSlot()
+    def choose_results_folder(self) -> None:
+        chosen = QFileDialog.getExistingDirectory(self, tr("Results folder"),
+                                                  str(settings.results_dir()))
+        if not chosen:
+            return
+        try:
+            settings.set_results_dir(chosen)
+        except RsPluginError as e:
+            self.controller.notify(str(e), Qgis.Warning)
+        self.refresh()
 
     def _fill(self, row: int, job_id: str, values: tuple[str, ...], tip: str) -> None:
         for col, value in enumerate(values):
@@ -161,7 +305,7 @@ class JobsPanel(QWidget):
     @pyqtSlot()
     def _cancel(self) -> None:
         job = self.selected_job()
-        if job:
+        if job and confirm_cancel(self, self.controller, job):
             self.controller.cancel(job)
 
     @pyqtSlot()

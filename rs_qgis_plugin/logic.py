@@ -20,6 +20,7 @@ from rs_qgis_plugin.core.errors import SpecError
 from rs_qgis_plugin.core.formats import is_raster, is_sidecar
 from rs_qgis_plugin.core.jobspec import JobSpec, JobSpecBuilder
 from rs_qgis_plugin.core.protocol import JobStatus
+from rs_qgis_plugin.pairing import check_split
 
 SETTINGS_PREFIX = "rs_qgis_plugin/"
 
@@ -27,7 +28,22 @@ MODE_TRAIN = "train"
 MODE_PREDICT = "predict"
 MODE_TRAIN_PREDICT = "train_predict"
 MODE_EVALUATE = "evaluate"
-MODES = (MODE_TRAIN, MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE)
+# Trains like MODE_TRAIN, but from the weights of an existing model (rs-cluster train --init-model).
+MODE_FINE_TUNE = "fine_tune"
+MODES = (MODE_TRAIN, MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE, MODE_FINE_TUNE)
+TRAINING_MODES = (MODE_TRAIN, MODE_TRAIN_PREDICT, MODE_FINE_TUNE)
+# The modes that start from a model the analyst chooses (a local folder or a cluster job).
+MODEL_MODES = (MODE_PREDICT, MODE_EVALUATE, MODE_FINE_TUNE)
+
+# The networks `rs-cluster train --arch` builds, and the multiple of which a tile side must be (the
+# times it halves the tile); mirrors rs_cluster.archs, which this package cannot import.
+ARCH_TILE_MULTIPLE: dict[str, int] = {"effnet_lite0_unet": 32, "unet_bn": 16, "unet2019": 16}
+ARCHS = tuple(ARCH_TILE_MULTIPLE)
+DEFAULT_ARCH = "effnet_lite0_unet"  # what the cluster builds when none is sent
+LEGACY_ARCH = "unet2019"  # what a model card without "arch" was trained as
+# Fine-tuning moves pretrained weights a little, not from scratch: ten times below the cluster's
+# from-scratch default (1e-4), unless the analyst chooses a rate.
+FINE_TUNE_LR = 1e-5
 
 # Where things live inside the job folder on the cluster (relative paths, as the spec wants).
 IMAGES = "inputs/images"
@@ -60,17 +76,22 @@ class RunParams:
     workers: int = 1
     threshold: float = 0.5
     polygons: bool = True
-    # predict/evaluate: a model folder on this computer (uploaded), or the id of a finished
-    # training job on the cluster whose model is reused there.
+    # predict/evaluate/fine-tune: a model folder on this computer (uploaded), or the id of a
+    # finished training job on the cluster whose model is reused there.
     model_dir: str | None = None
     model_job: str | None = None
     master: str | None = None
     # Training settings left to the cluster's defaults unless given (Processing, scripts).
     stride: int | None = None
     base_filters: int | None = None
+    # The network (one of ARCHS); None: the cluster's default. Fine-tuning keeps the model's.
+    arch: str | None = None
     learning_rate: float | None = None
-    patience: int | None = None
+    patience: int | None = None  # 0 turns early stopping off
     dice: bool = False
+    # Train/validation/test fractions of the labelled rasters (whole rasters), None: the
+    # cluster's default (0.6, 0.2, 0.2). The dock always sends what it shows.
+    split: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -85,13 +106,21 @@ class RunParams:
             value = getattr(self, name)
             if value is not None and int(value) < low:
                 raise SpecError(f"{name} must be at least {low}")
+        if self.split is not None:
+            object.__setattr__(self, "split", check_split(self.split))
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise SpecError(f"learning rate {self.learning_rate} must be above 0")
         if not 0.0 < self.threshold < 1.0:
             raise SpecError(f"threshold {self.threshold} must be between 0 and 1")
-        if self.mode in (MODE_PREDICT, MODE_EVALUATE) and not (self.model_dir or self.model_job):
+        if self.arch is not None and self.arch not in ARCHS:
+            raise SpecError(f"unknown network {self.arch!r}; one of {', '.join(ARCHS)}")
+        if self.mode in MODEL_MODES and not (self.model_dir or self.model_job):
             raise SpecError("choose a model: a model folder on this computer or a finished "
                             "training job on the cluster")
+        if self.mode == MODE_FINE_TUNE and (self.arch or self.base_filters):
+            # The cluster refuses a mismatch; saying it here saves an upload.
+            raise SpecError("fine-tuning keeps the network and width of the model it starts "
+                            "from; leave the network and the model width unset")
 
 
 @dataclass(frozen=True)
@@ -101,6 +130,7 @@ class RasterPick:
     image: str
     mask: str | None = None
     predict: bool = True  # also predict this image (train-then-predict, predict, evaluate)
+    validate: bool = False  # training: one of the chosen validation rasters (needs its mask)
 
 
 def safe_stem(name: str) -> str:
@@ -149,10 +179,16 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
     stems = unique_stems([p.image for p in picks])
     paired = [(s, p) for s, p in zip(stems, picks) if p.mask]
     to_predict = [(s, p) for s, p in zip(stems, picks) if p.predict]
-    needs_masks = mode in (MODE_TRAIN, MODE_TRAIN_PREDICT, MODE_EVALUATE)
+    needs_masks = mode in (*TRAINING_MODES, MODE_EVALUATE)
     if needs_masks and not paired:
         raise SpecError("training and evaluation need a reference mask for at least one "
                         "imagery layer")
+    unlabelled = [Path(p.image).name for p in picks if p.validate and not p.mask]
+    if unlabelled and mode in TRAINING_MODES:
+        raise SpecError(f"validation needs a reference mask; missing for {', '.join(unlabelled)}")
+    if paired and all(p.validate for _, p in paired) and mode in TRAINING_MODES:
+        raise SpecError("every labelled raster is chosen for validation; leave at least one "
+                        "to train on")
     if mode == MODE_EVALUATE:
         missing = [Path(p.image).name for _, p in to_predict if not p.mask]
         if missing:
@@ -160,6 +196,13 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
                             f"{', '.join(missing)}")
     if mode in (MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE) and not to_predict:
         raise SpecError("choose at least one imagery layer to predict")
+    if mode in TRAINING_MODES:
+        arch = params.arch or DEFAULT_ARCH
+        if mode == MODE_FINE_TUNE:
+            arch = model_arch(params.model_dir) if params.model_dir else ""
+        problem = tile_size_problem(arch, params.tile_size) if arch else None
+        if problem:
+            raise SpecError(problem)
 
     builder = JobSpecBuilder(name, job_id)
     inputs: dict[str, str] = {}
@@ -169,18 +212,28 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
 
     fetch: list[str] = []
     common = {"master": params.master} if params.master else {}
-    if mode in (MODE_TRAIN, MODE_TRAIN_PREDICT):
+    if mode in TRAINING_MODES:
         for stem, pick in paired:
             add(TRAIN_IMAGES, stem, pick.image)
             add(TRAIN_MASKS, stem, pick.mask or "")
         chosen = {"base_filters": params.base_filters, "lr": params.learning_rate,
-                  "patience": params.patience}
+                  "patience": params.patience, "arch": params.arch}
+        if mode == MODE_FINE_TUNE:
+            # The network and width come from the model's card on the cluster, so none is sent.
+            chosen.update(init_model=MODEL_INPUT, lr=params.learning_rate or FINE_TUNE_LR)
+            if params.model_dir and not params.model_job:
+                inputs[MODEL_INPUT] = params.model_dir
         training = {k: v for k, v in chosen.items() if v is not None}
         if params.dice:
             training["dice"] = True
-        stride = {"stride": params.stride} if params.stride else {}
+        tiling: dict[str, Any] = {"stride": params.stride} if params.stride else {}
+        if params.split is not None:
+            tiling["split"] = list(params.split)
+        validation = [upload_name(stem, pick.image) for stem, pick in paired if pick.validate]
+        if validation:  # the cluster's raster ids are the uploaded file names
+            tiling["val_rasters"] = ",".join(validation)
         builder.prepare(images=TRAIN_IMAGES, masks=TRAIN_MASKS, output=DATASET,
-                        tile_size=params.tile_size, **stride, **common)
+                        tile_size=params.tile_size, **tiling, **common)
         builder.train(data=DATASET, model_dir=MODEL_OUTPUT, epochs=params.epochs,
                       batch_size=params.batch_size, num_proc=params.workers,
                       tile_size=params.tile_size, **training, **common)
@@ -204,9 +257,34 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
         builder.evaluate(pred=PREDICTIONS, truth=MASKS, json=REPORT)
         fetch.append(REPORT)
     return PlannedJob(spec=builder.build(), inputs=inputs, fetch=tuple(fetch),
-                      model_job=params.model_job if mode in (MODE_PREDICT, MODE_EVALUATE)
-                      else None,
+                      model_job=params.model_job if mode in MODEL_MODES else None,
                       stems={s: p.image for s, p in to_predict})
+
+
+def tile_size_problem(arch: str, tile_size: int) -> str | None:
+    """Why the network ``arch`` cannot take ``tile_size`` px tiles, naming the nearest sizes it
+    can; None when it can (the cluster would refuse the job only after the upload)."""
+    step = ARCH_TILE_MULTIPLE.get(arch)
+    if step is None or (tile_size >= step and tile_size % step == 0):
+        return None
+    below = tile_size // step * step
+    fits = f"{step} px" if below < step else f"{below} or {below + step} px"
+    return (f"tile size {tile_size} px is not a multiple of {step}, which the network {arch} "
+            f"needs (it halves the tile {step.bit_length() - 1} times): choose {fits}")
+
+
+def model_arch(model_dir: str) -> str:
+    """The network of the model folder ``model_dir`` as its card (``model.json``) names it, the
+    2019 U-Net for a card from before networks were a choice; "" when there is no readable card
+    (the cluster checks it then)."""
+    try:
+        card = json.loads((Path(model_dir) / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(card, dict):
+        return ""
+    arch = card.get("arch") or LEGACY_ARCH
+    return arch if isinstance(arch, str) else ""
 
 
 def plan_evaluation(name: str, predicted: Sequence[str], truth: Sequence[str], *,
@@ -227,11 +305,16 @@ def plan_evaluation(name: str, predicted: Sequence[str], truth: Sequence[str], *
     return PlannedJob(spec=spec, inputs=inputs, fetch=(REPORT,))
 
 
+def upload_name(stem: str, path: str, suffix: str | None = None) -> str:
+    """The file name ``path`` is uploaded as under the stem ``stem``."""
+    return f"{stem}{suffix or Path(path).suffix.lower() or '.tif'}"
+
+
 def _add_raster(inputs: dict[str, str], folder: str, stem: str, path: str,
                 sidecars: Callable[[str], Sequence[str] | None] | None, *,
                 suffix: str | None = None) -> None:
     """``path`` as ``folder/stem.ext`` in ``inputs``, and each of its sidecars beside it."""
-    name = f"{stem}{suffix or Path(path).suffix.lower() or '.tif'}"
+    name = upload_name(stem, path, suffix)
     inputs[f"{folder}/{name}"] = path
     for side in (sidecars or raster_sidecars)(path) or ():
         renamed = sidecar_name(Path(path).name, Path(side).name, name)
@@ -310,6 +393,7 @@ class JobRecord:
     warnings: int = 0
     recent_warnings: tuple[str, ...] = ()  # the last few warning texts, newest last
     events_seen: int = 0  # events already counted, so a reattach replays none of them
+    project: str = ""  # the project file open when the job started: its results go there
 
     @property
     def remote_active(self) -> bool:

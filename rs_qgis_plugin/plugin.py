@@ -1,5 +1,14 @@
 """The plugin object QGIS loads: toolbar button, menu entry, the dock, the Processing provider,
-and reattaching to the jobs a previous session left running."""
+and reattaching to the jobs a previous session left running.
+
+Quitting QGIS leaves the jobs running on the cluster. QGIS 3.22's ``QgisApp::fileExit`` cancels
+the active tasks flagged ``CancelWithoutPrompt`` without asking (it asks "try canceling these
+active tasks?" about any other, and then stays open), so the tasks that only read from the
+cluster (watching, looking up, downloading) carry that flag, and a watch task's ``cancel()``
+only stops watching. Then, on ``aboutToQuit`` (the event loop has ended, Python has not), the
+controller waits for those tasks to leave Python; ``unload`` does the same when the plugin is
+disabled or reloaded.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ class RsBuildingsPlugin:
         self.dock: Any = None
         self.controller: Any = None
         self.provider: Any = None
+        self._quit_hooked = False
 
     def initProcessing(self) -> None:  # noqa: N802 - QGIS's name
         from rs_qgis_plugin.processing_provider import RsProvider
@@ -58,11 +68,25 @@ class RsBuildingsPlugin:
         self.dock.visibilityChanged.connect(self.action.setChecked)
         self.iface.addToolBarIcon(self.action)
         self.iface.addPluginToMenu(tr(MENU), self.action)
+        QgsApplication.instance().aboutToQuit.connect(self._quitting)
+        self._quit_hooked = True
         # Jobs the last session started keep running on the cluster: follow or fetch them.
         self.controller.reattach()
         get_logger("plugin").info("loaded; %d job(s) remembered", len(self.controller.records()))
 
+    def _quitting(self) -> None:
+        """QGIS is quitting: detach from the jobs (they keep running) before Python ends."""
+        if self.controller is not None:
+            self.controller.shutdown()
+            get_logger("plugin").info("QGIS closing; the jobs keep running on the cluster")
+
     def unload(self) -> None:
+        if self._quit_hooked:
+            try:
+                QgsApplication.instance().aboutToQuit.disconnect(self._quitting)
+            except TypeError:
+                pass
+            self._quit_hooked = False
         if self.controller is not None:
             self.controller.shutdown()
         if self.action is not None:

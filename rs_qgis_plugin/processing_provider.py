@@ -1,4 +1,4 @@
-"""Processing algorithms: train, predict and evaluate on a cluster profile, for the toolbox, the
+"""Processing algorithms: train, fine-tune, predict and evaluate on a cluster profile, for the toolbox, the
 Model Designer and ``qgis_process``. They plan jobs with the same QGIS-free functions as the dock
 and run the same blocking steps as its tasks (Processing already runs them off the GUI thread).
 """
@@ -21,6 +21,7 @@ from qgis.core import (
     QgsProcessingOutputMultipleLayers,
     QgsProcessingOutputNumber,
     QgsProcessingParameterBoolean,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
     QgsProcessingParameterFolderDestination,
     QgsProcessingParameterMultipleLayers,
@@ -37,6 +38,8 @@ from rs_qgis_plugin.core.errors import CancelledError, RsPluginError
 from rs_qgis_plugin.core.jobs import RemoteJobs
 from rs_qgis_plugin.log import get_logger
 from rs_qgis_plugin.logic import (
+    FINE_TUNE_LR,
+    MODE_FINE_TUNE,
     MODE_PREDICT,
     MODE_TRAIN,
     JobRecord,
@@ -304,11 +307,24 @@ class PredictAlgorithm(_ClusterAlgorithm):
         return {self.OUTPUT: str(out), self.MASKS: list(files.masks)}
 
 
+# The ARCH enum's options, in order: (label, network sent; None: the cluster's default).
+ARCH_CHOICES = (
+    (lambda: tr("cluster default (pretrained EfficientNet-Lite0 U-Net)"), None),
+    (lambda: tr("pretrained EfficientNet-Lite0 U-Net (tiles a multiple of 32 px)"),
+     "effnet_lite0_unet"),
+    (lambda: tr("U-Net with batch normalisation, from scratch"), "unet_bn"),
+    (lambda: tr("2019 U-Net (reproduces the thesis)"), "unet2019"),
+)
+
+
 class TrainAlgorithm(_ClusterAlgorithm):
     INPUT, MASKS = "INPUT", "MASKS"
     TILE_SIZE, EPOCHS, BATCH_SIZE, WORKERS = "TILE_SIZE", "EPOCHS", "BATCH_SIZE", "WORKERS"
-    BASE_FILTERS, LEARNING_RATE = "BASE_FILTERS", "LEARNING_RATE"
+    BASE_FILTERS, LEARNING_RATE, ARCH = "BASE_FILTERS", "LEARNING_RATE", "ARCH"
+    SPLIT, PATIENCE, VALIDATION = "SPLIT", "PATIENCE", "VALIDATION"
+    INIT_MODEL, INIT_MODEL_JOB = "INIT_MODEL", "INIT_MODEL_JOB"
     MODEL = "MODEL"
+    MODE = MODE_TRAIN
 
     def name(self) -> str:
         return "train"
@@ -318,8 +334,10 @@ class TrainAlgorithm(_ClusterAlgorithm):
 
     def shortHelpString(self) -> str:  # noqa: N802
         return tr("Uploads imagery and reference masks (paired in the order given; non-zero = "
-                  "building), tiles them and trains the U-Net with Horovod on the cluster, and "
-                  "downloads the model folder (model.json + model.keras).")
+                  "building), tiles them and trains the chosen network with Horovod on the "
+                  "cluster (by default a U-Net over an ImageNet-pretrained EfficientNet-Lite0 "
+                  "encoder, which needs tiles a multiple of 32 px), and downloads the model "
+                  "folder (model.json + model.keras).")
 
     def initAlgorithm(self, config: Any = None) -> None:  # noqa: N802
         self.add_profile_parameter()
@@ -334,17 +352,44 @@ class TrainAlgorithm(_ClusterAlgorithm):
                                     (self.WORKERS, tr("Horovod workers"), 1)):
             self.addParameter(QgsProcessingParameterNumber(key, label, defaultValue=default,
                                                            minValue=1))
+        # Shown, not applied silently: what is held out of training, and when it stops.
+        self.addParameter(QgsProcessingParameterString(
+            self.SPLIT, tr("Train, validation, test fractions of the rasters (whole rasters; "
+                           "validation picks the best epoch and stops early)"),
+            defaultValue="0.6,0.2,0.2"))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.PATIENCE, tr("Early stopping: epochs without improvement before training stops "
+                              "(0: never stop early)"), defaultValue=5, minValue=0))
+        self.addParameter(QgsProcessingParameterMultipleLayers(
+            self.VALIDATION, tr("Use these imagery layers (of the imagery above) for validation "
+                                "instead of drawing them by the split"),
+            QgsProcessing.TypeRaster, optional=True))
+        self.add_model_parameters()
         # Advanced, optional: left out, the cluster's defaults apply (64 filters, 1e-4).
-        for key, label, kind, low in (
-                (self.BASE_FILTERS, tr("Model width (filters of the first level)"),
-                 QgsProcessingParameterNumber.Integer, 1),
-                (self.LEARNING_RATE, tr("Learning rate of one worker"),
-                 QgsProcessingParameterNumber.Double, 1e-7)):
+        numbers = [(self.LEARNING_RATE, tr("Learning rate of one worker"),
+                    QgsProcessingParameterNumber.Double, 1e-7)]
+        if self.MODE != MODE_FINE_TUNE:  # fine-tuning keeps the model's width
+            numbers.insert(0, (self.BASE_FILTERS, tr("Model width (filters of the first level)"),
+                               QgsProcessingParameterNumber.Integer, 1))
+        for key, label, kind, low in numbers:
             parameter = QgsProcessingParameterNumber(key, label, kind, optional=True, minValue=low)
             parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(parameter)
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Results folder")))
         self.addOutput(QgsProcessingOutputFile(self.MODEL, tr("Model folder")))
+
+    def add_model_parameters(self) -> None:
+        """Which network to train; fine-tuning instead chooses the model it starts from."""
+        self.addParameter(QgsProcessingParameterEnum(
+            self.ARCH, tr("Network"), options=[label() for label, _ in ARCH_CHOICES],
+            defaultValue=0))
+
+    def model_params(self, parameters: dict[str, Any],
+                     context: QgsProcessingContext) -> dict[str, Any]:
+        """The RunParams fields :meth:`add_model_parameters` sets."""
+        index = self.parameterAsEnum(parameters, self.ARCH, context)
+        return {"arch": ARCH_CHOICES[index][1] if 0 <= index < len(ARCH_CHOICES) else None,
+                "base_filters": self._optional(parameters, self.BASE_FILTERS, context)}
 
     def _optional(self, parameters: dict[str, Any], key: str,
                   context: QgsProcessingContext) -> Any:
@@ -354,11 +399,35 @@ class TrainAlgorithm(_ClusterAlgorithm):
             return self.parameterAsInt(parameters, key, context)
         return self.parameterAsDouble(parameters, key, context)
 
+    def split(self, parameters: dict[str, Any], context: QgsProcessingContext) -> tuple[float, ...]:
+        text = self.parameterAsString(parameters, self.SPLIT, context) or "0.6,0.2,0.2"
+        try:
+            return tuple(float(part) for part in text.replace(";", ",").split(","))
+        except ValueError:
+            raise QgsProcessingException(tr("the split {text!r} is not three fractions, e.g. "
+                                            "0.6,0.2,0.2").format(text=text)) from None
+
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
                          feedback: Any) -> dict[str, Any]:
         out = self.job_dir(parameters, context)
-        images = self.local_rasters(self.parameterAsLayerList(parameters, self.INPUT, context),
-                                    out / "exports", feedback)
+        planned = self.plan(parameters, context, feedback, out)
+        files = classify_results(run_job_blocking(
+            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback,
+            mode=self.name()))
+        return {self.OUTPUT: str(out), self.MODEL: files.model or ""}
+
+    def plan(self, parameters: dict[str, Any], context: QgsProcessingContext, feedback: Any,
+             out: Path) -> PlannedJob:
+        """The job the parameters make (nothing is sent yet)."""
+        layers = self.parameterAsLayerList(parameters, self.INPUT, context)
+        chosen = {lyr.id() for lyr in self.parameterAsLayerList(parameters, self.VALIDATION,
+                                                                 context)}
+        outside = chosen - {lyr.id() for lyr in layers}
+        if outside:
+            raise QgsProcessingException(tr("the validation layers must be among the imagery "
+                                            "({n} are not)").format(n=len(outside)))
+        images = self.local_rasters(layers, out / "exports", feedback)
+        validate = [lyr.id() in chosen for lyr in layers]
         masks = self.local_rasters(self.parameterAsLayerList(parameters, self.MASKS, context),
                                    out / "exports", feedback)
         if len(images) != len(masks):
@@ -367,19 +436,52 @@ class TrainAlgorithm(_ClusterAlgorithm):
                                                                              m=len(masks)))
         try:
             params = RunParams(
-                mode=MODE_TRAIN, tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
+                mode=self.MODE, tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
                 epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
                 batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
                 workers=self.parameterAsInt(parameters, self.WORKERS, context),
-                overlap=0, base_filters=self._optional(parameters, self.BASE_FILTERS, context),
-                learning_rate=self._optional(parameters, self.LEARNING_RATE, context))
-            planned = plan_job("train", params, [RasterPick(i, m) for i, m in zip(images, masks)])
+                overlap=0, learning_rate=self._optional(parameters, self.LEARNING_RATE, context),
+                split=self.split(parameters, context),
+                patience=self.parameterAsInt(parameters, self.PATIENCE, context),
+                **self.model_params(parameters, context))
+            return plan_job(self.name(), params, [RasterPick(i, m, validate=v)
+                                                  for i, m, v in zip(images, masks, validate)])
         except RsPluginError as e:
             raise QgsProcessingException(str(e)) from e
-        files = classify_results(run_job_blocking(
-            self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback,
-            mode=self.name()))
-        return {self.OUTPUT: str(out), self.MODEL: files.model or ""}
+
+
+class FineTuneAlgorithm(TrainAlgorithm):
+    """Training that starts from an existing model's weights (``rs-cluster train
+    --init-model``); the network and width are that model's."""
+
+    MODE = MODE_FINE_TUNE
+
+    def name(self) -> str:
+        return "fine_tune"
+
+    def displayName(self) -> str:  # noqa: N802
+        return tr("Fine-tune a building model")
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return tr("Like training, but starts from an existing model (a folder on this computer "
+                  "or the id of a finished training job on the cluster) and keeps its network "
+                  "and width: uploads imagery and reference masks (paired in the order given), "
+                  "trains on the cluster at a low learning rate ({rate:g} unless one is given) "
+                  "and downloads the new model folder.").format(rate=FINE_TUNE_LR)
+
+    def add_model_parameters(self) -> None:
+        self.addParameter(QgsProcessingParameterFile(
+            self.INIT_MODEL, tr("Model to start from: a folder on this computer"),
+            behavior=QgsProcessingParameterFile.Folder, optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            self.INIT_MODEL_JOB, tr("…or the training job on the cluster (job id)"),
+            optional=True))
+
+    def model_params(self, parameters: dict[str, Any],
+                     context: QgsProcessingContext) -> dict[str, Any]:
+        return {"model_dir": self.parameterAsString(parameters, self.INIT_MODEL, context) or None,
+                "model_job": self.parameterAsString(parameters, self.INIT_MODEL_JOB, context)
+                or None}
 
 
 class EvaluateAlgorithm(_ClusterAlgorithm):
@@ -447,6 +549,7 @@ class RsProvider(QgsProcessingProvider):
             return QgsProcessingProvider.icon(self)
 
     def loadAlgorithms(self) -> None:  # noqa: N802
-        for alg in (TrainAlgorithm(), PredictAlgorithm(), EvaluateAlgorithm()):
+        for alg in (TrainAlgorithm(), FineTuneAlgorithm(), PredictAlgorithm(),
+                    EvaluateAlgorithm()):
             self.addAlgorithm(alg)
 

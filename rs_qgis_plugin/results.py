@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
     QgsLayerTreeGroup,
     QgsMapLayer,
     QgsProject,
@@ -72,6 +74,29 @@ def open_polygons(path: str | Path, job_id: str) -> QgsVectorLayer:
                  job_id)
 
 
+def place_without_georeference(project: QgsProject, layers: list[QgsMapLayer]) -> list[str]:
+    """Results of plain (non-georeferenced) images have no CRS, or a local "Undefined" one
+    that no transform reaches, and the desktop then shows "No transform available between
+    Undefined SRS and EPSG:..." in red. They get the project's CRS instead, as QGIS's "Use
+    project CRS" treats a layer without one: drawn in pixel units, like their image. Returns
+    the names of the layers so placed."""
+    target = project.crs()
+    placed = []
+    for layer in layers:
+        crs = layer.crs()
+        if not target.isValid() or crs == target:
+            continue
+        # A local CRS is tested by its WKT: building a transform from it would log the very
+        # error this avoids.
+        local = crs.toWkt(QgsCoordinateReferenceSystem.WKT2_2019).startswith("ENGCRS")
+        if crs.isValid() and not local and \
+                QgsCoordinateTransform(crs, target, project).isValid():
+            continue
+        layer.setCrs(target)
+        placed.append(layer.name())
+    return placed
+
+
 def load_results(project: QgsProject, job_id: str, title: str,
                  files: ResultFiles) -> tuple[list[QgsMapLayer], str | None]:
     """Adds the masks (polygons above them) to the job's group; returns the layers and a
@@ -85,6 +110,12 @@ def load_results(project: QgsProject, job_id: str, title: str,
             raise RsPluginError(f"the evaluation report {files.report} is unreadable: {e}") from e
     layers: list[QgsMapLayer] = [open_polygons(p, job_id) for p in files.polygons]
     layers += [open_mask(p, job_id) for p in files.masks]
+    placed = place_without_georeference(project, layers)
+    if placed:
+        note = (f"{', '.join(placed)}: no coordinate reference system (the input was not "
+                f"georeferenced); drawn in pixel units in the project's CRS")
+        log.info("%s", note)
+        summary = f"{summary}; {note}" if summary else note
     if layers:
         group = job_group(project, job_id, title)
         for layer in layers:

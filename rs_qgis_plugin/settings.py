@@ -37,10 +37,27 @@ def known_hosts_path() -> Path:
 
 
 def results_dir() -> Path:
+    """Where each job's results are downloaded (``<folder>/<job id>/``): the "Results folder"
+    of the jobs panel, by default a folder in the QGIS profile."""
     value = QgsSettings().value(RESULTS_DIR, "", type=str)
     path = Path(value) if value else plugin_data_dir() / "jobs"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def set_results_dir(path: str | Path | None) -> Path:
+    """Sets the results folder for jobs started from now on (``None``: back to the default);
+    jobs already started keep theirs. Raises :class:`SpecError` when it cannot be made."""
+    if not path:
+        QgsSettings().remove(RESULTS_DIR)
+        return results_dir()
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SpecError(f"cannot use {folder} as the results folder: {e.strerror or e}") from e
+    QgsSettings().setValue(RESULTS_DIR, str(folder))
+    return folder
 
 
 # -- connection profiles -------------------------------------------------------------------------

@@ -51,8 +51,19 @@ RECONNECT_TRIES = 5
 RECONNECT_PAUSE_S = 2.0
 
 
+# Tasks that only read from the cluster: stopping them loses nothing (the cluster keeps the job
+# and its results), so QGIS may stop them on exit without asking (QgisApp::fileExit asks "try
+# canceling these active tasks?" about the others, and then stays open).
+READ_ONLY = QgsTask.CanCancel | QgsTask.CancelWithoutPrompt
+
+
 def tr(text: str) -> str:
     return QCoreApplication.translate("RsTasks", text)
+
+
+def job_title(name: str, job_id: str) -> str:
+    """How a task names its job in QGIS's task manager: the name the user gave, and the id."""
+    return f"{name} ({job_id})" if name and name != job_id else job_id
 
 
 class TaskCancelFlag:
@@ -220,17 +231,42 @@ class RsTask(QgsTask):
     was cancelled), ``self.result`` what :meth:`work` returned.
     """
 
-    def __init__(self, description: str, on_done: Callable[[RsTask], None] | None = None) -> None:
-        super().__init__(description, QgsTask.CanCancel)
+    def __init__(self, description: str, on_done: Callable[[RsTask], None] | None = None,
+                 flags: Any = QgsTask.CanCancel) -> None:
+        super().__init__(description, flags)
         self.on_done = on_done
         self.error: BaseException | None = None
         self.result: Any = None
         self.cancel_flag = TaskCancelFlag(self)
+        # Set once run() is over: QGIS closing waits on it, so no task still runs Python code
+        # while QGIS unloads the plugins and ends Python.
+        self.ran = threading.Event()
+
+    def wait_ran(self, timeout_s: float) -> bool:
+        """Waits (releasing the GIL, unlike ``waitForFinished``) until ``run`` is over, or the
+        task manager has dropped a task it never started; ``False`` on timeout."""
+        end = time.monotonic() + timeout_s
+        while not self.ran.is_set():
+            try:
+                if self.status() in (QgsTask.Complete, QgsTask.Terminated):
+                    return True
+            except RuntimeError:  # the task manager deleted it: it has ended
+                return True
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.05)
+        return True
 
     def work(self) -> Any:
         raise NotImplementedError
 
     def run(self) -> bool:
+        try:
+            return self._run()
+        finally:
+            self.ran.set()
+
+    def _run(self) -> bool:
         try:
             self.result = self.work()
         except CancelledError as e:
@@ -322,8 +358,9 @@ class _RemoteTask(RsTask):
     """A task that opens its own SSH connection (paramiko objects stay in one thread)."""
 
     def __init__(self, description: str, profile: ConnectionProfile, known_hosts: str | Path,
-                 passphrase: str | None, on_done: Callable[[RsTask], None] | None = None) -> None:
-        super().__init__(description, on_done)
+                 passphrase: str | None, on_done: Callable[[RsTask], None] | None = None,
+                 flags: Any = QgsTask.CanCancel) -> None:
+        super().__init__(description, on_done, flags)
         self.profile = profile
         self.known_hosts = Path(known_hosts)
         self._passphrase = passphrase
@@ -338,7 +375,7 @@ class EnvTask(_RemoteTask):
     def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
                  on_done: Callable[[RsTask], None] | None = None) -> None:
         super().__init__(tr("Test connection to {host}").format(host=profile.host), profile,
-                         known_hosts, passphrase, on_done)
+                         known_hosts, passphrase, on_done, READ_ONLY)
 
     def work(self) -> dict[str, Any]:
         jobs = self.open_jobs()
@@ -360,8 +397,9 @@ class SubmitJobTask(_RemoteTask):
 
     def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
                  planned: PlannedJob, on_done: Callable[[RsTask], None] | None = None) -> None:
-        super().__init__(tr("Upload and start {name}").format(name=planned.spec.name), profile,
-                         known_hosts, passphrase, on_done)
+        super().__init__(tr("Upload and start {job}").format(
+            job=job_title(planned.spec.name, planned.spec.job_id)), profile, known_hosts,
+            passphrase, on_done)
         self.planned = planned
         self.job_id = planned.spec.job_id
         self.uncertain = False
@@ -394,8 +432,10 @@ class WatchJobTask(_RemoteTask):
     ``event_received`` each event of the job (job id, :class:`ProgressEvent`) from number
     ``skip_events`` on.
 
-    ``cancel()`` cancels the job on the cluster as well; ``detach()`` only stops watching
-    (the plugin unloading, QGIS closing), so the job keeps running and is found again later.
+    ``cancel()``, which QGIS's task manager calls (QGIS closing, the task panel's cancel
+    button), and ``detach()`` only stop watching: the job keeps running on the cluster, its
+    record stays, and a later Refresh or QGIS start follows it again. Only ``cancel_job()``
+    (the plugin's *Cancel job*) cancels the job on the cluster as well.
     """
 
     status_changed = pyqtSignal(object)
@@ -403,17 +443,27 @@ class WatchJobTask(_RemoteTask):
 
     def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
                  job_id: str, on_done: Callable[[RsTask], None] | None = None,
-                 poll_s: float = 2.0, skip_events: int = 0) -> None:
-        super().__init__(tr("Cluster job {job}").format(job=job_id), profile, known_hosts,
-                         passphrase, on_done)
+                 poll_s: float = 2.0, skip_events: int = 0, name: str = "") -> None:
+        super().__init__(tr("Cluster job {job}").format(job=job_title(name, job_id)), profile,
+                         known_hosts, passphrase, on_done, READ_ONLY)
         self.job_id = job_id
         self.poll_s = poll_s
         self.skip_events = skip_events
-        self.cancel_remote = True
+        self.cancel_remote = False
         self.remote_cancelled: JobStatus | None = None
 
+    def cancel_job(self) -> None:
+        """The user's *Cancel job*: stops watching and cancels the job on the cluster."""
+        self.cancel_remote = True
+        super().cancel()
+
+    def cancel(self) -> None:
+        # QgsTask's virtual: what QGIS's task manager calls (cancelAll on exit, the task panel).
+        # It never reaches the cluster; a Cancel job asked for before is kept.
+        super().cancel()
+
     def detach(self) -> None:
-        self.cancel_remote = False
+        """Stops watching; the job keeps running (the plugin unloading, QGIS closing)."""
         self.cancel()
 
     def _status(self, status: JobStatus) -> None:
@@ -441,9 +491,10 @@ class WatchJobTask(_RemoteTask):
 
 class CancelJobTask(_RemoteTask):
     def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
-                 job_id: str, on_done: Callable[[RsTask], None] | None = None) -> None:
-        super().__init__(tr("Cancel cluster job {job}").format(job=job_id), profile, known_hosts,
-                         passphrase, on_done)
+                 job_id: str, on_done: Callable[[RsTask], None] | None = None,
+                 name: str = "") -> None:
+        super().__init__(tr("Cancel cluster job {job}").format(job=job_title(name, job_id)),
+                         profile, known_hosts, passphrase, on_done)
         self.job_id = job_id
 
     def work(self) -> JobStatus:
@@ -463,7 +514,7 @@ class ReconcileTask(_RemoteTask):
                  known: list[str], detail: set[str], candidates: set[str] | None = None,
                  on_done: Callable[[RsTask], None] | None = None) -> None:
         super().__init__(tr("Look up the jobs on {profile}").format(profile=profile.name),
-                         profile, known_hosts, passphrase, on_done)
+                         profile, known_hosts, passphrase, on_done, READ_ONLY)
         self.profile_name = profile.name
         self.known = list(known)
         self.detail = set(detail)
@@ -482,9 +533,10 @@ class CleanJobTask(_RemoteTask):
     ``True`` once the folder is gone, also when it was gone already."""
 
     def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
-                 job_id: str, on_done: Callable[[RsTask], None] | None = None) -> None:
-        super().__init__(tr("Delete cluster job {job}").format(job=job_id), profile, known_hosts,
-                         passphrase, on_done)
+                 job_id: str, on_done: Callable[[RsTask], None] | None = None,
+                 name: str = "") -> None:
+        super().__init__(tr("Delete cluster job {job}").format(job=job_title(name, job_id)),
+                         profile, known_hosts, passphrase, on_done)
         self.job_id = job_id
 
     def work(self) -> bool:
@@ -505,9 +557,10 @@ class FetchResultsTask(_RemoteTask):
 
     def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
                  job_id: str, paths: tuple[str, ...], local_dir: str | Path,
-                 on_done: Callable[[RsTask], None] | None = None) -> None:
-        super().__init__(tr("Download results of {job}").format(job=job_id), profile, known_hosts,
-                         passphrase, on_done)
+                 on_done: Callable[[RsTask], None] | None = None, name: str = "") -> None:
+        # Read-only too: a download stopped on exit is fetched again at the next start.
+        super().__init__(tr("Download results of {job}").format(job=job_title(name, job_id)),
+                         profile, known_hosts, passphrase, on_done, READ_ONLY)
         self.job_id = job_id
         self.paths = paths
         self.local_dir = Path(local_dir)

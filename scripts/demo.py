@@ -228,7 +228,7 @@ def main() -> int:
         common = {"workers": args.workers, "epochs": args.epochs, "master": cluster.master_url}
         train = plan_job("demo training", RunParams(
             mode=MODE_TRAIN, stride=64, base_filters=16, learning_rate=1e-3, patience=0, dice=True,
-            **common), training_picks(data))
+            arch="unet2019", **common), training_picks(data))
         active = train.spec.job_id
         run_job(jobs, train, f"train: {len(train.inputs) // 2} image/mask pairs uploaded, "
                 f"U-Net with {args.workers} Horovod worker(s), {args.epochs} epoch(s)")

@@ -31,6 +31,7 @@ from rs_qgis_plugin.core.jobspec import (
 from rs_qgis_plugin.core.protocol import (
     JobStatus,
     ProgressEvent,
+    checked_job_id,
     parse_events,
     parse_status,
 )
@@ -136,14 +137,7 @@ class RemoteJobs:
         if not isinstance(data, list):
             raise ProtocolError(f"rs-cluster job list answered {str(data)[:200]}")
         for i, job in enumerate(data):
-            # the ids name local folders and records once the plugin adopts a listed job
-            job_id = job.get("job_id") if isinstance(job, dict) else None
-            if not isinstance(job_id, str):
-                raise ProtocolError(f"rs-cluster job list entry {i} has no job_id text: "
-                                    f"{str(job)[:200]}")
-            problem = job_id_problem(job_id)
-            if problem is not None:
-                raise ProtocolError(f"rs-cluster job list entry {i}: job id {job_id!r} {problem}")
+            checked_job_id(job, f"rs-cluster job list entry {i}")
         return data
 
     def clean(self, job_id: str) -> None:

@@ -29,7 +29,7 @@ _SPARK_KEY = re.compile(r"spark\.[A-Za-z0-9_.\-]+")
 # stage -> parameter -> kind; mirrors the cluster's whitelist.
 STAGE_PARAMS: dict[str, dict[str, str]] = {
     "prepare": {"images": "path", "masks": "path", "output": "path", "tile_size": "int",
-                "stride": "int", "split": "split", "seed": "int",
+                "stride": "int", "split": "split", "seed": "int", "val_rasters": "str",
                 "overwrite": "flag", "skip_bad": "flag", **SPARK_OVERRIDE_PARAMS},
     "train": {"data": "path", "model_dir": "path", "epochs": "int", "batch_size": "int",
               "num_proc": "int", "lr": "float", "patience": "int",
@@ -37,6 +37,7 @@ STAGE_PARAMS: dict[str, dict[str, str]] = {
               "dice": "flag", "tile_size": "int", "steps_per_epoch": "int",
               "validation_steps": "int", "warmup_epochs": "int", "threads_per_worker": "int",
               "nics": "str", "no_augment": "flag", "max_restarts": "int",
+              "arch": "str", "init_model": "path", "loss": "str", "lr_schedule": "str",
               **SPARK_OVERRIDE_PARAMS},
     "predict": {"model": "path", "input": "path", "output": "path", "overlap": "int",
                 "batch_size": "int", "threshold": "float", "probabilities": "flag",

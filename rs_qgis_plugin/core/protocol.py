@@ -175,6 +175,19 @@ _STATUS_FIELDS = frozenset({"schema_version", "job_id", "state", "name", "stage"
                             "exit_code", "results", "restarts"})
 
 
+def checked_job_id(data: Any, where: str) -> str:
+    """The ``job_id`` of a status or job-list entry from the cluster, checked: the id names
+    local folders and records, so it must be a plain job id."""
+    job_id = data.get("job_id") if isinstance(data, dict) else None
+    if not isinstance(job_id, str):
+        raise ProtocolError(f"{where} field 'job_id' must be a string, got "
+                            f"{_type_name(job_id)}: {str(data)[:200]}")
+    problem = job_id_problem(job_id)
+    if problem is not None:
+        raise ProtocolError(f"{where} field 'job_id' {job_id!r} {problem}")
+    return job_id
+
+
 def parse_status(text: str | dict[str, Any], *, expect_job_id: str | None = None) -> JobStatus:
     """The status of a job; with ``expect_job_id``, refused unless it is that job's."""
     data = _load_object(text, "job status") if isinstance(text, str) else text
@@ -186,13 +199,7 @@ def parse_status(text: str | dict[str, Any], *, expect_job_id: str | None = None
         raise ProtocolError(f"job status schema {version!r} is not one this plugin reads "
                             f"(<= {STATUS_SCHEMA_VERSION}); update the plugin")
     fields = _Fields(data, "job status")
-    job_id = data.get("job_id")
-    if not isinstance(job_id, str):
-        raise ProtocolError(f"job status field 'job_id' must be a string, got "
-                            f"{_type_name(job_id)}: {str(data)[:200]}")
-    problem = job_id_problem(job_id)
-    if problem is not None:
-        raise ProtocolError(f"job status field 'job_id' {job_id!r} {problem}")
+    job_id = checked_job_id(data, "job status")
     if expect_job_id is not None and job_id != expect_job_id:
         raise ProtocolError(f"the cluster answered with the status of job {job_id!r} when asked "
                             f"for job {expect_job_id!r}")

@@ -64,6 +64,20 @@ def known_hosts_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
+def connect_failure(error: BaseException) -> str:
+    """Why a connection failed, in words: paramiko's "could not connect to any address" error
+    reads "[Errno None] Unable to connect to port 22 on ..."; the reasons are its ``errors``."""
+    causes = list(getattr(error, "errors", {}).values()) or [error]
+    reasons = []
+    for cause in causes:
+        errno_ = getattr(cause, "errno", None)
+        text = os.strerror(errno_) if errno_ else getattr(cause, "strerror", None) or str(cause)
+        text = text[:1].lower() + text[1:]
+        if text not in reasons:
+            reasons.append(text)
+    return "; ".join(reasons) or type(error).__name__
+
+
 def trust_host_key(known_hosts: str | os.PathLike[str], host: str, port: int, key_type: str,
                    key_base64: str) -> None:
     """Records a host key the user accepted (replacing any older key of that type for the host)."""
@@ -165,7 +179,8 @@ class SshClient:
             client.close()
             if isinstance(e, FileNotFoundError):
                 raise AuthenticationError(f"key file {p.key_file} does not exist") from None
-            raise HostUnreachableError(f"cannot reach {p.host}:{p.port}: {e}") from None
+            raise HostUnreachableError(
+                f"cannot connect to {p.host}:{p.port}: {connect_failure(e)}") from None
         transport = client.get_transport()
         assert transport is not None  # connect() succeeded
         transport.set_keepalive(p.keepalive_interval)

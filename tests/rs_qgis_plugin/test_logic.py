@@ -26,9 +26,10 @@ from rs_qgis_plugin.logic import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_logic_imports_neither_qgis_nor_qt():
+@pytest.mark.parametrize("module", ["rs_qgis_plugin.logic", "rs_qgis_plugin.pairing"])
+def test_the_decision_modules_import_neither_qgis_nor_qt(module):
     probe = ("import sys\nfor n in ('qgis', 'PyQt5', 'sip'): sys.modules[n] = None\n"
-             "import rs_qgis_plugin.logic")
+             f"import {module}")
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
                          text=True, timeout=60, env={"PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
@@ -66,6 +67,41 @@ def test_chosen_training_settings_reach_prepare_and_train():
     assert {k: steps[1]["params"][k] for k in ("base_filters", "lr", "patience", "dice", "master")} \
         == {"base_filters": 16, "lr": 1e-3, "patience": 0, "dice": True,
             "master": "spark://127.0.0.1:7077"}
+
+
+def test_the_chosen_split_reaches_prepare_and_a_bad_one_is_refused():
+    params = RunParams(mode="train", split=(0.8, 0.1, 0.1), patience=3)
+    steps = plan_job("x", params, [RasterPick("/a.tif", "/m.tif")]).spec.to_dict()["steps"]
+    assert steps[0]["params"]["split"] == [0.8, 0.1, 0.1]
+    assert steps[1]["params"]["patience"] == 3
+    with pytest.raises(SpecError, match="adding up to 1"):
+        RunParams(mode="train", split=(0.5, 0.1, 0.1))
+    with pytest.raises(SpecError, match="train fraction"):
+        RunParams(mode="train", split=(0.0, 0.5, 0.5))
+
+
+def test_train_then_predict_predicts_only_the_rasters_chosen_for_it():
+    """Ten training pairs, one held-out raster: one prediction comes back, not eleven."""
+    picks = [RasterPick(f"/d/images/t{i}.tif", f"/d/gt/t{i}.tif", predict=False)
+             for i in range(10)] + [RasterPick("/d/images/held.tif")]
+    planned = plan_job("x", RunParams(mode="train_predict"), picks)
+    trained = [k for k in planned.inputs if k.startswith("inputs/train/images/")]
+    predicted = [k for k in planned.inputs if k.startswith("inputs/images/")]
+    assert len(trained) == 10 and predicted == ["inputs/images/held.tif"]
+    assert planned.stems == {"held": "/d/images/held.tif"}
+
+
+def test_chosen_validation_rasters_go_up_with_the_training_pairs_and_are_named():
+    picks = [RasterPick(f"/d/images/t {i}.TIF", f"/d/gt/t {i}.tif", validate=i in (2, 5))
+             for i in range(6)]
+    planned = plan_job("x", RunParams(mode="train"), picks)
+    prepare = planned.spec.steps[0].params
+    assert prepare["val_rasters"] == "t_2.tif,t_5.tif"
+    assert "inputs/train/images/t_2.tif" in planned.inputs
+    with pytest.raises(SpecError, match="validation needs a reference mask; missing for a.tif"):
+        plan_job("x", RunParams(mode="train"), [*picks, RasterPick("/a.tif", validate=True)])
+    with pytest.raises(SpecError, match="leave at least one to train on"):
+        plan_job("x", RunParams(mode="train"), [RasterPick("/a.tif", "/m.tif", validate=True)])
 
 
 def test_predict_uploads_a_local_model_or_reuses_a_cluster_job():
@@ -318,3 +354,80 @@ def test_a_layer_whose_crs_was_set_in_qgis_is_exported_with_that_crs(qgis_env, q
         assert crs == layer.crs() and crs.isValid()
         assert extent == layer.extent()
         assert run.planned.inputs[f"inputs/images/{export.layer_name}.tif"] == str(export.target)
+
+
+# -- fine-tuning and the choice of network (issue 12) ---------------------------------------------
+def test_fine_tune_trains_on_the_pairs_from_a_local_model_at_a_lower_rate():
+    """The model folder goes up as inputs/model, as predict's does; the network and width are
+    the model's own (none sent), and the learning rate is 1e-5 unless one is chosen."""
+    picks = [RasterPick("/d/a.tif", "/g/a.tif"), RasterPick("/d/b.tif", "/g/b.tif", validate=True)]
+    planned = plan_job("ft", RunParams(mode="fine_tune", model_dir="/models/m1", epochs=4,
+                                       patience=2), picks)
+    assert [s.stage for s in planned.spec.steps] == ["prepare", "train"]
+    train = planned.spec.steps[1].params
+    assert train["init_model"] == "inputs/model" and train["lr"] == 1e-5
+    assert train["epochs"] == 4 and train["patience"] == 2
+    assert "arch" not in train and "base_filters" not in train
+    assert planned.inputs["inputs/model"] == "/models/m1" and planned.model_job is None
+    assert planned.inputs["inputs/train/images/a.tif"] == "/d/a.tif"
+    assert planned.spec.steps[0].params["val_rasters"] == "b.tif"
+    assert planned.fetch == ("outputs/model",)
+    chosen = plan_job("ft", RunParams(mode="fine_tune", model_dir="/m", learning_rate=3e-5),
+                      picks[:1])
+    assert chosen.spec.steps[1].params["lr"] == 3e-5
+
+
+def test_fine_tune_from_a_cluster_job_links_its_model_there():
+    planned = plan_job("ft", RunParams(mode="fine_tune", model_job="20260101-000000-aaaaaa"),
+                       [RasterPick("/d/a.tif", "/g/a.tif")])
+    # tasks.submit_planned hard-links that job's outputs/model to inputs/model on the cluster
+    assert planned.model_job == "20260101-000000-aaaaaa" and "inputs/model" not in planned.inputs
+    assert planned.spec.steps[1].params["init_model"] == "inputs/model"
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(mode="fine_tune"), "choose a model"),
+    (dict(mode="fine_tune", model_dir="/m", arch="unet_bn"), "network and width of the model"),
+    (dict(mode="fine_tune", model_dir="/m", base_filters=16), "network and width of the model"),
+    (dict(mode="train", arch="resnet"), "unknown network 'resnet'"),
+])
+def test_fine_tune_and_network_choices_that_cannot_work_are_refused(params, message):
+    with pytest.raises(SpecError, match=message):
+        RunParams(**params)
+
+
+def test_fine_tune_needs_reference_masks():
+    with pytest.raises(SpecError, match="reference mask"):
+        plan_job("ft", RunParams(mode="fine_tune", model_dir="/m"), [RasterPick("/d/a.tif")])
+
+
+def test_the_chosen_network_reaches_train_and_the_default_is_the_clusters():
+    picks = [RasterPick("/a.tif", "/m.tif")]
+    default = plan_job("x", RunParams(mode="train"), picks).spec.steps[1].params
+    assert "arch" not in default and "init_model" not in default
+    chosen = plan_job("x", RunParams(mode="train_predict", arch="unet2019", tile_size=80),
+                      picks).spec.steps[1].params
+    assert chosen["arch"] == "unet2019" and chosen["tile_size"] == 80
+
+
+@pytest.mark.parametrize("arch, tile, message", [
+    (None, 100, "tile size 100 px is not a multiple of 32.*choose 96 or 128 px"),
+    ("effnet_lite0_unet", 48, "tile size 48 px is not a multiple of 32.*choose 32 or 64 px"),
+    ("unet_bn", 40, "tile size 40 px is not a multiple of 16.*choose 32 or 48 px"),
+])
+def test_a_tile_size_the_network_cannot_take_is_refused_before_upload(arch, tile, message):
+    with pytest.raises(SpecError, match=message):
+        plan_job("x", RunParams(mode="train", arch=arch, tile_size=tile),
+                 [RasterPick("/a.tif", "/m.tif")])
+
+
+def test_fine_tune_checks_the_tile_size_against_the_local_models_network(tmp_path):
+    """The network is the model card's (a card without one is the 2019 U-Net)."""
+    (tmp_path / "model.json").write_text(json.dumps({"arch": "effnet_lite0_unet"}))
+    with pytest.raises(SpecError, match="tile size 80 px is not a multiple of 32"):
+        plan_job("ft", RunParams(mode="fine_tune", model_dir=str(tmp_path), tile_size=80),
+                 [RasterPick("/a.tif", "/m.tif")])
+    (tmp_path / "model.json").write_text(json.dumps({"format": "rs-cluster-model"}))
+    planned = plan_job("ft", RunParams(mode="fine_tune", model_dir=str(tmp_path), tile_size=80),
+                       [RasterPick("/a.tif", "/m.tif")])
+    assert planned.spec.steps[1].params["tile_size"] == 80

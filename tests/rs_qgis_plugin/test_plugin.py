@@ -25,7 +25,8 @@ def test_plugin_loads_with_its_dock_action_and_processing_provider(qgis_iface, q
         provider = QgsApplication.processingRegistry().providerById("rs_buildings")
         assert provider is not None
         assert {a.id() for a in provider.algorithms()} == {
-            "rs_buildings:train", "rs_buildings:predict", "rs_buildings:evaluate"}
+            "rs_buildings:train", "rs_buildings:fine_tune", "rs_buildings:predict",
+            "rs_buildings:evaluate"}
         assert plugin.dock.isHidden()
         plugin.action.trigger()  # the toolbar button (the stand-in main window is never shown)
         assert not plugin.dock.isHidden() and plugin.action.isChecked()

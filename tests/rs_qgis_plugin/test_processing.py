@@ -47,6 +47,38 @@ def test_train_predict_evaluate_are_in_the_toolbox(provider):
         assert definition.flags() & QgsProcessingParameterDefinition.FlagAdvanced
 
 
+def test_train_shows_and_sends_the_split_and_early_stopping(provider, tmp_path):
+    """The split and the patience are parameters with their defaults in view, and what is set
+    reaches the job (prepare --split, train --patience); a bad split is refused up front."""
+    from qgis.core import QgsProcessingContext, QgsProcessingFeedback
+
+    from tests.rs_qgis_plugin.conftest import dev_image
+
+    train = QgsApplication.processingRegistry().algorithmById("rs_buildings:train")
+    assert train.parameterDefinition("SPLIT").defaultValue() == "0.6,0.2,0.2"
+    assert train.parameterDefinition("PATIENCE").defaultValue() == 5
+    image = QgsRasterLayer(str(dev_image(0)), "image", "gdal")
+    truth = QgsRasterLayer(str(dev_mask(0)), "truth", "gdal")
+    QgsProject.instance().addMapLayers([image, truth])
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    parameters = {"PROFILE": "x", "INPUT": [image], "MASKS": [truth], "SPLIT": "0.8,0.2,0",
+                  "PATIENCE": 0, "OUTPUT": str(tmp_path)}
+    planned = train.plan(parameters, context, QgsProcessingFeedback(), tmp_path)
+    prepare, fit = (s.to_dict()["params"] for s in planned.spec.steps)
+    assert prepare["split"] == [0.8, 0.2, 0.0] and fit["patience"] == 0
+    with pytest.raises(QgsProcessingException, match="adding up to 1"):
+        train.plan({**parameters, "SPLIT": "0.8,0.8,0"}, context, QgsProcessingFeedback(),
+                   tmp_path)
+    # "use these layers for validation" instead of the drawn split
+    other = QgsRasterLayer(str(dev_image(1)), "other", "gdal")
+    other_truth = QgsRasterLayer(str(dev_mask(1)), "other truth", "gdal")
+    QgsProject.instance().addMapLayers([other, other_truth])
+    planned = train.plan({**parameters, "INPUT": [image, other], "MASKS": [truth, other_truth],
+                          "VALIDATION": [other]}, context, QgsProcessingFeedback(), tmp_path)
+    assert planned.spec.steps[0].params["val_rasters"] == f"{dev_image(1).stem}.tif"
+
+
 @pytest.mark.ssh
 def test_evaluate_runs_on_the_cluster_and_returns_the_scores(provider, profile, tmp_path,
                                                              qgis_iface, qtbot):
@@ -92,3 +124,62 @@ def test_an_unknown_profile_is_a_clear_processing_error(provider, tmp_path):
         processing.run("rs_buildings:evaluate", {
             "PROFILE": "nowhere", "PREDICTED": [truth], "REFERENCE": [truth],
             "OUTPUT": str(tmp_path / "out")})
+
+
+def _dev_pair_context():
+    from qgis.core import QgsProcessingContext
+
+    from tests.rs_qgis_plugin.conftest import dev_image
+
+    image = QgsRasterLayer(str(dev_image(0)), "image", "gdal")
+    truth = QgsRasterLayer(str(dev_mask(0)), "truth", "gdal")
+    QgsProject.instance().addMapLayers([image, truth])
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    return image, truth, context
+
+
+def test_train_offers_the_network_and_refuses_a_tile_it_cannot_take(provider, tmp_path):
+    from qgis.core import QgsProcessingFeedback
+
+    train = QgsApplication.processingRegistry().algorithmById("rs_buildings:train")
+    arch = train.parameterDefinition("ARCH")
+    assert arch.options()[0].startswith("cluster default") and arch.defaultValue() == 0
+    assert len(arch.options()) == 4
+    image, truth, context = _dev_pair_context()
+    parameters = {"PROFILE": "x", "INPUT": [image], "MASKS": [truth], "OUTPUT": str(tmp_path)}
+    fit = train.plan(parameters, context, QgsProcessingFeedback(), tmp_path).spec.steps[1].params
+    assert "arch" not in fit  # the cluster's default
+    fit = train.plan({**parameters, "ARCH": 3, "TILE_SIZE": 80}, context,
+                     QgsProcessingFeedback(), tmp_path).spec.steps[1].params
+    assert (fit["arch"], fit["tile_size"]) == ("unet2019", 80)
+    with pytest.raises(QgsProcessingException, match="tile size 80 px is not a multiple of 32"):
+        train.plan({**parameters, "TILE_SIZE": 80}, context, QgsProcessingFeedback(), tmp_path)
+
+
+def test_fine_tune_is_in_the_toolbox_and_starts_from_the_chosen_model(provider, tmp_path):
+    from qgis.core import QgsProcessingFeedback
+
+    tune = QgsApplication.processingRegistry().algorithmById("rs_buildings:fine_tune")
+    assert tune is not None
+    names = {d.name() for d in tune.parameterDefinitions()}
+    assert names >= {"PROFILE", "INPUT", "MASKS", "INIT_MODEL", "INIT_MODEL_JOB", "EPOCHS",
+                     "LEARNING_RATE", "SPLIT", "PATIENCE", "OUTPUT"}
+    assert not names & {"ARCH", "BASE_FILTERS"}  # the model's own
+    assert {o.name() for o in tune.outputDefinitions()} >= {"MODEL"}
+    image, truth, context = _dev_pair_context()
+    parameters = {"PROFILE": "x", "INPUT": [image], "MASKS": [truth], "SPLIT": "0.8,0.2,0",
+                  "INIT_MODEL_JOB": "20260101-000000-aaaaaa", "OUTPUT": str(tmp_path)}
+    planned = tune.plan(parameters, context, QgsProcessingFeedback(), tmp_path)
+    fit = planned.spec.steps[1].params
+    assert (fit["init_model"], fit["lr"]) == ("inputs/model", 1e-5)
+    assert planned.model_job == "20260101-000000-aaaaaa" and "inputs/model" not in planned.inputs
+    model = tmp_path / "model"
+    model.mkdir()
+    planned = tune.plan({**parameters, "INIT_MODEL_JOB": "", "INIT_MODEL": str(model),
+                         "LEARNING_RATE": 2e-5}, context, QgsProcessingFeedback(), tmp_path)
+    assert planned.inputs["inputs/model"] == str(model)
+    assert planned.spec.steps[1].params["lr"] == 2e-5
+    with pytest.raises(QgsProcessingException, match="choose a model"):
+        tune.plan({**parameters, "INIT_MODEL_JOB": ""}, context, QgsProcessingFeedback(),
+                  tmp_path)

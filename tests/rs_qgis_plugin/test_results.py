@@ -80,3 +80,57 @@ def test_a_broken_download_is_reported_not_loaded(qgis_iface, tmp_path):
     assert controller.load(record, [bad]) == []
     assert any("cannot open" in m for m in qgis_iface.messageBar().get_messages(Qgis.Critical))
     assert not QgsProject.instance().mapLayers()
+
+
+def test_a_non_georeferenced_result_loads_without_a_crs_error(qgis_iface, qgis_canvas, qtbot,
+                                                              tmp_path):
+    """A mask predicted from a plain image (no CRS, no geotransform), loaded into a project
+    in EPSG:26914 and drawn: QGIS must not report "No transform available between Undefined
+    SRS and EPSG:26914", and the user is told why the layer has no place on the map."""
+    from osgeo import gdal
+    from qgis.core import QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform
+
+    masks = tmp_path / "job" / "outputs" / "masks"
+    masks.mkdir(parents=True)
+    path = masks / "plain_mask.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 64, 48, 1, gdal.GDT_Byte)
+    ds.GetRasterBand(1).Fill(255)
+    ds = None
+    # what a prediction copying a plain image's profile holds: a local ("Undefined") CRS
+    local = masks / "local_mask.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(local), 64, 48, 1, gdal.GDT_Byte)
+    ds.SetProjection('LOCAL_CS["Undefined",UNIT["metre",1]]')
+    ds.SetGeoTransform((0, 1, 0, 0, 0, -1))
+    ds = None
+    project = QgsProject.instance()
+    crs = QgsCoordinateReferenceSystem("EPSG:26914")
+    project.setCrs(crs)
+    critical = []
+
+    def on_message(message, tag, level):
+        if level == Qgis.Critical:
+            critical.append(f"{tag}: {message}")
+
+    QgsApplication.messageLog().messageReceived.connect(on_message)
+    try:
+        record = JobRecord("job-plain", "plain image", "p", "predict", state="succeeded")
+        layers = JobController(qgis_iface).load(record, [path, local])
+        assert len(layers) == 2 and all(layer.isValid() for layer in layers)
+        # The desktop reports "No transform available between Undefined SRS and EPSG:26914"
+        # in red when the canvas cannot build this transform (pytest-qgis has no such handler)
+        for layer in layers:
+            transform = QgsCoordinateTransform(layer.crs(), crs, project)
+            assert transform.isValid() or layer.crs() == crs, layer.crs().toWkt()
+        qgis_canvas.setDestinationCrs(crs)
+        qgis_canvas.setLayers(layers)
+        qgis_canvas.setExtent(layers[0].extent())
+        qgis_canvas.refresh()
+        qgis_canvas.waitWhileRendering()
+        qtbot.wait(200)
+    finally:
+        QgsApplication.messageLog().messageReceived.disconnect(on_message)
+    bar = qgis_iface.messageBar()
+    assert critical == [] and bar.get_messages(Qgis.Critical) == []
+    assert any("no coordinate reference system" in m
+               for level in (Qgis.Info, Qgis.Success, Qgis.Warning)
+               for m in bar.get_messages(level))

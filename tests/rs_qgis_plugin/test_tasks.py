@@ -66,10 +66,26 @@ def test_cancelling_the_watch_cancels_the_job_on_the_cluster(profile):
     assert submit.run(), submit.error
     watch = WatchJobTask(profile, settings.known_hosts_path(), None, planned.spec.job_id,
                          poll_s=0.3)
-    watch.cancel()  # the user pressed Cancel
+    watch.cancel_job()  # the user pressed Cancel job
     assert watch.run() is False and watch.error is None
     assert watch.remote_cancelled.state == "cancelled"
     assert remote_status(profile, planned.spec.job_id).state == "cancelled"
+
+
+def test_the_task_managers_cancel_only_stops_watching(profile):
+    """QGIS's task manager calls cancel() on exit (cancelAll) and from its panel: the job must
+    keep running; QGIS may do it without asking, and the task names the job."""
+    from qgis.core import QgsTask
+
+    planned = sleep_job("kept on exit", 5.0, 5)
+    assert SubmitJobTask(profile, settings.known_hosts_path(), None, planned).run()
+    watch = WatchJobTask(profile, settings.known_hosts_path(), None, planned.spec.job_id,
+                         name="kept on exit")
+    assert watch.flags() & QgsTask.CancelWithoutPrompt
+    assert "kept on exit" in watch.description()
+    watch.cancel()
+    assert watch.run() is False and watch.remote_cancelled is None
+    assert remote_status(profile, planned.spec.job_id).state == "running"
 
 
 def test_detaching_leaves_the_job_running(profile):
@@ -85,7 +101,7 @@ def test_an_unreachable_cluster_is_reported_with_the_reason(profile, tmp_path):
     broken = profile.__class__.from_dict({**profile.to_dict(), "port": 1, "connect_timeout": 2.0})
     task = SubmitJobTask(broken, settings.known_hosts_path(), None, sleep_job("x", 0.1, 1))
     assert task.run() is False
-    assert "cannot reach 127.0.0.1:1" in str(task.error)
+    assert "cannot connect to 127.0.0.1:1: connection refused" in str(task.error)
 
 
 def test_cancel_in_the_panel_stops_the_job_here_and_on_the_cluster(qgis_iface, qtbot, profile,

@@ -87,3 +87,16 @@ def test_failing_remote_command_reports_exit_status_and_message(client):
     with pytest.raises(RemoteCommandError) as e:
         client.run(["ls", "/does/not/exist"])
     assert e.value.exit_status == 2 and "No such file" in str(e.value)
+
+
+def test_a_refused_port_reads_as_words_not_errno_none(tmp_path):
+    """Nothing listens on a free port of 127.0.0.2: the kernel refuses the connection."""
+    from rs_qgis_plugin.core.profile import ConnectionProfile
+
+    port = free_port("127.0.0.2")
+    profile = ConnectionProfile(name="closed", host="127.0.0.2", port=port, user="nobody", use_agent=True,
+                                remote_workspace=str(tmp_path / "ws"), connect_timeout=3.0)
+    with pytest.raises(HostUnreachableError) as e:
+        SshClient(profile, tmp_path / "known_hosts").connect()
+    assert str(e.value) == f"cannot connect to 127.0.0.2:{port}: connection refused"
+    assert "Errno" not in str(e.value)
