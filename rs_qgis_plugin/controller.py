@@ -50,6 +50,7 @@ from rs_qgis_plugin.logic import (
     now_iso,
     plan_job,
     safe_stem,
+    spec_parameters,
 )
 from rs_qgis_plugin.results import load_results
 from rs_qgis_plugin.tasks import (
@@ -57,6 +58,7 @@ from rs_qgis_plugin.tasks import (
     CleanJobTask,
     ExportRasterTask,
     FetchResultsTask,
+    LogTailTask,
     ReconcileTask,
     Reconciliation,
     RsTask,
@@ -68,6 +70,7 @@ from rs_qgis_plugin.tasks import (
 log = get_logger("controller")
 TITLE = "RS Buildings"
 EVENTS_KEPT = 50
+LOG_LINES = 50  # of a job's log in the jobs panel's details
 
 
 def tr(text: str) -> str:
@@ -141,6 +144,8 @@ class JobController(QObject):
         # The last events of each job seen in this session, for the jobs panel's details
         # (kept in memory: the record keeps counts and the last warnings).
         self._events: dict[str, deque[str]] = {}
+        self._logs: dict[str, list[str]] = {}  # the log tail last read of each job
+        self._log_tasks: dict[str, LogTailTask] = {}
         # Processing algorithms record their jobs from a worker thread: show them here too.
         self._saved_elsewhere.connect(self._on_saved)
         settings.add_job_listener(self._job_saved)
@@ -168,6 +173,32 @@ class JobController(QObject):
     def recent_events(self, job_id: str) -> list[str]:
         """The last events of the job this session received (oldest first), as plain text."""
         return list(self._events.get(job_id, ()))
+
+    def log_tail(self, job_id: str) -> list[str] | None:
+        """The job's log tail as last read from the cluster (None: not read in this session)."""
+        return self._logs.get(job_id)
+
+    def fetch_log(self, job_id: str, lines: int = LOG_LINES) -> LogTailTask | None:
+        """Reads the last ``lines`` lines of the job's log on the cluster, in a task."""
+        record = self._records.get(job_id)
+        if record is None or record.gone or job_id in self._log_tasks:
+            return None
+        profile, passphrase = self.connection(record.profile)
+        task = LogTailTask(profile, settings.known_hosts_path(), passphrase, job_id, lines=lines,
+                           name=record.name, on_done=self._log_read)
+        self._log_tasks[job_id] = task
+        self.task_manager.addTask(task)
+        return task
+
+    def _log_read(self, task: RsTask) -> None:
+        assert isinstance(task, LogTailTask)
+        self._log_tasks.pop(task.job_id, None)
+        if task.error is not None:
+            self._logs[task.job_id] = [tr("(the log could not be read: {reason})").format(
+                reason=task.error)]
+        elif task.result is not None:
+            self._logs[task.job_id] = list(task.result)
+        self.jobs_changed.emit()
 
     def cluster_jobs(self) -> list[ClusterJob]:
         """Jobs the last look at each cluster found there that no record here knows."""
@@ -293,7 +324,7 @@ class JobController(QObject):
             job_id=spec.job_id, name=spec.name, profile=profile_name, mode=mode,
             state="exporting" if run.exports else "uploading", created=now_iso(),
             local_dir=str(settings.results_dir() / spec.job_id), fetch=run.planned.fetch,
-            project=self.project.fileName()))
+            project=self.project.fileName(), parameters=spec_parameters(spec)))
         task = SubmitJobTask(profile, settings.known_hosts_path(), passphrase, run.planned,
                              on_done=self._submitted)
         task.exports = run.exports  # type: ignore[attr-defined]
@@ -710,7 +741,7 @@ class JobController(QObject):
         in Python. Returns the tasks still running after that."""
         self._closing = True
         settings.remove_job_listener(self._job_saved)
-        stopped = [*self.tasks.values(), *self._lookups.values()]
+        stopped = [*self.tasks.values(), *self._lookups.values(), *self._log_tasks.values()]
         for task in stopped:
             try:
                 if isinstance(task, WatchJobTask):
@@ -721,6 +752,7 @@ class JobController(QObject):
                 continue
         self.tasks.clear()
         self._lookups.clear()
+        self._log_tasks.clear()
         end = time.monotonic() + wait_s
         left = [t for t in stopped if not t.wait_ran(max(0.0, end - time.monotonic()))]
         if left:

@@ -69,9 +69,9 @@ def confirm_cancel(parent: QWidget | None, controller: Any, job_id: str) -> bool
     return answer == QMessageBox.Yes
 
 
-def details_text(record: JobRecord, events: list[str]) -> str:
+def details_text(record: JobRecord, events: list[str], log: list[str] | None = None) -> str:
     """The details pane of one job, as plain text (a QPlainTextEdit never renders markup: the
-    cluster's messages and warnings are shown as they came)."""
+    cluster's messages, warnings and log are shown as they came)."""
     lines = [f"{record.name}  ({record.job_id})",
              tr("State: {state}").format(state=record.state + (
                  tr(" — not on the cluster") if record.gone else "")),
@@ -88,8 +88,12 @@ def details_text(record: JobRecord, events: list[str]) -> str:
         lines += ["", tr("Message:"), record.message]
     if record.warnings:
         lines += ["", _warnings_text(record)]
+    if record.parameters:
+        lines += ["", tr("Parameters:"), record.parameters]
     lines += ["", tr("Events (received in this session, newest last):")]
     lines += events or [tr("none yet")]
+    lines += ["", tr("Log on the cluster (last lines; Show log reads it again):")]
+    lines += log if log is not None else [tr("not read yet: Show log")]
     return "\n".join(lines)
 
 
@@ -135,6 +139,9 @@ class JobsPanel(QWidget):
         self.refresh_button = QPushButton(tr("Refresh"), self)
         self.load_button = QPushButton(tr("Load results"), self)
         self.forget_button = QPushButton(tr("Forget"), self)
+        self.log_button = QPushButton(tr("Show log"), self)
+        self.log_button.setToolTip(tr("Read the last lines of the selected job's log on the "
+                                      "cluster into the details below"))
         self.cancel_button.setToolTip(tr("Cancel the selected job here and on the cluster"))
         self.refresh_button.setToolTip(tr("Look the jobs up on the cluster: follow running ones, "
                                           "fetch finished ones, list those started elsewhere"))
@@ -143,7 +150,8 @@ class JobsPanel(QWidget):
         self.forget_button.setToolTip(tr("Remove the job from this list; you choose whether its "
                                          "folder on the cluster is deleted too"))
         buttons = QHBoxLayout()
-        for b in (self.cancel_button, self.refresh_button, self.load_button, self.forget_button):
+        for b in (self.cancel_button, self.refresh_button, self.load_button, self.forget_button,
+                  self.log_button):
             buttons.addWidget(b)
         folder = QHBoxLayout()
         folder.addWidget(self.folder_label, 1)
@@ -165,6 +173,7 @@ class JobsPanel(QWidget):
         self.refresh_button.clicked.connect(self.refresh_from_cluster)
         self.load_button.clicked.connect(self._load)
         self.forget_button.clicked.connect(self._forget)
+        self.log_button.clicked.connect(self.show_log)
         self.table.itemSelectionChanged.connect(self._update_buttons)
         controller.jobs_changed.connect(self.refresh)
         self.refresh()
@@ -246,7 +255,8 @@ class JobsPanel(QWidget):
         job = self.selected_job()
         record = self._record(job)
         if record is not None:
-            text = details_text(record, self.controller.recent_events(record.job_id))
+            text = details_text(record, self.controller.recent_events(record.job_id),
+                                self.controller.log_tail(record.job_id))
         else:
             listed = self.controller.cluster_job(job) if job else None
             text = "" if listed is None else "\n".join(
@@ -259,6 +269,15 @@ class JobsPanel(QWidget):
         if status != getattr(self, "_status", None):  # a dock's own message stays till then
             self._status = status
             self.status_changed.emit(status)
+
+    @pyqtSlot()
+    def show_log(self) -> None:
+        job = self.selected_job()
+        if job:
+            try:
+                self.controller.fetch_log(job)
+            except RsPluginError as e:
+                self.controller.notify(str(e), Qgis.Warning)
 
     def folder_of(self, job_id: str | None) -> Path:
         record = self._record(job_id)

@@ -394,6 +394,7 @@ class JobRecord:
     recent_warnings: tuple[str, ...] = ()  # the last few warning texts, newest last
     events_seen: int = 0  # events already counted, so a reattach replays none of them
     project: str = ""  # the project file open when the job started: its results go there
+    parameters: str = ""  # the job's stage parameters (spec_parameters), for the details pane
 
     @property
     def remote_active(self) -> bool:
@@ -432,6 +433,27 @@ class JobRecord:
         known["fetch"] = tuple(known.get("fetch") or ())
         known["recent_warnings"] = tuple(str(w) for w in known.get("recent_warnings") or ())
         return cls(**known)
+
+
+def spec_parameters(spec: JobSpec) -> str:
+    """The parameters each stage of ``spec`` runs with, one line a stage (``train: epochs=10,
+    lr=0.001``); the folders inside the job folder are left out."""
+    from rs_qgis_plugin.core.jobspec import STAGE_PARAMS
+
+    lines = []
+    for step in spec.steps:
+        kinds = STAGE_PARAMS.get(step.stage, {})
+        shown = [f"{k}={_param_text(v)}" for k, v in step.params.items() if kinds.get(k) != "path"]
+        lines.append(f"{step.stage}: {', '.join(shown) or '-'}")
+    return "\n".join(lines)
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
 
 
 def now_iso() -> str:

@@ -52,6 +52,7 @@ from rs_qgis_plugin.logic import (
     plan_evaluation,
     plan_job,
     safe_stem,
+    spec_parameters,
 )
 from rs_qgis_plugin.results import MASK_STYLE, POLYGON_STYLE, resource_path
 from rs_qgis_plugin.tasks import (
@@ -115,7 +116,7 @@ def run_job_blocking(profile_name: str, planned: PlannedJob, local_dir: Path, fe
     recorder = _Recorder(JobRecord(
         job_id=job_id, name=planned.spec.name, profile=profile_name, mode=mode or "processing",
         state="uploading", created=now_iso(), local_dir=str(local_dir), fetch=planned.fetch,
-        origin="processing"))
+        origin="processing", parameters=spec_parameters(planned.spec)))
     try:
         with run_by_processing(job_id):
             return _run_recorded(jobs, planned, local_dir, feedback, recorder)

@@ -385,6 +385,26 @@ class EnvTask(_RemoteTask):
             jobs.client.close()
 
 
+class LogTailTask(_RemoteTask):
+    """The last lines of a job's log on the cluster, for the jobs panel's details."""
+
+    def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
+                 job_id: str, *, lines: int = 50, name: str = "",
+                 on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(tr("Log of cluster job {name} ({job})").format(name=name or job_id,
+                                                                        job=job_id),
+                         profile, known_hosts, passphrase, on_done, READ_ONLY)
+        self.job_id = job_id
+        self.lines = lines
+
+    def work(self) -> list[str]:
+        jobs = self.open_jobs()
+        try:
+            return jobs.log_tail(self.job_id, self.lines)
+        finally:
+            jobs.client.close()
+
+
 class SubmitJobTask(_RemoteTask):
     """Uploads the inputs (progress = bytes sent) and starts the job; ``result`` is its status
     whenever the job started, even if the task was cancelled.

@@ -342,6 +342,25 @@ def read_events(job_dir: Path, since: int = 0) -> tuple[list[str], int]:
     return lines[since:], max(since, len(lines))
 
 
+LOG_TAIL_BYTES = 64 * 1024  # what `job log --tail` reads at most from the end of log.txt
+
+
+def read_log_tail(job_dir: Path, lines: int = 50) -> list[str]:
+    """The last ``lines`` lines of the job's log (from its last 64 KiB: a tail, not the log)."""
+    try:
+        with open(job_dir / LOG_FILE, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - LOG_TAIL_BYTES))
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    text = data.decode("utf-8", errors="replace").splitlines()
+    if size > LOG_TAIL_BYTES and text:
+        text = text[1:]  # the first line was cut by the window
+    return text[-lines:] if lines > 0 else []
+
+
 def _is_json_object(line: str) -> bool:
     try:
         return isinstance(json.loads(line), dict)

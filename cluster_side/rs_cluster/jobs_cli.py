@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
                         help="workspace root (default $RS_CLUSTER_WORKSPACE or ~/.rs-cluster)")
     common.add_argument("--json", action="store_true", help="print JSON for programs")
     actions = job.add_subparsers(dest="action", required=True,
-                                 metavar="{submit,status,events,cancel,list,clean}")
+                                 metavar="{submit,status,events,log,cancel,list,clean}")
 
     p = actions.add_parser("submit", parents=[common], help="start a job detached")
     p.add_argument("spec", metavar="SPEC_OR_JOB_DIR",
@@ -39,6 +39,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--since", type=int, default=0, metavar="N",
                    help="skip the first N events (the count already read)")
     p.set_defaults(func=_events)
+
+    p = actions.add_parser("log", parents=[common], help="the last lines of a job's log")
+    p.add_argument("job_id")
+    p.add_argument("--tail", type=int, default=50, metavar="N",
+                   help="how many lines from the end (default 50)")
+    p.set_defaults(func=_log)
 
     p = actions.add_parser("cancel", parents=[common], help="stop every process of a job")
     p.add_argument("job_id")
@@ -115,6 +121,14 @@ def _events(args: argparse.Namespace, reporter: Reporter) -> int:
     from rs_cluster import jobs
 
     lines, _ = jobs.read_events(_workspace(args).existing_job_dir(args.job_id), args.since)
+    sys.stdout.writelines(line + "\n" for line in lines)
+    return 0
+
+
+def _log(args: argparse.Namespace, reporter: Reporter) -> int:
+    from rs_cluster import jobs
+
+    lines = jobs.read_log_tail(_workspace(args).existing_job_dir(args.job_id), args.tail)
     sys.stdout.writelines(line + "\n" for line in lines)
     return 0
 

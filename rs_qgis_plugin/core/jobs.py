@@ -128,6 +128,12 @@ class RemoteJobs:
         events = parse_events(out.stdout)
         return events, since + len(events)
 
+    def log_tail(self, job_id: str, lines: int = 50) -> list[str]:
+        """The last ``lines`` lines of the job's log on the cluster: the cluster's own text, to be
+        shown as plain text only."""
+        out = self.client.run(job_argv(self.profile, "log", job_id, "--tail", str(int(lines))))
+        return out.stdout.splitlines()[-lines:]
+
     def cancel(self, job_id: str) -> JobStatus:
         return parse_status(self.client.run(job_argv(self.profile, "cancel", job_id)).stdout,
                             expect_job_id=job_id)

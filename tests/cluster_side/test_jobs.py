@@ -172,6 +172,21 @@ def test_job_runs_detached_and_reports_status_and_events(tmp_path):
     assert not (ws / "jobs" / "ok1").exists()
 
 
+def test_job_log_prints_the_last_lines_of_a_long_log(tmp_path):
+    ws = tmp_path / "ws"
+    cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec("log1", seconds=0.1))))
+    wait_for(lambda: status_of(ws, "log1")["state"] == "succeeded")
+    log = ws / "jobs" / "log1" / "log.txt"
+    ended = log.read_text().splitlines()[-1]
+    with open(log, "a") as f:  # a long log: only its end is read, never the whole file
+        f.writelines(f"line {i} " + "x" * 100 + "\n" for i in range(3000))
+    tail = cli(ws, "job", "log", "log1", "--tail", "3").stdout.splitlines()
+    assert tail == [f"line {i} " + "x" * 100 for i in (2997, 2998, 2999)]
+    assert ended not in cli(ws, "job", "log", "log1", "--tail", "1000").stdout
+    missing = cli(ws, "job", "log", "nojob", check=False)
+    assert missing.returncode != 0 and "nojob" in missing.stderr
+
+
 def test_failing_step_marks_the_job_failed_with_the_error(tmp_path):
     ws = tmp_path / "ws"
     cli(ws, "job", "submit", str(write_spec(tmp_path, sleep_spec("bad1", seconds=0.2, fail=True))))

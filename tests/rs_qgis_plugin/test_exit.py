@@ -406,6 +406,11 @@ def test_the_jobs_panel_shows_details_follows_the_selection_and_opens_the_folder
         details = panel.details.toPlainText()
         assert "a <b>named</b> job" in details and job in details  # plain text, as sent
         assert "slept 2/2" in details  # the job's events
+        assert "Parameters:" in details and "seconds=2.0" in details  # what the job ran with
+        assert "not read yet" in details
+        panel.log_button.click()  # the log's last lines, read on the cluster over SSH
+        wait_for(qtbot, lambda: "selftest-sleep" in panel.details.toPlainText(), 60)
+        assert "not read yet" not in panel.details.toPlainText()
         assert "succeeded" in dock.status.text() and "a <b>named</b> job" in dock.status.text()
         header = panel.table.horizontalHeader()
         assert header.sectionResizeMode(0) == QHeaderView.Interactive
