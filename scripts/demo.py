@@ -214,10 +214,16 @@ def main() -> int:
         known_hosts = out / "known_hosts"
         key_type, key_b64 = sshd.public_host_key
         trust_host_key(known_hosts, "127.0.0.1", sshd.port, key_type, key_b64)
+        # The cluster's settings file: the throwaway cluster is this one machine, so its worker
+        # sees the job folders (a real cluster names a store, or a workspace on a shared mount).
+        settings = out / "cluster.toml"
+        settings.write_text("[jobs]\nshared_workspace = true\n")
+        settings.chmod(0o600)
         profile = ConnectionProfile(
             name="demo", host="127.0.0.1", port=sshd.port, user=sshd.user,
             key_file=str(sshd.user_key), remote_workspace=str(out / "cluster-workspace"),
             remote_command=("/usr/bin/env", "SPARK_LOCAL_IP=127.0.0.1",
+                            f"RS_CLUSTER_CONFIG={settings}",
                             str(REPO / ".venv" / "bin" / "rs-cluster")))
         client = SshClient(profile, known_hosts).connect()
         jobs = RemoteJobs(client)

@@ -659,6 +659,8 @@ def job_storage(spec: JobSpec, job_dir: Path) -> JobStorage | None:
     from rs_cluster.settings import effective_spark, load_settings, settings_path
 
     settings = load_settings()
+    if settings.storage.url is None and settings.shared_workspace:
+        return None  # every node mounts the workspace: the stages run in the job folder
     if settings.storage.url is None:
         for index, step in enumerate(spec.steps):
             if "master" not in jobspec.STAGES[step.stage][1]:
@@ -670,7 +672,8 @@ def job_storage(spec: JobSpec, job_dir: Path) -> JobStorage | None:
                     f"step {index + 1} ({step.stage}) would run on the Spark master {master}, "
                     f"whose executors cannot see the job folder {job_dir} on this login host: set "
                     f"storage.url in {path} to a store every node reaches (s3://bucket/prefix, or "
-                    "file:///path every node mounts)")
+                    "file:///path every node mounts), or jobs.shared_workspace = true if every "
+                    "node mounts the workspace itself")
         return None
     url = storage.job_url(settings.storage.url, getpass.getuser(), spec.job_id)
     return JobStorage(url=url, env=settings.storage.environment(),

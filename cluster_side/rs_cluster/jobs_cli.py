@@ -99,9 +99,9 @@ def _submit(args: argparse.Namespace, reporter: Reporter) -> int:
         _print_json(status)
     else:
         print(status["job_id"])
-        if status["state"] == "failed":
-            print(f"rs-cluster job submit: job {status['job_id']} failed: {status.get('message')}",
-                  file=sys.stderr)
+    if status["state"] == "failed":  # the reason on stderr in both forms: callers show stderr
+        print(f"rs-cluster job submit: job {status['job_id']} failed: {status.get('message')}",
+              file=sys.stderr)
     return 0 if status["state"] != "failed" else 1
 
 

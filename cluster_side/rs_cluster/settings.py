@@ -19,6 +19,7 @@ The file is ``~/.rs-cluster/cluster.toml``, or the one ``$RS_CLUSTER_CONFIG`` na
 
     [jobs]
     heartbeat_timeout_s = 60                   # a job on another host is dead after this silence
+    shared_workspace = false                   # true: every node mounts the workspace (NFS, ...)
 
 A job spec, or the command line, carries overrides only: an explicit ``--master`` or resource wins
 over this file, the file over ``$RS_SPARK_MASTER``, and that over ``local[*]``. The file is checked
@@ -160,6 +161,9 @@ class ClusterSettings:
     resources: SparkResources = field(default_factory=SparkResources)
     storage: StorageSettings = field(default_factory=StorageSettings)
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    # The workspace is on a filesystem every node mounts at the same path (NFS, Lustre, or one
+    # machine): executors see the job folder, so a remote master needs no storage.url.
+    shared_workspace: bool = False
 
 
 @dataclass(frozen=True)
@@ -231,12 +235,17 @@ def _parse(file: Path, raw: dict[str, Any], mode: int) -> ClusterSettings:
     storage = _check_storage(file, StorageSettings(**values), mode)
 
     jobs = _table(file, raw, "jobs")
-    _known(file, "jobs.", jobs, {"heartbeat_timeout_s"})
+    _known(file, "jobs.", jobs, {"heartbeat_timeout_s", "shared_workspace"})
     timeout = _typed(file, jobs, "jobs.", "heartbeat_timeout_s", (int, float))
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"{file}: jobs.heartbeat_timeout_s must be above 0 (got {timeout})")
+    shared = jobs.get("shared_workspace", False)
+    if not isinstance(shared, bool):
+        raise ConfigError(f"{file}: jobs.shared_workspace must be true or false, got "
+                          f"{type(shared).__name__} {shared!r}")
     return ClusterSettings(path=file, master=master, resources=resources, storage=storage,
-                           heartbeat_timeout_s=float(timeout or DEFAULT_HEARTBEAT_TIMEOUT_S))
+                           heartbeat_timeout_s=float(timeout or DEFAULT_HEARTBEAT_TIMEOUT_S),
+                           shared_workspace=shared)
 
 
 def _check_storage(file: Path, storage: StorageSettings, mode: int) -> StorageSettings:
@@ -332,7 +341,8 @@ def report(settings: ClusterSettings | None = None) -> dict[str, Any]:
             "settings_file_looked_for": str(path),
             "master": spark.master, "master_source": spark.master_source, "runs_on": where,
             "resources": spark.resources.to_dict(), "storage": settings.storage.to_report(),
-            "heartbeat_timeout_s": settings.heartbeat_timeout_s}
+            "heartbeat_timeout_s": settings.heartbeat_timeout_s,
+            "shared_workspace": settings.shared_workspace}
 
 
 # -- the stages' command-line overrides --------------------------------------------------------------

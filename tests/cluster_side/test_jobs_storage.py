@@ -78,10 +78,33 @@ def test_a_remote_master_without_storage_fails_before_any_step_with_one_line(tmp
         "step 1 (prepare) would run on the Spark master spark://head.example:7077, whose "
         f"executors cannot see the job folder {ws.resolve() / 'jobs' / 'nost1'} on this login "
         f"host: set storage.url in {path} to a store every node reaches (s3://bucket/prefix, "
-        "or file:///path every node mounts)")
+        "or file:///path every node mounts), or jobs.shared_workspace = true if every node "
+        "mounts the workspace itself")
     assert proc.returncode == 1
     assert proc.stderr == f"rs-cluster job submit: job nost1 failed: {final['message']}\n"
     assert not (ws / "jobs" / "nost1" / "log.txt").exists()  # no runner, no step started
+
+
+def test_a_workspace_every_node_mounts_needs_no_storage_for_a_remote_master(tmp_path,
+                                                                          monkeypatch):
+    from rs_cluster import jobs
+    from rs_cluster.jobspec import parse_job_spec
+
+    spec_dict = {"schema_version": 1, "job_id": "shared1", "name": "shared", "steps": [
+        {"stage": "prepare", "params": {"images": "inputs/images", "masks": "inputs/masks",
+                                        "output": "outputs/dataset"}}]}
+    job_dir = tmp_path / "ws" / "jobs" / "shared1"
+    job_dir.mkdir(parents=True)
+    spec = parse_job_spec(spec_dict, job_dir)
+    settings_file(tmp_path, monkeypatch, '[spark]\nmaster = "spark://head.example:7077"\n')
+    with pytest.raises(jobs.ConfigError, match="jobs.shared_workspace = true"):
+        jobs.job_storage(spec, job_dir)
+    settings_file(tmp_path, monkeypatch, '[spark]\nmaster = "spark://head.example:7077"\n'
+                  '[jobs]\nshared_workspace = true\n')
+    assert jobs.job_storage(spec, job_dir) is None  # the stages run in the job folder
+    settings_file(tmp_path, monkeypatch, '[jobs]\nshared_workspace = "yes"\n')
+    with pytest.raises(jobs.ConfigError, match="jobs.shared_workspace must be true or false"):
+        jobs.job_storage(spec, job_dir)
 
 
 @pytest.mark.parametrize("storage, expected", [

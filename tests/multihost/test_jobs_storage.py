@@ -169,7 +169,8 @@ def test_without_storage_a_job_for_the_rig_master_fails_before_running_with_one_
     assert status["message"] == (
         f"step 1 (predict) would run on the Spark master {rig.master_url}, whose executors "
         f"cannot see the job folder {inside} on this login host: set storage.url in {settings} "
-        "to a store every node reaches (s3://bucket/prefix, or file:///path every node mounts)")
+        "to a store every node reaches (s3://bucket/prefix, or file:///path every node mounts), "
+        "or jobs.shared_workspace = true if every node mounts the workspace itself")
     assert submitted.stderr == f"rs-cluster job submit: job rig-nostore1 failed: {status['message']}\n"
     assert not (job_dir / "log.txt").exists()  # no runner, no step started
 
