@@ -365,8 +365,14 @@ class _RemoteTask(RsTask):
         self.known_hosts = Path(known_hosts)
         self._passphrase = passphrase
 
-    def open_jobs(self) -> RemoteJobs:
-        return RemoteJobs(connect(self.profile, self.known_hosts, self._passphrase))
+    @contextmanager
+    def remote_jobs(self) -> Iterator[RemoteJobs]:
+        """The cluster's jobs over this task's own SSH connection, closed when the block ends."""
+        jobs = RemoteJobs(connect(self.profile, self.known_hosts, self._passphrase))
+        try:
+            yield jobs
+        finally:
+            jobs.client.close()
 
 
 class EnvTask(_RemoteTask):
@@ -378,11 +384,8 @@ class EnvTask(_RemoteTask):
                          known_hosts, passphrase, on_done, READ_ONLY)
 
     def work(self) -> dict[str, Any]:
-        jobs = self.open_jobs()
-        try:
+        with self.remote_jobs() as jobs:
             return jobs.env()
-        finally:
-            jobs.client.close()
 
 
 class LogTailTask(_RemoteTask):
@@ -398,11 +401,8 @@ class LogTailTask(_RemoteTask):
         self.lines = lines
 
     def work(self) -> list[str]:
-        jobs = self.open_jobs()
-        try:
+        with self.remote_jobs() as jobs:
             return jobs.log_tail(self.job_id, self.lines)
-        finally:
-            jobs.client.close()
 
 
 class SubmitJobTask(_RemoteTask):
@@ -426,8 +426,7 @@ class SubmitJobTask(_RemoteTask):
         self.cancel_error: BaseException | None = None
 
     def work(self) -> JobStatus:
-        jobs = self.open_jobs()
-        try:
+        with self.remote_jobs() as jobs:
             try:
                 status = submit_planned(jobs, self.planned, progress=self.setProgress,
                                         cancel=self.cancel_flag)
@@ -443,8 +442,6 @@ class SubmitJobTask(_RemoteTask):
                     log.error("job %s started, but cancelling it failed: %s", self.job_id, e)
                     self.cancel_error = e
             return status
-        finally:
-            jobs.client.close()
 
 
 class WatchJobTask(_RemoteTask):
@@ -494,8 +491,7 @@ class WatchJobTask(_RemoteTask):
         self.event_received.emit(self.job_id, event)
 
     def work(self) -> JobStatus:
-        jobs = self.open_jobs()
-        try:
+        with self.remote_jobs() as jobs:
             try:
                 return watch(jobs, self.job_id, on_status=self._status, on_event=self._event,
                              cancel=self.cancel_flag, poll_s=self.poll_s,
@@ -505,8 +501,6 @@ class WatchJobTask(_RemoteTask):
                     self.remote_cancelled = jobs.cancel(self.job_id)
                     self.status_changed.emit(self.remote_cancelled)
                 raise
-        finally:
-            jobs.client.close()
 
 
 class CancelJobTask(_RemoteTask):
@@ -518,11 +512,8 @@ class CancelJobTask(_RemoteTask):
         self.job_id = job_id
 
     def work(self) -> JobStatus:
-        jobs = self.open_jobs()
-        try:
+        with self.remote_jobs() as jobs:
             return jobs.cancel(self.job_id)
-        finally:
-            jobs.client.close()
 
 
 class ReconcileTask(_RemoteTask):
@@ -541,11 +532,8 @@ class ReconcileTask(_RemoteTask):
         self.candidates = set(known if candidates is None else candidates)
 
     def work(self) -> Reconciliation:
-        jobs = self.open_jobs()
-        try:
+        with self.remote_jobs() as jobs:
             return reconcile(jobs, self.known, self.detail)
-        finally:
-            jobs.client.close()
 
 
 class CleanJobTask(_RemoteTask):
@@ -560,15 +548,13 @@ class CleanJobTask(_RemoteTask):
         self.job_id = job_id
 
     def work(self) -> bool:
-        jobs = self.open_jobs()
-        try:
-            jobs.clean(self.job_id)
-        except RemoteCommandError as e:
-            if f"no job {self.job_id!r}" not in str(e):
-                raise
-            log.info("job %s: nothing to delete on the cluster (%s)", self.job_id, e)
-        finally:
-            jobs.client.close()
+        with self.remote_jobs() as jobs:
+            try:
+                jobs.clean(self.job_id)
+            except RemoteCommandError as e:
+                if f"no job {self.job_id!r}" not in str(e):
+                    raise
+                log.info("job %s: nothing to delete on the cluster (%s)", self.job_id, e)
         return True
 
 
@@ -586,13 +572,10 @@ class FetchResultsTask(_RemoteTask):
         self.local_dir = Path(local_dir)
 
     def work(self) -> list[Path]:
-        jobs = self.open_jobs()
-        try:
+        with self.remote_jobs() as jobs:
             status = jobs.status(self.job_id)  # fetch() reads it again; cheap, and keeps it simple
             if status.state != "succeeded":
                 raise RemoteCommandError(f"job {self.job_id} is {status.state}, not succeeded: "
                                          f"{status.message or 'nothing to download'}")
             return fetch(jobs, self.job_id, self.paths, self.local_dir,
                          progress=self.setProgress, cancel=self.cancel_flag)
-        finally:
-            jobs.client.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import functools
 import json
 import os
 import posixpath
@@ -229,14 +230,23 @@ def hdfs_fsspec(location: str):
 def _hdfs_filesystem(location: str):
     from pyarrow import fs
 
-    class Handler(fs.FSSpecHandler):
+    return fs.PyFileSystem(_listing_handler()(hdfs_fsspec(location)))
+
+
+@functools.lru_cache(maxsize=None)
+def _listing_handler() -> type:
+    """pyarrow's FSSpecHandler with folder listings that leave the folder itself out (pyarrow 10
+    keeps it: fsspec's ``find(withdirs=True)`` includes it). Built once, on first use, so that
+    importing this module does not import pyarrow."""
+    from pyarrow import fs
+
+    class ListingHandler(fs.FSSpecHandler):
         def get_file_info_selector(self, selector):
-            # pyarrow 10 lists the folder itself too (fsspec's find(withdirs=True) includes it).
             base = selector.base_dir.rstrip("/") or "/"
             return [i for i in super().get_file_info_selector(selector)
                     if (i.path.rstrip("/") or "/") != base]
 
-    return fs.PyFileSystem(Handler(hdfs_fsspec(location)))
+    return ListingHandler
 
 
 filesystem = url_to_fs  # the name this module used before
