@@ -17,6 +17,10 @@ The hosts and their services:
     worker2  127.0.0.5   Spark worker, one core
     storage  127.0.0.6   SeaweedFS ``weed server``: master, volume server, filer, S3 gateway that
                          refuses anonymous and wrong-key requests (``rig.s3`` has the keys)
+    login2   127.0.0.7   a second login node behind the same name: it mounts login's home and
+                         workspace (as login nodes share home directories), but has its own host
+                         name (UTS namespace) and its own process table (PID namespace), so it
+                         can neither see nor signal what runs on login
 
 Every host's namespace is held open by one ``sleep`` process; a command runs "on" a host through
 ``nsenter --mount=/proc/<holder>/ns/mnt``. Stopping kills every process in the rig's namespaces
@@ -49,16 +53,20 @@ from tests.sshd import Sshd
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv"
 ADDRESSES = {"login": "127.0.0.2", "master": "127.0.0.3", "worker1": "127.0.0.4",
-             "worker2": "127.0.0.5", "storage": "127.0.0.6"}
+             "worker2": "127.0.0.5", "storage": "127.0.0.6", "login2": "127.0.0.7"}
 WORKERS = ("worker1", "worker2")
+# host -> the host whose home and workspace it mounts (and it gets its own hostname and pids)
+SHARES_WITH = {"login2": "login"}
 SERVICES = ("storage", "spark", "ssh")
 S3_REGION = "us-east-1"  # SeaweedFS ignores it; S3 clients insist on one
 
 # The holder: hides the other hosts, puts this host's home at the passwd home (with RIG_KEEP's
 # ':'-separated folders of the passwd home still there, e.g. a pyenv Python the venv links to),
-# says "ready", then keeps the namespace alive. Arguments: own home, passwd home, folders to hide.
+# says "ready", then keeps the namespace alive. Arguments: own home, passwd home, host name (empty:
+# the machine's), folders to hide.
 _HOLDER = r"""set -ef
-home=$1; userhome=$2; shift 2
+home=$1; userhome=$2; name=$3; shift 3
+if [ -n "$name" ]; then hostname "$name"; fi
 for d in "$@"; do mount -t tmpfs -o size=1m,mode=0755 rig-hidden "$d"; done
 IFS=:
 for rel in $RIG_KEEP; do mkdir -p "$home/$rel"; mount --bind "$userhome/$rel" "$home/$rel"; done
@@ -126,13 +134,16 @@ class Host:
     name: str
     address: str
     root: Path  # <base>/hosts/<name>, visible from outside the rig, hidden from the other hosts
+    # A second login node: the root of the host whose home and workspace it mounts; it also gets
+    # its own host name and process table (it cannot see or signal the other host's processes).
+    shares: Path | None = None
     holder: subprocess.Popen | None = None
     started: list[subprocess.Popen] = field(default_factory=list)
 
     @property
     def home(self) -> Path:
         """This host's home as seen from outside; inside the host it is also ``user_home``."""
-        return self.root / "home"
+        return (self.shares or self.root) / "home"
 
     @property
     def user_home(self) -> Path:
@@ -141,7 +152,7 @@ class Host:
 
     @property
     def workspace(self) -> Path:
-        return self.root / "workspace"
+        return (self.shares or self.root) / "workspace"
 
     @property
     def tmp(self) -> Path:
@@ -163,8 +174,9 @@ class Host:
         entering a mount namespace resets the working directory to /)."""
         if self.holder is None:
             raise RigUnavailable(f"host {self.name} is not running")
-        return ["nsenter", f"--mount=/proc/{self.holder.pid}/ns/mnt",
-                f"--wd={cwd or self.workspace}", "--"]
+        ns = f"/proc/{self.holder.pid}/ns"
+        own = [f"--uts={ns}/uts", f"--pid={ns}/pid_for_children"] if self.shares else []
+        return ["nsenter", f"--mount={ns}/mnt", *own, f"--wd={cwd or self.workspace}", "--"]
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment of a process on this host: its own home, tmp and Spark address, and
@@ -241,6 +253,8 @@ class Rig:
         self.services = tuple(services)
         self.hosts = {name: Host(name, address, self.base / "hosts" / name)
                       for name, address in ADDRESSES.items()}
+        for name, other in SHARES_WITH.items():
+            self.hosts[name].shares = self.hosts[other].root
         self.shared = self.base / "shared"  # visible to every host, like an NFS mount
         self.spark: StandaloneCluster | None = None
         self.sshd: Sshd | None = None
@@ -290,15 +304,21 @@ class Rig:
 
     def _start_hosts(self) -> None:
         for host in self.hosts.values():
-            for d in (host.home, host.workspace, host.tmp, host.logs):
+            for d in (host.home, host.workspace, host.tmp, host.logs, host.root / "sshd"):
                 d.mkdir(parents=True, exist_ok=True)
         self.shared.mkdir(parents=True, exist_ok=True)
         keep = ":".join(self._kept_in_home())
         for host in self.hosts.values():
-            others = [str(h.root) for h in self.hosts.values() if h is not host]
+            hidden = [h.root for h in self.hosts.values() if h is not host and h.root != host.shares]
+            own, name = ["--mount"], ""
+            if host.shares is not None:
+                # The shared host's home and workspace stay at their paths; its own folders
+                # (tmp, logs, its sshd's keys) do not.
+                hidden += [host.shares / d for d in ("tmp", "logs", "sshd")]
+                own, name = ["--mount", "--uts", "--pid", "--fork", "--mount-proc"], host.name
             host.holder = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _HOLDER,
-                 "rig-holder", str(host.home), str(host.user_home), *others],
+                ["unshare", *own, "--propagation", "private", "--", "sh", "-c", _HOLDER,
+                 "rig-holder", str(host.home), str(host.user_home), name, *map(str, hidden)],
                 env={**os.environ, "RIG_KEEP": keep}, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, start_new_session=True)
         for host in self.hosts.values():

@@ -914,7 +914,7 @@ def cancel(workspace: Workspace, job_id: str, *, grace_s: float = 5.0,
         current.update(state="cancelled", message="cancelled", finished=utc_now())
         return True
 
-    return update_status(job_dir, mark)
+    return _lost_runner_note(update_status(job_dir, mark), job_id)
 
 
 def _cancel_remote(job_dir: Path, job_id: str, status: dict[str, Any], grace_s: float,
@@ -934,10 +934,18 @@ def _cancel_remote(job_dir: Path, job_id: str, status: dict[str, Any], grace_s: 
                                 f"{host} stops sending its heartbeat")
             return status
         time.sleep(_POLL_S)
-    if status.get("state") == "failed" and "heartbeat" in str(status.get("message")):
-        status["cancel"] = (f"the job runner on host {host} is gone, so it cannot stop the job's "
-                            f"steps there; run `rs-cluster job cancel {job_id}` on {host} to stop "
-                            "any it left running")
+    return _lost_runner_note(status, job_id)
+
+
+def _lost_runner_note(status: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """A job failed because its runner on another host went silent: a cancel from here cannot
+    reach the steps it may have left there, and says so (``cancel``)."""
+    host = status.get("host")
+    if status.get("state") == "failed" and not runner_is_here(status) and \
+            "heartbeat" in str(status.get("message")):
+        status["cancel"] = (f"the job runner on host {host} is gone, so a cancel from here cannot "
+                            f"stop the job's steps there; run `rs-cluster job cancel {job_id}` on "
+                            f"{host} to stop any it left running")
     return status
 
 

@@ -459,7 +459,8 @@ def test_a_runner_killed_on_its_host_is_declared_failed_elsewhere_once_its_heart
     # A cancel from there cannot stop the step the runner left: it waits, then says so.
     proc = other_host_cli(ws, "job", "cancel", "hb2")
     host = status["host"]
-    assert f"hb2: failed; the job runner on host {host} is gone, so it cannot stop" in proc.stdout
+    assert (f"hb2: failed; the job runner on host {host} is gone, so a cancel from here cannot "
+            "stop") in proc.stdout
     assert f"run `rs-cluster job cancel hb2` on {host}" in proc.stdout
     final = json.loads(other_host_cli(ws, "job", "status", "hb2", "--json").stdout)
     assert final["state"] == "failed"
