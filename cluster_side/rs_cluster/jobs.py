@@ -563,7 +563,9 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
                     os.environ.update(where.env)
                     env.update(where.env)
                     _log_line(log, f"# job files in shared storage: {where.url}")
-                    status.update(message=f"copying the inputs to {where.url}")
+                    # Recorded for `job clean`, which deletes this copy too (a URL, no key).
+                    status.update(storage_url=where.url,
+                                  message=f"copying the inputs to {where.url}")
                     _runner_write(job_dir, status)
                     storage.stage_inputs(str(job_dir), where.url)
             except RsClusterError as e:
@@ -594,7 +596,7 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
                 status.update(message=f"copying the results back from {where.url}")
                 _runner_write(job_dir, status)
                 try:
-                    storage.fetch_results(where.url, str(job_dir), spec.outputs())
+                    storage.fetch_results(where.url, str(job_dir), spec.results())
                 except RsClusterError as e:
                     failure, exit_code = str(e), e.exit_code
         except OSError as e:  # the runner's own log and event lines, written between steps
@@ -606,7 +608,7 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
         with status_lock(job_dir):
             if full_disk is None and failure is None and steps_done == len(spec.steps):
                 status.update(state="succeeded", progress=100.0, message="done",
-                              results=[r for r in spec.outputs() if (job_dir / r).exists()])
+                              results=[r for r in spec.results() if (job_dir / r).exists()])
             elif stop.is_set() or (job_dir / CANCEL_FILE).exists():
                 status.update(state="cancelled", message="cancelled")
             elif failure is not None:
@@ -950,10 +952,28 @@ def _lost_runner_note(status: dict[str, Any], job_id: str) -> dict[str, Any]:
 
 
 def clean(workspace: Workspace, job_id: str) -> None:
-    """Deletes a job folder; refused while the job runs (cancel it first)."""
+    """Deletes a job folder, and the job's copy in shared storage; refused while the job runs
+    (cancel it first)."""
     job_dir = workspace.existing_job_dir(job_id)
-    if (job_dir / STATUS_FILE).exists() and read_status(job_dir).get("state") in ACTIVE_STATES:
+    status = read_status(job_dir) if (job_dir / STATUS_FILE).exists() else {}
+    if status.get("state") in ACTIVE_STATES:
         raise JobStateError(f"job {job_id} is still running; cancel it first")
+    _remove_job(job_dir, status)
+
+
+def _remove_job(job_dir: Path, status: dict[str, Any]) -> None:
+    """The store's copy first: if the store refuses, the job folder stays and still names it, so
+    a later clean can try again (nothing is left in the store that no job folder points to)."""
+    import getpass
+
+    url = status.get("storage_url")
+    # Only a URL of the runner's own shape for this job, <storage>/<user>/<job-id>, is deleted.
+    if isinstance(url, str) and storage.is_url(url) and \
+            url.rstrip("/").endswith(f"/{getpass.getuser()}/{job_dir.name}"):
+        from rs_cluster.settings import load_settings
+
+        os.environ.update(load_settings().storage.environment())
+        storage.delete_dir(url)
     shutil.rmtree(job_dir)
 
 
@@ -983,7 +1003,7 @@ def clean_older_than(workspace: Workspace, seconds: float) -> list[dict[str, Any
             continue  # never submitted, or its status unreadable: not known to be over
         if status.get("state") not in TERMINAL_STATES or _ended_s_ago(job_dir, status) < seconds:
             continue
-        shutil.rmtree(job_dir)
+        _remove_job(job_dir, status)
         removed.append({"job_id": job_id, "state": status["state"], "finished": status.get("finished")})
     return removed
 

@@ -101,6 +101,13 @@ class JobSpec:
     def outputs(self) -> list[str]:
         return [s.params[k] for s in self.steps for k in sorted(OUTPUT_PARAMS) if k in s.params]
 
+    def results(self) -> list[str]:
+        """The outputs a job hands back: all but a prepared dataset that a later step of the job
+        trains on (tiles, possibly many gigabytes, that nobody downloads)."""
+        consumed = {s.params.get("data") for s in self.steps if s.stage == "train"}
+        datasets = {s.params.get("output") for s in self.steps if s.stage == "prepare"}
+        return [o for o in self.outputs() if not (o in datasets and o in consumed)]
+
 
 def new_job_id() -> str:
     """A sortable, unique id: UTC time plus random hex, e.g. ``20260101-120000-ab12cd``."""

@@ -137,3 +137,43 @@ def test_the_storage_settings_reach_the_steps_environment_but_no_file_of_the_job
     job_dir = ws / "jobs" / "env1"
     for name in ("job.json", "status.json", "events.jsonl", "log.txt"):
         assert SECRET not in (job_dir / name).read_text(), name
+
+
+def test_clean_deletes_the_jobs_copy_in_the_store_and_nothing_else(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    settings_file(tmp_path, monkeypatch, f'[storage]\nurl = "file://{store}"\n')
+    ws = tmp_path / "ws"
+    job_dir = submit_folder(ws, sleep_job("st-clean", output="outputs/result.txt"),
+                            {"inputs/a.tif": b"tif bytes"})
+    final = wait_for(lambda: (s := status_of(ws, "st-clean"))["state"] in ENDED and s)
+    remote = store / getpass.getuser() / "st-clean"
+    assert final["storage_url"] == f"file://{remote}" and (remote / "inputs" / "a.tif").exists()
+    neighbour = store / getpass.getuser() / "another-job" / "inputs"
+    neighbour.mkdir(parents=True)
+    # A status.json naming a URL of another shape (edited by hand) deletes nothing in the store.
+    odd = ws / "jobs" / "odd-job"
+    odd.mkdir()
+    (odd / "job.json").write_text(json.dumps(sleep_job("odd-job")))
+    (odd / "status.json").write_text(json.dumps(
+        {"job_id": "odd-job", "state": "failed", "storage_url": f"file://{store}"}))
+
+    cli(ws, "job", "clean", "st-clean")
+    cli(ws, "job", "clean", "odd-job")
+
+    assert not job_dir.exists() and not remote.exists() and not odd.exists()
+    assert neighbour.is_dir() and store.is_dir()
+
+
+def test_a_dataset_that_a_later_step_trains_on_stays_in_the_store():
+    from rs_cluster.jobspec import parse_job_spec
+
+    steps = [{"stage": "prepare", "params": {"images": "inputs/i", "masks": "inputs/m",
+                                             "output": "dataset"}},
+             {"stage": "train", "params": {"data": "dataset", "model_dir": "model"}},
+             {"stage": "predict", "params": {"model": "model", "input": "inputs/p",
+                                             "output": "predictions"}}]
+    spec = parse_job_spec({"schema_version": 1, "job_id": "j", "name": "j", "steps": steps})
+    assert spec.results() == ["model", "predictions"]
+    only_prepare = parse_job_spec({"schema_version": 1, "job_id": "j", "name": "j",
+                                   "steps": steps[:1]})
+    assert only_prepare.results() == ["dataset"]  # what that job was for: it comes back
