@@ -40,6 +40,9 @@ JAVA_OPENS = tuple(f"--add-opens=java.base/{pkg}=ALL-UNNAMED" for pkg in (
     "java.util.concurrent", "sun.nio.ch", "sun.net.dns", "sun.net.util"))
 NAMENODE = "org.apache.hadoop.hdfs.server.namenode.NameNode"
 DATANODE = "org.apache.hadoop.hdfs.server.datanode.DataNode"
+RESOURCEMANAGER = "org.apache.hadoop.yarn.server.resourcemanager.ResourceManager"
+NODEMANAGER = "org.apache.hadoop.yarn.server.nodemanager.NodeManager"
+NODE_MEMORY_MB = 3072  # per NodeManager: an application master and an executor or two
 
 
 def unavailable(lib: Path = LIB) -> str | None:
@@ -73,10 +76,11 @@ class Hadoop:
     """HDFS on the rig: ``start()`` formats and starts the daemons and waits until every DataNode
     is live and the NameNode has left safe mode; the rig's ``stop()`` (or ours) ends them."""
 
-    def __init__(self, rig: Rig, *, replication: int = 2, lib: Path = LIB):
+    def __init__(self, rig: Rig, *, replication: int = 2, lib: Path = LIB, yarn: bool = False):
         self.rig = rig
         self.lib = lib
         self.replication = replication
+        self.yarn = yarn
         master = rig.host("master")
         self.namenode_rpc = free_port(master.address)
         self.namenode_http = free_port(master.address)
@@ -87,6 +91,15 @@ class Hadoop:
             self.daemons[f"datanode-{name}"] = Daemon(f"datanode-{name}", host, DATANODE)
             self._datanode_ports[name] = (free_port(host.address), free_port(host.address),
                                           free_port(host.address))
+        # YARN: the ResourceManager on master, a NodeManager on each worker host.
+        self._rm_ports = [free_port(master.address) for _ in range(5)]
+        self._nm_ports = {name: [free_port(rig.host(name).address) for _ in range(3)]
+                          for name in WORKERS}
+        if yarn:
+            self.daemons["resourcemanager"] = Daemon("resourcemanager", master, RESOURCEMANAGER)
+            for name in WORKERS:
+                self.daemons[f"nodemanager-{name}"] = Daemon(f"nodemanager-{name}",
+                                                             rig.host(name), NODEMANAGER)
 
     # -- addresses and configuration -------------------------------------------------------
 
@@ -100,8 +113,12 @@ class Hadoop:
         return host.root / "hadoop" / "conf"
 
     def env(self, host: Host | str) -> dict[str, str]:
-        """What a process on ``host`` needs to find HDFS: its Hadoop configuration folder."""
-        return {"HADOOP_CONF_DIR": str(self.conf_dir(host))}
+        """What a process on ``host`` needs to find HDFS and YARN: its Hadoop configuration
+        folder (and Java, for the containers a NodeManager starts)."""
+        java = os.path.realpath(shutil.which("java") or "/usr/bin/java")
+        return {"HADOOP_CONF_DIR": str(self.conf_dir(host)),
+                "YARN_CONF_DIR": str(self.conf_dir(host)),
+                "JAVA_HOME": str(Path(java).parents[1])}
 
     def _site(self, host: Host) -> dict[str, dict[str, object]]:
         master = self.rig.host("master").address
@@ -130,7 +147,61 @@ class Hadoop:
                          "dfs.datanode.http.address": f"{host.address}:{http}",
                          "dfs.datanode.ipc.address": f"{host.address}:{ipc}"})
         core = {"fs.defaultFS": self.url, "hadoop.tmp.dir": str(host.root / "hadoop" / "tmp")}
-        return {"core-site.xml": core, "hdfs-site.xml": hdfs}
+        files = {"core-site.xml": core, "hdfs-site.xml": hdfs}
+        if self.yarn:
+            files.update(self._yarn_site(host))
+        return files
+
+    @property
+    def resourcemanager_web(self) -> str:
+        return f"http://{self.rig.host('master').address}:{self._rm_ports[4]}"
+
+    def _yarn_site(self, host: Host) -> dict[str, dict[str, object]]:
+        master = self.rig.host("master").address
+        rpc, scheduler, tracker, admin, web = self._rm_ports
+        yarn: dict[str, object] = {
+            "yarn.resourcemanager.hostname": master,
+            "yarn.resourcemanager.address": f"{master}:{rpc}",
+            "yarn.resourcemanager.scheduler.address": f"{master}:{scheduler}",
+            "yarn.resourcemanager.resource-tracker.address": f"{master}:{tracker}",
+            "yarn.resourcemanager.admin.address": f"{master}:{admin}",
+            "yarn.resourcemanager.webapp.address": f"{master}:{web}",
+            "yarn.nodemanager.resource.memory-mb": NODE_MEMORY_MB,
+            "yarn.nodemanager.resource.cpu-vcores": 2,
+            "yarn.scheduler.minimum-allocation-mb": 128,
+            "yarn.scheduler.maximum-allocation-mb": NODE_MEMORY_MB,
+            # Python workers and TensorFlow live outside the JVM's heap: YARN would kill them.
+            "yarn.nodemanager.pmem-check-enabled": "false",
+            "yarn.nodemanager.vmem-check-enabled": "false",
+            "yarn.nodemanager.disk-health-checker.max-disk-utilization-per-disk-percentage": 99,
+            # What containers inherit from their NodeManager (RS_RIG_HOST: which host ran a
+            # task, for the tests); executors bind to the address YARN gives them.
+            "yarn.nodemanager.env-whitelist": "JAVA_HOME,HADOOP_CONF_DIR,PATH,LANG,TZ,"
+                                              "RS_RIG_HOST",
+            "yarn.nodemanager.delete.debug-delay-sec": 600,  # keep container logs to read
+            # A dead NodeManager is noticed in seconds, not 10 minutes.
+            "yarn.nm.liveness-monitor.expiry-interval-ms": 6000,
+            "yarn.resourcemanager.nm.liveness-monitor.interval-ms": 1000,
+            "yarn.resourcemanager.nodemanagers.heartbeat-interval-ms": 500,
+        }
+        if host.name in self._nm_ports:
+            ipc, localizer, web_nm = self._nm_ports[host.name]
+            yarn.update({
+                "yarn.nodemanager.hostname": host.address,
+                "yarn.nodemanager.address": f"{host.address}:{ipc}",
+                "yarn.nodemanager.localizer.address": f"{host.address}:{localizer}",
+                "yarn.nodemanager.webapp.address": f"{host.address}:{web_nm}",
+                "yarn.nodemanager.local-dirs": str(host.tmp / "yarn-local"),
+                "yarn.nodemanager.log-dirs": str(host.logs / "yarn-containers"),
+            })
+        capacity = {"yarn.scheduler.capacity.root.queues": "default,analysts",
+                    "yarn.scheduler.capacity.root.default.capacity": 50,
+                    "yarn.scheduler.capacity.root.analysts.capacity": 50,
+                    "yarn.scheduler.capacity.root.default.maximum-capacity": 100,
+                    "yarn.scheduler.capacity.root.analysts.maximum-capacity": 100,
+                    # Application masters may take the whole (small) cluster.
+                    "yarn.scheduler.capacity.maximum-am-resource-percent": 1.0}
+        return {"yarn-site.xml": yarn, "capacity-scheduler.xml": capacity}
 
     def write_conf(self) -> None:
         """Every host's Hadoop configuration; written before the rig starts, so the Spark
@@ -165,7 +236,34 @@ class Hadoop:
         for name in self.daemons:
             self.start_daemon(name)
         self.wait_ready(timeout)
+        if self.yarn:
+            self.wait_yarn(timeout)
         return self
+
+    def active_nodemanagers(self) -> int:
+        with urllib.request.urlopen(f"{self.resourcemanager_web}/ws/v1/cluster/metrics",
+                                    timeout=5) as answer:  # noqa: S310 - the rig's RM
+            return int(json.load(answer)["clusterMetrics"]["activeNodes"])
+
+    def wait_yarn(self, timeout: float = 120, nodes: int | None = None) -> None:
+        want = len(WORKERS) if nodes is None else nodes
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            for daemon in self.daemons.values():
+                if daemon.proc is not None and daemon.proc.poll() is not None:
+                    raise RigUnavailable(f"{daemon.name} exited with {daemon.proc.returncode}; "
+                                         f"see {daemon.log}:\n{_tail(daemon.log)}")
+            try:
+                active = self.active_nodemanagers()
+                if active == want:
+                    return
+                last = f"{active} of {want} NodeManagers active"
+            except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
+                last = str(e)
+            time.sleep(0.5)
+        raise RigUnavailable(f"YARN not ready after {timeout:g} s ({last}); logs in "
+                             f"{self.rig.host('master').logs}")
 
     def start_daemon(self, name: str) -> None:
         daemon = self.daemons[name]

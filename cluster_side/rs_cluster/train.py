@@ -292,8 +292,8 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         with Poller(relay.poll):
             return engine.launch(train_worker, (spec,), num_proc=1)
-    with spark_session(cfg.master, "rs-cluster train", spark=spark,
-                       resources=cfg.resources) as session:
+    with spark_session(cfg.master, "rs-cluster train", spark=spark, resources=cfg.resources,
+                       conf=_yarn_executors(cfg, world)) as session:
         sc = session.sparkContext
         _wait_for_slots(sc, world, 0 if sc.master.startswith("local") else cfg.slot_wait_s)
         env = {**_worker_env(), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
@@ -498,6 +498,20 @@ def _spark_slots(sc: Any) -> int:
         return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
     except Exception:  # the private API moved: the public, rougher figure
         return int(sc.defaultParallelism)
+
+
+def _yarn_executors(cfg: TrainConfig, world: int) -> dict[str, str]:
+    """On YARN, one executor per Horovod worker unless the settings or the job say how many:
+    YARN starts two by default, and nothing asks it for more."""
+    from rs_cluster.settings import effective_spark
+
+    effective = effective_spark(cfg.master, cfg.resources)
+    conf = effective.resources.spark_conf()
+    if effective.master != "yarn" or "spark.executor.instances" in conf or \
+            conf.get("spark.dynamicAllocation.enabled") == "true":
+        return {}
+    cores = int(conf.get("spark.executor.cores", "1"))
+    return {"spark.executor.instances": str(-(-world // cores))}
 
 
 def _wait_for_slots(sc: Any, wanted: int, wait_s: float) -> None:

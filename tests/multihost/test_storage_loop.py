@@ -79,15 +79,16 @@ def _upload_pairs(s3, prefix: str, picks: dict[str, list[str]]) -> None:
                     out.write((src / folder / f).read_bytes())
 
 
-def _rs(rig: Rig, stage: str, *args: str, timeout: float = 240,
-        spark: bool = True) -> subprocess.CompletedProcess[str]:
-    """``rs-cluster <stage>`` on login, the rig's Spark master, events in login's temp folder."""
+def _rs(rig: Rig, stage: str, *args: str, timeout: float = 240, spark: bool = True,
+        master: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``rs-cluster <stage>`` on login, events in login's temp folder; a Spark stage on the rig's
+    standalone master, or on ``master`` (its --master and --spark-conf options)."""
     login = rig.host("login")
     events = login.tmp / f"events-{stage}.jsonl"
     events.unlink(missing_ok=True)
     spark_args = []
     if spark:
-        spark_args = ["--master", rig.master_url]
+        spark_args = master or ["--master", rig.master_url]
         for conf in (f"spark.driver.host={ADDRESSES['login']}",
                      f"spark.driver.bindAddress={ADDRESSES['login']}",
                      "spark.executor.memory=512m", "spark.ui.enabled=false",
@@ -117,19 +118,20 @@ def _task_hosts(rig: Rig) -> dict[str, set[str]]:
     return out
 
 
-def run_the_loop(rig: Rig, job: str) -> None:
+def run_the_loop(rig: Rig, job: str, master: list[str] | None = None) -> None:
     """prepare -> train (2 Horovod workers) -> predict -> evaluate on ``job``'s inputs, each
-    location under the URL ``job``; the driver on login, the tasks on the workers."""
+    location under the URL ``job``; the driver on login, the tasks on the workers (of the rig's
+    standalone master, or of ``master``: see :func:`_rs`)."""
     prepare = _rs(rig, "prepare", "--images", f"{job}/inputs/images", "--masks",
                   f"{job}/inputs/masks", "--output", f"{job}/dataset", "--tile-size", "128",
-                  "--split", "0.5,0.25,0.25")
+                  "--split", "0.5,0.25,0.25", master=master)
     assert prepare.returncode == 0, prepare.stderr[-3000:]
     train = _rs(rig, "train", "--data", f"{job}/dataset", "--model-dir", f"{job}/model",
                 "--epochs", "1", "--base-filters", "8", "--batch-size", "4", "--num-proc", "2",
-                "--nics", "lo", "--arch", "unet2019", timeout=400)
+                "--nics", "lo", "--arch", "unet2019", timeout=400, master=master)
     assert train.returncode == 0, train.stderr[-3000:]
     predict = _rs(rig, "predict", "--model", f"{job}/model", "--input", f"{job}/inputs/images",
-                  "--output", f"{job}/masks", "--polygons")
+                  "--output", f"{job}/masks", "--polygons", master=master)
     assert predict.returncode == 0, predict.stderr[-3000:]
     evaluate = _rs(rig, "evaluate", "--pred", f"{job}/masks", "--truth", f"{job}/inputs/masks",
                    "--json", f"{job}/report.json", spark=False)

@@ -1,0 +1,96 @@
+"""Spark on YARN: the stages run in containers that real NodeManagers start on the worker hosts,
+scheduled by a real ResourceManager on ``master`` (tests/hadoop_daemons.py), with every location
+an hdfs:// URL. The driver (the job runner's step) stays on ``login``, in YARN's client mode, the
+way ``spark-submit --master yarn`` runs a notebook or a login-node job.
+
+The rig's nodes have the venv at the same path, so executors run it directly
+(``PYSPARK_PYTHON``) and Spark's jars are read in place (``spark.yarn.jars=local:...``); a cluster
+whose nodes lack the install ships a packed venv with ``spark.archives`` instead, which is not
+tested here (README).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests import devdata
+from tests.hadoop.test_hdfs import _py
+from tests.multihost.test_storage_loop import INRIA, XIAMEN, _task_hosts, run_the_loop
+from tests.rig import ADDRESSES, WORKERS
+
+pytestmark = [pytest.mark.hadoop, pytest.mark.multihost, pytest.mark.spark, pytest.mark.slow]
+
+QUEUE = "analysts"
+
+
+def yarn_master(rig) -> list[str]:
+    """--master yarn and the settings a site's spark-defaults.conf would hold for it."""
+    jars = Path(rig.spark_home) / "jars"
+    args = ["--master", "yarn", "--queue", QUEUE]
+    for conf in (f"spark.yarn.jars=local:{jars}/*", "spark.yarn.am.memory=512m",
+                 "spark.executor.instances=2", "spark.executor.cores=1"):
+        args += ["--spark-conf", conf]
+    return args
+
+
+def _applications(hadoop) -> list[dict]:
+    with urllib.request.urlopen(f"{hadoop.resourcemanager_web}/ws/v1/cluster/apps",
+                                timeout=10) as answer:  # noqa: S310 - the rig's ResourceManager
+        apps = json.load(answer)["apps"]
+    return apps["app"] if apps else []
+
+
+def _executor_containers(rig) -> dict[str, set[str]]:
+    """{Spark application name: the YARN containers its executors ran in} from the event logs."""
+    out: dict[str, set[str]] = {}
+    for log in (rig.host("login").tmp / "spark-events").iterdir():
+        name, containers = "", set()
+        for line in log.read_text().splitlines():
+            event = json.loads(line)
+            if event["Event"] == "SparkListenerApplicationStart":
+                name = event["App Name"]
+            elif event["Event"] == "SparkListenerExecutorAdded":
+                attributes = event["Executor Info"].get("Attributes", {})
+                containers.add(attributes.get("CONTAINER_ID", ""))
+        out.setdefault(name, set()).update(containers)
+    return out
+
+
+def test_the_whole_loop_runs_in_yarn_containers_on_both_workers_in_the_queue_asked_for(hdfs_rig):
+    rig, hadoop = hdfs_rig
+    for old in (rig.host("login").tmp / "spark-events").glob("*"):
+        old.unlink()  # only this test's applications
+    picks = {XIAMEN: devdata.first_files(XIAMEN, 2), INRIA: devdata.first_files(INRIA, 1)}
+    job = f"{hadoop.url}/user/rs/yarn-loop"
+    files = [(str(devdata.subset(name) / folder / f), f"{job}/inputs/{kind}/{f}")
+             for name, names in picks.items() for f in names
+             for kind, folder in (("images", "images"), ("masks", "gt"))]
+    _py(rig, "login", f"""
+        from rs_cluster import storage
+        for local, url in {files!r}:
+            storage.copy_tree(local, url)
+    """)
+
+    run_the_loop(rig, job, master=yarn_master(rig))
+
+    out = json.loads(_py(rig, "login", f"""
+        import json
+        from rs_cluster import storage
+        print(json.dumps({{"card": storage.read_json("{job}/model/model.json"),
+                          "report": storage.read_json("{job}/report.json")}}))
+    """).stdout.strip().splitlines()[-1])
+    assert out["card"]["world_size"] == 2
+    assert out["report"]["pooled"]["images"] == 3
+    # Every stage's tasks ran on the two worker hosts, in containers of YARN's, none on login.
+    hosts, containers = _task_hosts(rig), _executor_containers(rig)
+    workers = {ADDRESSES[w] for w in WORKERS}
+    for app in ("rs-cluster prepare", "rs-cluster train", "rs-cluster predict"):
+        assert hosts.get(app) == workers, f"{app} ran its tasks on {hosts.get(app)}"
+        assert containers[app] and all(c.startswith("container_") for c in containers[app]), app
+    ran = {a["name"]: a for a in _applications(hadoop)}
+    for app in ("rs-cluster prepare", "rs-cluster train", "rs-cluster predict"):
+        assert ran[app]["queue"] == QUEUE and ran[app]["finalStatus"] == "SUCCEEDED", ran[app]
