@@ -199,6 +199,9 @@ class Hadoop:
                     "yarn.scheduler.capacity.root.analysts.capacity": 50,
                     "yarn.scheduler.capacity.root.default.maximum-capacity": 100,
                     "yarn.scheduler.capacity.root.analysts.maximum-capacity": 100,
+                    # One user may grow into the whole cluster (a lost node halves it).
+                    "yarn.scheduler.capacity.root.default.user-limit-factor": 2,
+                    "yarn.scheduler.capacity.root.analysts.user-limit-factor": 2,
                     # Application masters may take the whole (small) cluster.
                     "yarn.scheduler.capacity.maximum-am-resource-percent": 1.0}
         return {"yarn-site.xml": yarn, "capacity-scheduler.xml": capacity}

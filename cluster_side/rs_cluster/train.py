@@ -300,13 +300,15 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
         while True:
             reporter.info(f"starting {world} {engine.name} workers on {sc.master}")
             output = _TailStream(sys.stderr)  # worker output to stderr: stdout may carry events
+            executors = _executors(sc)
             try:
                 with Poller(relay.poll):
                     return engine.launch(train_worker, (spec,), num_proc=world, env=env,
                                          nics=_nics(cfg, sc.master),
                                          start_timeout=cfg.start_timeout, output=output)
             except Exception as e:
-                lost = engine.lost_worker(e)
+                # A worker killed by a signal, or the executor it ran in gone with its node.
+                lost = engine.lost_worker(e) or _lost_executors(sc, executors)
                 if lost is None or len(restarts) >= cfg.max_restarts:
                     tried = f" after {len(restarts)} restart(s)" if restarts else ""
                     raise ClusterError(
@@ -322,6 +324,8 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
                              f"(restart {len(restarts)} of at most {cfg.max_restarts})",
                              restart=len(restarts), max_restarts=cfg.max_restarts,
                              resume_epoch=done)
+            if not sc.master.startswith("local"):  # a lost executor's replacement must register
+                _wait_for_slots(sc, world, cfg.slot_wait_s)
 
 
 # Horovod sets the variables it is given over each worker's own environment. These belong to the
@@ -498,6 +502,29 @@ def _spark_slots(sc: Any) -> int:
         return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
     except Exception:  # the private API moved: the public, rougher figure
         return int(sc.defaultParallelism)
+
+
+def _executors(sc: Any) -> set[str]:
+    """``host:port`` of every executor registered now (and the driver's); empty if unknown."""
+    try:
+        return {f"{i.host()}:{i.port()}" for i in sc._jsc.sc().statusTracker().getExecutorInfos()}
+    except Exception:  # noqa: BLE001 - the private API moved: no executor-loss detection
+        return set()
+
+
+def _lost_executors(sc: Any, before: set[str], wait_s: float = 10.0) -> str | None:
+    """Which executors of ``before`` went away (their node or container lost), waiting up to
+    ``wait_s`` for the driver to notice; None when all are still there."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        gone = before - _executors(sc) if before else set()
+        if gone or time.monotonic() >= deadline:
+            break
+        time.sleep(1)
+    if not gone:
+        return None
+    hosts = ", ".join(sorted({g.rsplit(":", 1)[0] for g in gone}))
+    return f"the Spark executor(s) on {hosts} were lost (node or container gone)"
 
 
 def _yarn_executors(cfg: TrainConfig, world: int) -> dict[str, str]:

@@ -94,3 +94,96 @@ def test_the_whole_loop_runs_in_yarn_containers_on_both_workers_in_the_queue_ask
     ran = {a["name"]: a for a in _applications(hadoop)}
     for app in ("rs-cluster prepare", "rs-cluster train", "rs-cluster predict"):
         assert ran[app]["queue"] == QUEUE and ran[app]["finalStatus"] == "SUCCEEDED", ran[app]
+
+
+def _container_pids(host) -> list[int]:
+    """The processes YARN containers run on ``host`` (the executors and their Python workers)."""
+    found = []
+    for pid in host.pids():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if b"\0CONTAINER_ID=container_" in b"\0" + environ:
+            found.append(pid)
+    return found
+
+
+def test_a_nodemanager_lost_during_training_restarts_the_workers_from_the_hdfs_checkpoint(
+        hdfs_rig):
+    import os
+    import signal
+    import time
+
+    from tests.multihost.test_storage_loop import _rs
+
+    rig, hadoop = hdfs_rig
+    job = f"{hadoop.url}/user/rs/yarn-lost-node"
+    names = devdata.first_files(XIAMEN, 3)
+    files = [(str(devdata.subset(XIAMEN) / folder / f), f"{job}/inputs/{kind}/{f}")
+             for f in names for kind, folder in (("images", "images"), ("masks", "gt"))]
+    _py(rig, "login", f"""
+        from rs_cluster import storage
+        for local, url in {files!r}:
+            storage.copy_tree(local, url)
+    """)
+    prepare = _rs(rig, "prepare", "--images", f"{job}/inputs/images", "--masks",
+                  f"{job}/inputs/masks", "--output", f"{job}/dataset", "--tile-size", "128",
+                  "--split", "0.67,0.33,0")  # on the standalone master: only the data matters
+    assert prepare.returncode == 0, prepare.stderr[-3000:]
+    epochs = 4
+    login = rig.host("login")
+    events = login.tmp / "events-train-lost-node.jsonl"
+    argv = [str(rig.python), "-m", "rs_cluster", "--events", str(events), "train", "--data",
+            f"{job}/dataset", "--model-dir", f"{job}/model", "--epochs", str(epochs),
+            "--base-filters", "8", "--batch-size", "4", "--num-proc", "2", "--nics", "lo",
+            "--arch", "unet2019", "--max-restarts", "2", *yarn_master(rig),
+            "--spark-conf", f"spark.driver.host={ADDRESSES['login']}",
+            "--spark-conf", f"spark.driver.bindAddress={ADDRESSES['login']}",
+            "--spark-conf", "spark.executor.memory=512m", "--spark-conf", "spark.ui.enabled=false",
+            "--spark-conf", "spark.scheduler.minRegisteredResourcesRatio=1.0"]
+    train = login.popen(argv, log=login.logs / "train-lost-node.log", env=rig.driver_env())
+    state = f"{job}/.model.training/state.json"
+
+    def epochs_done() -> int:
+        out = _py(rig, "login", f"""
+            from rs_cluster import storage
+            print(storage.read_json("{state}")["epochs_done"] if storage.is_file("{state}") else 0)
+        """).stdout.strip().splitlines()[-1]
+        return int(out)
+
+    deadline = time.monotonic() + 400
+    while epochs_done() < 1:
+        assert train.poll() is None, (login.logs / "train-lost-node.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in HDFS after 400 s"
+        time.sleep(2)
+    # The worker host that does not run the application master loses its NodeManager and
+    # every container on it, as a crashed node would; the DataNode there stays up.
+    app = next(a for a in _applications(hadoop)
+               if a["name"] == "rs-cluster train" and a["state"] == "RUNNING")
+    am_host = app["amHostHttpAddress"].rsplit(":", 1)[0]
+    lost = next(w for w in WORKERS if ADDRESSES[w] != am_host)
+    killed_after = epochs_done()
+    hadoop.kill_daemon(f"nodemanager-{lost}")
+    for pid in _container_pids(rig.host(lost)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert killed_after < epochs, "training finished before the node could be lost"
+
+    code = train.wait(timeout=900)
+    log = (login.logs / "train-lost-node.log").read_text()
+    assert code == 0, log[-4000:]
+    warnings = [json.loads(line) for line in events.read_text().splitlines()
+                if '"warning"' in line and '"restart"' in line]
+    assert len(warnings) >= 1 and warnings[0]["resume_epoch"] >= killed_after, warnings
+    card = json.loads(_py(rig, "login", f"""
+        import json
+        from rs_cluster import storage
+        print(json.dumps(storage.read_json("{job}/model/model.json")))
+    """).stdout.strip().splitlines()[-1])
+    assert card["world_size"] == 2 and card["training"]["epochs_run"] == epochs
+    assert card["training"]["restarts_after_lost_worker"][0] >= killed_after
+    hadoop.start_daemon(f"nodemanager-{lost}")
+    hadoop.wait_yarn(120)
