@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from qgis.core import Qgis, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsSettings
-from qgis.gui import QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox
+from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import QCoreApplication, Qt
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
@@ -61,6 +61,31 @@ from rs_qgis_plugin.tasks import SubmitJobTask
 
 def tr(text: str) -> str:
     return QCoreApplication.translate("RunDock", text)
+
+
+def runs_on_text(summary: dict[str, str] | None, override: str = "") -> str:
+    """Where a job of the chosen profile will run, in words: the master set here for the job,
+    else what the profile's last "Test connection" reported (``settings.load_cluster_summary``)."""
+    override = override.strip()
+    if override:
+        where = (tr("{master} on the login host").format(master=override)
+                 if override.startswith("local") else
+                 tr("Spark master {master}").format(master=override))
+        return tr("Runs on: {where}, set here for this job instead of the cluster's "
+                  "setting").format(where=where)
+    master = (summary or {}).get("master")
+    if not master:
+        return tr("Where jobs run is set by the cluster's settings file; press Test connection "
+                  "in the profile to see it.")
+    source = summary.get("master_source") or "?"
+    if source == "default":
+        return tr("Runs on: {master} on the login host: the cluster has no Spark master "
+                  "set").format(master=master)
+    if master.startswith("local"):
+        return tr("Runs on: {master} on the login host (from {source})").format(
+            master=master, source=source)
+    return tr("Runs on: Spark master {master} (from {source})").format(master=master,
+                                                                       source=source)
 
 
 class RunDock(QgsDockWidget):
@@ -171,6 +196,29 @@ class RunDock(QgsDockWidget):
         self.patience.setSuffix(tr(" epochs"))
         self.patience.setToolTip(tr("Epochs without improvement before training stops"))
 
+        # Where the job runs: the cluster's settings file decides unless set here.
+        self.runs_on = QLabel(run_page)
+        self.runs_on.setWordWrap(True)
+        self.runs_on.setTextFormat(Qt.PlainText)  # it quotes the cluster's own text
+        self.master = QLineEdit(run_page)
+        self.master.setPlaceholderText(tr("the cluster's setting"))
+        self.master.setToolTip(tr("Spark master for this job: local[*], spark://host:7077, "
+                                  "yarn or k8s://https://host:port; empty: the cluster's "
+                                  "settings file decides"))
+        self.executor_cores = self._spin(0, 1024, 0)
+        self.executor_cores.setSpecialValueText(tr("cluster setting"))
+        self.executor_memory = QLineEdit(run_page)
+        self.executor_memory.setPlaceholderText(tr("cluster setting, e.g. 2g"))
+        self.executor_memory.setToolTip(tr("Memory of each executor: a number, then k, m, g or "
+                                           "t (512m, 4g)"))
+        self.max_cores = self._spin(0, 100000, 0)
+        self.max_cores.setSpecialValueText(tr("cluster setting"))
+        self.max_cores.setToolTip(tr("The most cores the job takes of a shared cluster "
+                                     "(spark.cores.max), so other users keep theirs"))
+        self.queue = QLineEdit(run_page)
+        self.queue.setPlaceholderText(tr("cluster setting"))
+        self.queue.setToolTip(tr("YARN queue to submit to"))
+
         self.run_button = QPushButton(tr("Run on the cluster"), run_page)
         self.cancel_button = QPushButton(tr("Cancel"), run_page)
         self.cancel_button.setEnabled(False)
@@ -185,6 +233,7 @@ class RunDock(QgsDockWidget):
         row.addWidget(self.profile, 1)
         row.addWidget(self.edit_profiles)
         layout.addLayout(row)
+        layout.addWidget(self.runs_on)
         form = QFormLayout()
         form.addRow(tr("Job name"), self.name)
         form.addRow(tr("Mode"), self.mode)
@@ -224,6 +273,18 @@ class RunDock(QgsDockWidget):
         pform.addRow(tr("Threshold"), self.threshold)
         pform.addRow("", self.polygons)
         layout.addWidget(params)
+        resources = QgsCollapsibleGroupBox(tr("Cluster resources"), run_page)
+        resources.setObjectName("RsBuildingsClusterResources")
+        resources.setSaveCollapsedState(False)  # collapsed at each start: rarely needed
+        rform = QFormLayout(resources)
+        rform.addRow(tr("Spark master"), self.master)
+        rform.addRow(tr("Executor cores"), self.executor_cores)
+        rform.addRow(tr("Executor memory"), self.executor_memory)
+        rform.addRow(tr("Max cores"), self.max_cores)
+        rform.addRow(tr("YARN queue"), self.queue)
+        resources.setCollapsed(True)
+        layout.addWidget(resources)
+        self.resources_box = resources
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button, 1)
         buttons.addWidget(self.cancel_button)
@@ -239,6 +300,8 @@ class RunDock(QgsDockWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.edit_profiles.clicked.connect(self.open_profiles)
+        self.profile.currentTextChanged.connect(self.update_runs_on)
+        self.master.textChanged.connect(self.update_runs_on)
         self.project.layersAdded.connect(self.refresh_layers)
         self.project.layersRemoved.connect(self.refresh_layers)
         controller.jobs_changed.connect(self._jobs_changed)
@@ -262,6 +325,12 @@ class RunDock(QgsDockWidget):
         self.profile.addItems(settings.profile_names())
         if current and self.profile.findText(current) >= 0:
             self.profile.setCurrentText(current)
+        self.update_runs_on()
+
+    def update_runs_on(self, *args: Any) -> None:
+        """Says where a job of the chosen profile will run (after a Test connection of it)."""
+        self.runs_on.setText(runs_on_text(
+            settings.load_cluster_summary(self.profile.currentText()), self.master.text()))
 
     def refresh_models(self) -> None:
         current = self.model_source.currentData()
@@ -421,7 +490,11 @@ class RunDock(QgsDockWidget):
             arch=None if tunes else (self.arch.currentData() or None),
             learning_rate=round(self.learning_rate.value(), 6) or None,
             patience=self.patience.value() if self.early_stopping.isChecked() else 0,
-            split=self.split() if mode in TRAINING_MODES else None)
+            split=self.split() if mode in TRAINING_MODES else None,
+            master=self.master.text().strip() or None,
+            executor_cores=self.executor_cores.value() or None,
+            executor_memory=self.executor_memory.text().strip() or None,
+            max_cores=self.max_cores.value() or None, queue=self.queue.text().strip() or None)
 
     def job_name(self, picks: list[LayerPick]) -> str:
         name = self.name.text().strip()

@@ -63,6 +63,26 @@ POLYGONS_SUFFIX = "_buildings.gpkg"
 # knows the job) or "error" (it never started, or the cluster forgot it).
 ACTIVE_REMOTE_STATES = ("queued", "running")
 
+# The Spark masters a job may name (spark-submit's --master forms): local, local[N], local[*],
+# local[N,M] (M: task retries), spark://host:port (standby masters comma separated), yarn,
+# k8s://https://host[:port].
+_HOST_PORT = r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?:\d{1,5}"
+_MASTER = re.compile(r"local(?:\[(?:\d+|\*)(?:,\d+)?\])?"
+                     rf"|spark://{_HOST_PORT}(?:,{_HOST_PORT})*"
+                     r"|yarn"
+                     r"|k8s://https://[A-Za-z0-9.\-\[\]:]+(?:/[^\s]*)?")
+# Spark's own size form, as spark.executor.memory takes it: 512m, 2g, 1024 (MiB).
+_MEMORY = re.compile(r"\d+[kmgtKMGT]?")
+_QUEUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def master_problem(master: str) -> str | None:
+    """Why ``master`` is not a Spark master URL a job may name; None when it is."""
+    if _MASTER.fullmatch(master):
+        return None
+    return (f"Spark master {master!r} is not one of local, local[N], local[*], "
+            "spark://host:port, yarn or k8s://https://host:port")
+
 
 @dataclass(frozen=True)
 class RunParams:
@@ -80,7 +100,13 @@ class RunParams:
     # finished training job on the cluster whose model is reused there.
     model_dir: str | None = None
     model_job: str | None = None
+    # Overrides of the cluster's settings file (what `rs-cluster env` reports) for this job's
+    # Spark stages; None: the cluster's setting.
     master: str | None = None
+    executor_cores: int | None = None
+    executor_memory: str | None = None  # Spark's form: 512m, 2g
+    max_cores: int | None = None  # spark.cores.max: what the job may take of a shared cluster
+    queue: str | None = None  # YARN
     # Training settings left to the cluster's defaults unless given (Processing, scripts).
     stride: int | None = None
     base_filters: int | None = None
@@ -108,6 +134,7 @@ class RunParams:
                 raise SpecError(f"{name} must be at least {low}")
         if self.split is not None:
             object.__setattr__(self, "split", check_split(self.split))
+        self._check_spark_overrides()
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise SpecError(f"learning rate {self.learning_rate} must be above 0")
         if not 0.0 < self.threshold < 1.0:
@@ -121,6 +148,38 @@ class RunParams:
             # The cluster refuses a mismatch; saying it here saves an upload.
             raise SpecError("fine-tuning keeps the network and width of the model it starts "
                             "from; leave the network and the model width unset")
+
+    def _check_spark_overrides(self) -> None:
+        for name in ("master", "executor_memory", "queue"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise SpecError(f"{name.replace('_', ' ')} must be a text, not {value!r}")
+            # A blank field means "the cluster's setting", like no field at all.
+            object.__setattr__(self, name, (value or "").strip() or None)
+        if self.master is not None:
+            problem = master_problem(self.master)
+            if problem:
+                raise SpecError(problem)
+        if self.executor_memory is not None and not _MEMORY.fullmatch(self.executor_memory):
+            raise SpecError(f"executor memory {self.executor_memory!r} is not a size such as "
+                            "512m, 2g or 1t (a whole number, then k, m, g or t)")
+        if self.queue is not None and not _QUEUE.fullmatch(self.queue):
+            raise SpecError(f"YARN queue {self.queue!r} is not a queue name (letters, digits, "
+                            "'.', '_' and '-')")
+        for name, label in (("executor_cores", "executor cores"), ("max_cores", "max cores")):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise SpecError(f"{label} must be a whole number of at least 1 (got {value!r}); "
+                                "leave it empty for the cluster's setting")
+
+    def spark_overrides(self) -> dict[str, Any]:
+        """The Spark settings this job overrides (the parameters of its Spark stages); only those
+        set, so the cluster's settings file decides the rest."""
+        chosen = {"master": self.master, "executor_cores": self.executor_cores,
+                  "executor_memory": self.executor_memory, "max_cores": self.max_cores,
+                  "queue": self.queue}
+        return {k: v for k, v in chosen.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -211,7 +270,7 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
         _add_raster(inputs, folder, stem, path, sidecars)
 
     fetch: list[str] = []
-    common = {"master": params.master} if params.master else {}
+    common = params.spark_overrides()  # evaluate runs no Spark: it takes none
     if mode in TRAINING_MODES:
         for stem, pick in paired:
             add(TRAIN_IMAGES, stem, pick.image)
@@ -345,6 +404,33 @@ def classify_results(files: Iterable[str | Path]) -> ResultFiles:
         elif name == "model.json":
             model = str(Path(f).parent)
     return ResultFiles(tuple(masks), tuple(polygons), report, model)
+
+
+# -- what the cluster says about itself (rs-cluster env) -------------------------------------------
+SUMMARY_KEYS = ("master", "master_source", "runs_on", "settings_file")
+
+
+def cluster_text(value: Any, limit: int = 300) -> str:
+    """Untrusted text from the cluster as one plain line: control and format characters (line
+    breaks, text direction controls) become spaces, so a value cannot fake further lines or
+    reorder what is shown, and it is cut at ``limit`` characters."""
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
+                   for c in str(value))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def cluster_summary(info: Any) -> dict[str, str] | None:
+    """What the dock says about where a profile's jobs run, taken from the ``cluster`` object of
+    ``rs-cluster env``: the Spark master, where it came from, the cluster's own sentence and the
+    settings file. Nothing of storage or its credentials. None when the answer has no such
+    object (an older rs-cluster); a value of the wrong type is left out."""
+    cluster = info.get("cluster") if isinstance(info, Mapping) else None
+    if not isinstance(cluster, Mapping):
+        return None
+    summary = {key: cluster_text(cluster[key]) for key in SUMMARY_KEYS
+               if isinstance(cluster.get(key), str) and cluster[key].strip()}
+    return summary or None
 
 
 def summarize_report(report: Mapping[str, Any]) -> str:

@@ -200,6 +200,8 @@ def _run_recorded(jobs: RemoteJobs, planned: PlannedJob, local_dir: Path, feedba
 class _ClusterAlgorithm(QgsProcessingAlgorithm):
     PROFILE = "PROFILE"
     OUTPUT = "OUTPUT"
+    MASTER, EXECUTOR_CORES, EXECUTOR_MEMORY = "MASTER", "EXECUTOR_CORES", "EXECUTOR_MEMORY"
+    MAX_CORES, QUEUE = "MAX_CORES", "QUEUE"
 
     def group(self) -> str:
         return tr("Cluster")
@@ -214,6 +216,39 @@ class _ClusterAlgorithm(QgsProcessingAlgorithm):
         default = settings.last_profile() or None
         self.addParameter(QgsProcessingParameterString(
             self.PROFILE, tr("Cluster connection profile"), defaultValue=default))
+
+    def add_spark_parameters(self) -> None:
+        """Advanced, optional overrides of the cluster's settings file for this job's Spark
+        stages; left out (or 0), the cluster's setting applies (rs-cluster env shows it)."""
+        texts = ((self.MASTER, tr("Spark master (empty: the cluster's setting; local[*], "
+                                  "spark://host:7077, yarn)")),
+                 (self.EXECUTOR_MEMORY, tr("Executor memory (e.g. 2g; empty: the cluster's "
+                                           "setting)")),
+                 (self.QUEUE, tr("YARN queue (empty: the cluster's setting)")))
+        numbers = ((self.EXECUTOR_CORES, tr("Executor cores (0: the cluster's setting)")),
+                   (self.MAX_CORES, tr("Max cores of the job, spark.cores.max (0: the "
+                                       "cluster's setting)")))
+        parameters: list[QgsProcessingParameterDefinition] = [
+            QgsProcessingParameterString(key, label, optional=True) for key, label in texts]
+        parameters += [QgsProcessingParameterNumber(key, label, optional=True, minValue=0)
+                       for key, label in numbers]
+        for parameter in parameters:
+            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(parameter)
+
+    def spark_params(self, parameters: dict[str, Any],
+                     context: QgsProcessingContext) -> dict[str, Any]:
+        """The RunParams fields :meth:`add_spark_parameters` sets (None: not overridden)."""
+        chosen: dict[str, Any] = {}
+        for key, field_name in ((self.MASTER, "master"), (self.EXECUTOR_MEMORY, "executor_memory"),
+                                (self.QUEUE, "queue")):
+            chosen[field_name] = self.parameterAsString(parameters, key, context).strip() or None
+        for key, field_name in ((self.EXECUTOR_CORES, "executor_cores"),
+                                (self.MAX_CORES, "max_cores")):
+            given = parameters.get(key) not in (None, "")
+            chosen[field_name] = (self.parameterAsInt(parameters, key, context) or None
+                                  if given else None)
+        return chosen
 
     def local_rasters(self, layers: list[Any], export_dir: Path, feedback: Any) -> list[str]:
         """Files the cluster can take: the layers' own files, or GeoTIFF exports of them."""
@@ -272,12 +307,13 @@ class PredictAlgorithm(_ClusterAlgorithm):
             defaultValue=0.5, minValue=0.01, maxValue=0.99))
         self.addParameter(QgsProcessingParameterBoolean(
             self.POLYGONS, tr("Also make building polygons"), defaultValue=True))
+        self.add_spark_parameters()
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Results folder")))
         self.addOutput(QgsProcessingOutputMultipleLayers(self.MASKS, tr("Building masks")))
 
-    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
-                         feedback: Any) -> dict[str, Any]:
-        out = self.job_dir(parameters, context)
+    def plan(self, parameters: dict[str, Any], context: QgsProcessingContext, feedback: Any,
+             out: Path) -> PlannedJob:
+        """The job the parameters make (nothing is sent yet)."""
         layers = self.parameterAsLayerList(parameters, self.INPUT, context)
         images = self.local_rasters(layers, out / "exports", feedback)
         try:
@@ -287,11 +323,17 @@ class PredictAlgorithm(_ClusterAlgorithm):
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
                 polygons=self.parameterAsBool(parameters, self.POLYGONS, context),
                 model_dir=self.parameterAsString(parameters, self.MODEL, context) or None,
-                model_job=self.parameterAsString(parameters, self.MODEL_JOB, context) or None)
-            planned = plan_job(layers[0].name() if layers else "predict", params,
-                               [RasterPick(p) for p in images])
+                model_job=self.parameterAsString(parameters, self.MODEL_JOB, context) or None,
+                **self.spark_params(parameters, context))
+            return plan_job(layers[0].name() if layers else "predict", params,
+                            [RasterPick(p) for p in images])
         except RsPluginError as e:
             raise QgsProcessingException(str(e)) from e
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
+                         feedback: Any) -> dict[str, Any]:
+        out = self.job_dir(parameters, context)
+        planned = self.plan(parameters, context, feedback, out)
         files = classify_results(run_job_blocking(
             self.parameterAsString(parameters, self.PROFILE, context), planned, out, feedback,
             mode=self.name()))
@@ -376,6 +418,7 @@ class TrainAlgorithm(_ClusterAlgorithm):
             parameter = QgsProcessingParameterNumber(key, label, kind, optional=True, minValue=low)
             parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(parameter)
+        self.add_spark_parameters()
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Results folder")))
         self.addOutput(QgsProcessingOutputFile(self.MODEL, tr("Model folder")))
 
@@ -444,7 +487,7 @@ class TrainAlgorithm(_ClusterAlgorithm):
                 overlap=0, learning_rate=self._optional(parameters, self.LEARNING_RATE, context),
                 split=self.split(parameters, context),
                 patience=self.parameterAsInt(parameters, self.PATIENCE, context),
-                **self.model_params(parameters, context))
+                **self.model_params(parameters, context), **self.spark_params(parameters, context))
             return plan_job(self.name(), params, [RasterPick(i, m, validate=v)
                                                   for i, m, v in zip(images, masks, validate)])
         except RsPluginError as e:

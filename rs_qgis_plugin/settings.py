@@ -14,7 +14,7 @@ from qgis.core import QgsApplication, QgsAuthMethodConfig, QgsSettings
 from rs_qgis_plugin.core.errors import SpecError
 from rs_qgis_plugin.core.profile import ConnectionProfile
 from rs_qgis_plugin.log import get_logger
-from rs_qgis_plugin.logic import SETTINGS_PREFIX, JobRecord
+from rs_qgis_plugin.logic import SETTINGS_PREFIX, SUMMARY_KEYS, JobRecord, cluster_text
 
 log = get_logger("settings")
 
@@ -22,6 +22,9 @@ PROFILES = SETTINGS_PREFIX + "profiles"
 JOBS = SETTINGS_PREFIX + "jobs"
 LAST_PROFILE = SETTINGS_PREFIX + "last_profile"
 RESULTS_DIR = SETTINGS_PREFIX + "results_dir"
+# Per profile, what the last "Test connection" said about where jobs run (no secrets: the master
+# and where it came from). Beside the profiles, not inside: a profile's group is the profile.
+CLUSTER_SUMMARIES = SETTINGS_PREFIX + "cluster_summaries"
 AUTH_METHOD = "Basic"
 
 
@@ -96,6 +99,36 @@ def save_profile(profile: ConnectionProfile, authcfg: str = "") -> None:
 
 def delete_profile(name: str) -> None:
     QgsSettings().remove(_profile_key(name))
+    QgsSettings().remove(_summary_key(name))
+
+
+def _summary_key(name: str) -> str:
+    return f"{CLUSTER_SUMMARIES}/{name.replace('/', '_')}"
+
+
+def save_cluster_summary(name: str, summary: dict[str, str] | None) -> None:
+    """Remembers where the jobs of profile ``name`` run, as :func:`logic.cluster_summary` took it
+    from ``rs-cluster env``; ``None`` forgets it."""
+    if not summary:
+        QgsSettings().remove(_summary_key(name))
+        return
+    kept = {k: cluster_text(summary[k]) for k in SUMMARY_KEYS if isinstance(summary.get(k), str)}
+    QgsSettings().setValue(_summary_key(name), json.dumps(kept, ensure_ascii=False))
+
+
+def load_cluster_summary(name: str) -> dict[str, str] | None:
+    """What the last "Test connection" of profile ``name`` said about where its jobs run; None
+    when it was never tested (or what is stored cannot be read)."""
+    if not name:
+        return None
+    text = QgsSettings().value(_summary_key(name), "", type=str)
+    try:
+        data = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {k: v for k, v in data.items() if k in SUMMARY_KEYS and isinstance(v, str)} or None
 
 
 def last_profile() -> str:

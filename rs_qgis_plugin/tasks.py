@@ -376,16 +376,20 @@ class _RemoteTask(RsTask):
 
 
 class EnvTask(_RemoteTask):
-    """"Test connection": connects and returns what ``rs-cluster env`` reports."""
+    """"Test connection": connects and returns what ``rs-cluster env`` reports; with ``probe``
+    ("Probe cluster"), ``rs-cluster env --probe``, which also runs a tiny Spark job and reports
+    the executors and what is wrong (``result["probe"]``)."""
 
     def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
-                 on_done: Callable[[RsTask], None] | None = None) -> None:
-        super().__init__(tr("Test connection to {host}").format(host=profile.host), profile,
-                         known_hosts, passphrase, on_done, READ_ONLY)
+                 on_done: Callable[[RsTask], None] | None = None, *, probe: bool = False) -> None:
+        description = (tr("Probe the cluster {host}") if probe
+                       else tr("Test connection to {host}")).format(host=profile.host)
+        super().__init__(description, profile, known_hosts, passphrase, on_done, READ_ONLY)
+        self.probe = probe
 
     def work(self) -> dict[str, Any]:
         with self.remote_jobs() as jobs:
-            return jobs.env()
+            return jobs.env(probe=self.probe, cancel=self.cancel_flag)
 
 
 class LogTailTask(_RemoteTask):

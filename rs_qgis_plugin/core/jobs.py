@@ -18,6 +18,7 @@ from rs_qgis_plugin.core.commands import job_argv, rs_cluster_argv
 from rs_qgis_plugin.core.errors import (
     CancelledError,
     ProtocolError,
+    RemoteCommandError,
     SpecError,
     TransferError,
     UnsafeRemoteNameError,
@@ -45,6 +46,12 @@ from rs_qgis_plugin.core.transfer import (
 )
 
 
+# `rs-cluster env --probe` starts a Spark application and waits up to two minutes for an executor
+# to run its tasks: far longer than the plain report.
+ENV_TIMEOUT_S = 120.0
+PROBE_TIMEOUT_S = 300.0
+
+
 def _json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
@@ -64,12 +71,30 @@ class RemoteJobs:
             raise SpecError(f"job id {job_id!r} {problem}")
         return posixpath.join(self.profile.workspace_path, "jobs", job_id)
 
-    def env(self) -> dict[str, Any]:
-        """What the cluster runs (versions, GPUs): the connection check of the settings dialog."""
-        result = self.client.run(rs_cluster_argv(self.profile, "env"), timeout=120)
-        data = _json(result.stdout, "rs-cluster env")
+    def env(self, probe: bool = False, *, cancel: CancelFlag | None = None) -> dict[str, Any]:
+        """What the cluster runs (versions, GPUs) and its effective settings (``cluster``): the
+        connection check of the settings dialog. With ``probe``, also what a tiny Spark job
+        found (``probe``: the executors and the ``problems``, none meaning ready); the probe
+        exits 1 when it found problems, and its report is the answer then too."""
+        argv = rs_cluster_argv(self.profile, "env", *(["--probe"] if probe else []))
+        result = self.client.run(argv, check=False, cancel=cancel,
+                                 timeout=PROBE_TIMEOUT_S if probe else ENV_TIMEOUT_S)
+        data: Any = None
+        if result.exit_status == 0 or (probe and result.exit_status == 1):
+            try:
+                data = json.loads(result.stdout)
+            except ValueError:
+                pass
+        if result.exit_status != 0 and not (isinstance(data, dict)
+                                            and isinstance(data.get("probe"), dict)):
+            last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise RemoteCommandError(f"{argv[0]} failed on {self.profile.host} "
+                                     f"(exit {result.exit_status}): {last}",
+                                     command=" ".join(argv), exit_status=result.exit_status,
+                                     stderr=result.stderr)
         if not isinstance(data, dict):
-            raise ProtocolError(f"rs-cluster env answered {data!r}")
+            raise ProtocolError(f"rs-cluster env: the cluster did not answer a JSON object: "
+                                f"{result.stdout[:200]!r}")
         return data
 
     def upload_inputs(self, spec: JobSpec, inputs: Mapping[str, str | os.PathLike[str]], *,

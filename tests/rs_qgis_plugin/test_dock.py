@@ -581,3 +581,74 @@ def test_the_chosen_network_reaches_the_job_and_a_tile_it_cannot_take_is_refused
     assert dock.run() is None and runs == []  # refused before anything is exported or sent
     assert dock.status.text().startswith("tile size 80 px is not a multiple of 32")
     assert "choose 64 or 96 px" in dock.status.text()
+
+
+# -- where the job runs, and the resources it may take (issue 17) ----------------------------------
+def test_the_dock_says_in_words_where_a_job_will_run(dock):
+    """Before any Test connection, after one that found no master, after one that found a
+    Spark master in the settings file, and with a master set in the dock for this job."""
+    from rs_qgis_plugin import settings
+    from rs_qgis_plugin.core.profile import ConnectionProfile
+
+    for name in ("untested", "login only", "standalone"):
+        settings.save_profile(ConnectionProfile(name=name, host="h", user="u", use_agent=True))
+    settings.save_cluster_summary("login only", {
+        "master": "local[*]", "master_source": "default",
+        "runs_on": "local[*] on the login host: no Spark master is set"})
+    settings.save_cluster_summary("standalone", {
+        "master": "spark://10.0.0.5:7077",
+        "master_source": "settings file /home/ana/.rs-cluster/cluster.toml"})
+    dock.refresh_profiles()
+    dock.profile.setCurrentText("untested")
+    assert dock.runs_on.text() == ("Where jobs run is set by the cluster's settings file; press "
+                                   "Test connection in the profile to see it.")
+    dock.profile.setCurrentText("login only")
+    assert dock.runs_on.text() == ("Runs on: local[*] on the login host: the cluster has no "
+                                   "Spark master set")
+    dock.profile.setCurrentText("standalone")
+    assert dock.runs_on.text() == ("Runs on: Spark master spark://10.0.0.5:7077 (from settings "
+                                   "file /home/ana/.rs-cluster/cluster.toml)")
+    dock.master.setText("spark://10.0.0.9:7077")
+    assert dock.runs_on.text() == ("Runs on: Spark master spark://10.0.0.9:7077, set here for "
+                                   "this job instead of the cluster's setting")
+    dock.master.setText("local[2]")
+    assert dock.runs_on.text().startswith("Runs on: local[2] on the login host, set here")
+    dock.master.clear()
+    assert "(from settings file" in dock.runs_on.text()
+    # forgetting the profile forgets what its test found
+    settings.delete_profile("standalone")
+    assert settings.load_cluster_summary("standalone") is None
+
+
+def test_cluster_resources_are_collapsed_and_reach_the_job_only_when_set(dock, results_root):
+    from qgis.PyQt.QtCore import Qt
+
+    image = add_raster(dev_image(0), "Xiamen tile")
+    truth = add_raster(dev_mask(0), "reference")
+    assert dock.resources_box.isCollapsed()
+    dock.mode.setCurrentIndex(dock.mode.findData("train"))
+    dock.set_imagery(image, mask=truth)
+    for step in dock.prepare_run().planned.spec.to_dict()["steps"]:
+        assert not {"master", "executor_cores", "executor_memory", "max_cores",
+                    "queue"} & set(step["params"])
+    dock.master.setText(" spark://10.0.0.5:7077 ")
+    dock.executor_cores.setValue(2)
+    dock.executor_memory.setText("4g")
+    dock.max_cores.setValue(6)
+    dock.queue.setText("analytics")
+    dock.set_imagery(image, mask=truth)
+    prepare, train = (s.to_dict()["params"] for s in dock.prepare_run().planned.spec.steps)
+    wanted = {"master": "spark://10.0.0.5:7077", "executor_cores": 2, "executor_memory": "4g",
+              "max_cores": 6, "queue": "analytics"}
+    assert {k: prepare[k] for k in wanted} == wanted == {k: train[k] for k in wanted}
+    # a value Spark would refuse is refused here, named, before anything is uploaded
+    dock.executor_memory.setText("4 gigs")
+    dock.profile.addItem("loopback")
+    dock.profile.setCurrentText("loopback")
+    assert dock.run() is None
+    assert "executor memory '4 gigs' is not a size" in dock.status.text()
+    assert dock.status.textFormat() == Qt.PlainText
+    dock.executor_memory.clear()
+    dock.master.setText("spark//typo:7077")
+    assert dock.run() is None
+    assert "Spark master 'spark//typo:7077' is not one of" in dock.status.text()

@@ -431,3 +431,76 @@ def test_fine_tune_checks_the_tile_size_against_the_local_models_network(tmp_pat
     planned = plan_job("ft", RunParams(mode="fine_tune", model_dir=str(tmp_path), tile_size=80),
                        [RasterPick("/a.tif", "/m.tif")])
     assert planned.spec.steps[1].params["tile_size"] == 80
+
+
+# -- where a job runs: Spark master and resources (issue 17) ---------------------------------------
+SPARK_OVERRIDES = {"master": "spark://10.0.0.5:7077", "executor_cores": 2,
+                   "executor_memory": "4g", "max_cores": 8, "queue": "analytics"}
+
+
+def test_spark_overrides_reach_every_spark_stage_only_when_set():
+    picks = [RasterPick("/data/a.tif", "/masks/a.tif")]
+    plain = plan_job("x", RunParams(mode="evaluate", model_dir="/m"), picks).spec.to_dict()
+    for step in plain["steps"]:
+        assert not set(SPARK_OVERRIDES) & set(step["params"]), step  # the cluster decides
+    # train, then predict, then score: prepare, train and predict take them, evaluate none
+    planned = plan_job("x", RunParams(mode="train_predict", **SPARK_OVERRIDES), picks)
+    steps = {s["stage"]: s["params"] for s in planned.spec.to_dict()["steps"]}
+    for stage in ("prepare", "train", "predict"):
+        assert {k: steps[stage][k] for k in SPARK_OVERRIDES} == SPARK_OVERRIDES, stage
+    evaluated = plan_job("x", RunParams(mode="evaluate", model_dir="/m", max_cores=4), picks)
+    predict, evaluate = (s.to_dict()["params"] for s in evaluated.spec.steps)
+    assert predict["max_cores"] == 4 and "max_cores" not in evaluate
+    # only what is set: blank text is "the cluster's setting" too
+    planned = plan_job("x", RunParams(mode="predict", model_dir="/m", executor_memory="512m",
+                                      master="  ", queue=""), picks)
+    params = planned.spec.steps[0].params
+    assert params["executor_memory"] == "512m"
+    assert not {"master", "queue", "executor_cores", "max_cores"} & set(params)
+
+
+@pytest.mark.parametrize("master", [
+    "local", "local[4]", "local[*]", "local[2,3]", "spark://10.0.0.5:7077",
+    "spark://m1.example.org:7077,m2.example.org:7077", "yarn",
+    "k8s://https://k8s.example.org:6443"])
+def test_spark_masters_a_job_may_name(master):
+    assert RunParams(master=master, model_dir="/m").master == master
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"master": "spark://10.0.0.5"}, "'spark://10.0.0.5' is not one of local"),
+    ({"master": "--conf x=y"}, "'--conf x=y' is not"),
+    ({"master": "local[*] ; rm -rf ~"}, "'local\\[\\*\\] ; rm -rf ~' is not"),
+    ({"master": "mesos://h:5050"}, "'mesos://h:5050'"),
+    ({"master": "k8s://h:443"}, "'k8s://h:443'"),
+    ({"executor_memory": "2 GB"}, "executor memory '2 GB' is not a size"),
+    ({"executor_memory": "-2g"}, "'-2g'"),
+    ({"executor_memory": "2gb"}, "'2gb'"),
+    ({"executor_cores": 0}, "executor cores must be a whole number of at least 1 \\(got 0\\)"),
+    ({"max_cores": -1}, "max cores must be .* \\(got -1\\)"),
+    ({"queue": "-x"}, "YARN queue '-x'"),
+])
+def test_bad_spark_overrides_are_refused_naming_the_value(changes, message):
+    with pytest.raises(SpecError, match=message):
+        RunParams(model_dir="/m", **changes)
+
+
+def test_the_cluster_summary_keeps_where_jobs_run_and_nothing_of_storage():
+    from rs_qgis_plugin.logic import cluster_summary
+
+    info = {"python": "3.11", "cluster": {
+        "master": "spark://m:7077", "master_source": "settings file /etc/rs/cluster.toml",
+        "runs_on": "Spark master spark://m:7077\n(from\u202e settings file)",
+        "settings_file": "/etc/rs/cluster.toml", "resources": {"executor_memory": "4g"},
+        "storage": {"url": "s3://bucket/jobs", "credentials": "settings",
+                    "access_key_id": "AKIAEXAMPLE", "secret_access_key": "wJalr"}}}
+    summary = cluster_summary(info)
+    assert summary == {"master": "spark://m:7077",
+                       "master_source": "settings file /etc/rs/cluster.toml",
+                       "runs_on": "Spark master spark://m:7077 (from settings file)",
+                       "settings_file": "/etc/rs/cluster.toml"}
+    # an older rs-cluster, or values of the wrong type
+    assert cluster_summary({"python": "3.11"}) is None
+    assert cluster_summary(["cluster"]) is None
+    assert cluster_summary({"cluster": {"master": 7077, "runs_on": ["x"]}}) is None
+    assert cluster_summary({"cluster": {"master": "yarn", "runs_on": None}}) == {"master": "yarn"}

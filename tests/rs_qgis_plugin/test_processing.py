@@ -183,3 +183,51 @@ def test_fine_tune_is_in_the_toolbox_and_starts_from_the_chosen_model(provider, 
     with pytest.raises(QgsProcessingException, match="choose a model"):
         tune.plan({**parameters, "INIT_MODEL_JOB": ""}, context, QgsProcessingFeedback(),
                   tmp_path)
+
+
+def test_spark_master_and_resources_are_advanced_optional_and_reach_the_job(provider, tmp_path):
+    """Train, fine-tune and predict take the overrides of the cluster's settings file as
+    advanced parameters; left out (or 0) they are not sent; a bad value is refused by name."""
+    from qgis.core import QgsProcessingContext, QgsProcessingFeedback
+
+    from tests.rs_qgis_plugin.conftest import dev_image
+
+    registry = QgsApplication.processingRegistry()
+    names = ("MASTER", "EXECUTOR_CORES", "EXECUTOR_MEMORY", "MAX_CORES", "QUEUE")
+    for alg_id in ("rs_buildings:train", "rs_buildings:fine_tune", "rs_buildings:predict"):
+        alg = registry.algorithmById(alg_id)
+        for name in names:
+            definition = alg.parameterDefinition(name)
+            assert definition is not None, (alg_id, name)
+            assert definition.flags() & QgsProcessingParameterDefinition.FlagOptional
+            assert definition.flags() & QgsProcessingParameterDefinition.FlagAdvanced
+    assert registry.algorithmById("rs_buildings:evaluate").parameterDefinition("MASTER") is None
+
+    image = QgsRasterLayer(str(dev_image(0)), "image", "gdal")
+    truth = QgsRasterLayer(str(dev_mask(0)), "truth", "gdal")
+    QgsProject.instance().addMapLayers([image, truth])
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    feedback = QgsProcessingFeedback()
+    train = registry.algorithmById("rs_buildings:train")
+    parameters = {"PROFILE": "x", "INPUT": [image], "MASKS": [truth], "OUTPUT": str(tmp_path),
+                  "EXECUTOR_CORES": 0, "MASTER": ""}
+    for step in train.plan(parameters, context, feedback, tmp_path).spec.steps:
+        assert not set(names) & {k.upper() for k in step.params}, step
+    chosen = {"MASTER": "yarn", "EXECUTOR_CORES": 2, "EXECUTOR_MEMORY": "3g", "MAX_CORES": 4,
+              "QUEUE": "gis"}
+    wanted = {"master": "yarn", "executor_cores": 2, "executor_memory": "3g", "max_cores": 4,
+              "queue": "gis"}
+    for step in train.plan({**parameters, **chosen}, context, feedback, tmp_path).spec.steps:
+        assert {k: step.params[k] for k in wanted} == wanted
+    predict = registry.algorithmById("rs_buildings:predict")
+    planned = predict.plan({"PROFILE": "x", "INPUT": [image], "MODEL_JOB": "20250101-000000-abc",
+                            "OUTPUT": str(tmp_path), "MAX_CORES": 3}, context, feedback, tmp_path)
+    assert planned.spec.steps[0].params["max_cores"] == 3
+    assert "master" not in planned.spec.steps[0].params
+    with pytest.raises(QgsProcessingException, match="executor memory '3 GB' is not a size"):
+        train.plan({**parameters, "EXECUTOR_MEMORY": "3 GB"}, context, feedback, tmp_path)
+    with pytest.raises(QgsProcessingException, match="Spark master 'spark://nohost' is not"):
+        predict.plan({"PROFILE": "x", "INPUT": [image], "MODEL_JOB": "20250101-000000-abc",
+                      "OUTPUT": str(tmp_path), "MASTER": "spark://nohost"}, context, feedback,
+                     tmp_path)

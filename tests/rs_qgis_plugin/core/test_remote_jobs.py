@@ -27,6 +27,34 @@ def test_env_check_reports_the_cluster_stack(client):
     assert "spark" in info and "gpus" in info
 
 
+def with_settings_file(profile, path: Path):
+    """The profile, its rs-cluster reading the cluster settings file ``path``."""
+    from dataclasses import replace
+
+    return replace(profile, remote_command=("/usr/bin/env", f"RS_CLUSTER_CONFIG={path}",
+                                            *profile.remote_command))
+
+
+def test_env_probe_with_problems_is_an_answer_not_an_error(profile, known_hosts, tmp_path):
+    """``rs-cluster env --probe`` exits 1 when it finds problems, its report still on stdout:
+    that is the answer. A settings file the cluster refuses is an error naming the file."""
+    settings_file = tmp_path / "cluster.toml"
+    settings_file.write_text('[spark]\nmaster = "spark://127.0.0.1:9"\n')  # nothing listens
+    with SshClient(with_settings_file(profile, settings_file), known_hosts) as client:
+        info = RemoteJobs(client).env(probe=True)
+        assert info["cluster"]["master"] == "spark://127.0.0.1:9"
+        probe = info["probe"]
+        assert probe["master_reachable"] is False and probe["executors"] == []
+        assert any("spark://127.0.0.1:9 cannot be reached" in p for p in probe["problems"])
+        assert "probe" not in RemoteJobs(client).env()  # the plain report runs no Spark
+    settings_file.write_text('[spark]\nmastr = "yarn"\n')
+    with SshClient(with_settings_file(profile, settings_file), known_hosts) as client:
+        for probe_too in (False, True):
+            with pytest.raises(RemoteCommandError, match="mastr") as caught:
+                RemoteJobs(client).env(probe=probe_too)
+            assert caught.value.exit_status not in (0, None)
+
+
 def test_job_outlives_its_ssh_session_and_is_followed_from_a_new_one(sshd, profile, known_hosts,
                                                                      tmp_path):
     inputs = tmp_path / "local images"
