@@ -1,8 +1,13 @@
 """`make demo`: from QGIS to a cluster and back, on real imagery, on this one machine.
 
-It starts a throwaway cluster on 127.0.0.1 (a Spark standalone master and worker, and an OpenSSH
-server with its own host key and user key, all under build/demo/), then drives the plugin's own
-code, the same functions its QGIS tasks run:
+It starts a cluster of separate hosts under build/demo/rig (tests/rig.py: each host has its own
+127.0.0.x address and its own view of the filesystem; `login` runs OpenSSH, `master` the Spark
+master, `worker1` and `worker2` a one-core Spark worker each, `storage` SeaweedFS's S3 gateway),
+configures it as a cluster admin would (scripts/demo_rig.py), then drives the plugin's own code,
+the same functions its QGIS tasks run, and after each job prints which host ran what. The rig
+needs root (mount namespaces); without it, or with --single-host, the demo says so and starts
+today's throwaway cluster on 127.0.0.1 instead (a Spark standalone master and worker, and an
+OpenSSH server with its own host key and user key, all under build/demo/):
 
 1. upload the training rasters over SFTP and run a job there: prepare tiles (Spark + Petastorm),
    train the U-Net with Horovod workers as Spark tasks;
@@ -42,6 +47,8 @@ from rs_qgis_plugin.logic import (  # noqa: E402
     classify_results,
     plan_job,
 )
+from scripts.demo_rig import DemoRig  # noqa: E402
+from tests.rig import unavailable  # noqa: E402
 from tests.spark_cluster import StandaloneCluster  # noqa: E402
 from tests.sshd import Sshd  # noqa: E402
 
@@ -97,8 +104,11 @@ class StatusPrinter:
             f"{status.message[:110]}")
 
 
-def run_job(jobs: RemoteJobs, planned, title: str) -> JobStatus:
-    """Uploads and starts a planned job, then follows it to its end (as the plugin's tasks do)."""
+def run_job(jobs: RemoteJobs, planned, title: str, rig: DemoRig | None = None) -> JobStatus:
+    """Uploads and starts a planned job, then follows it to its end (as the plugin's tasks do);
+    on the rig, then says which host ran what."""
+    import contextlib
+
     from rs_qgis_plugin.tasks import submit_planned, watch
 
     say(f"\n== {title}\n   job {planned.spec.job_id}: "
@@ -112,10 +122,15 @@ def run_job(jobs: RemoteJobs, planned, title: str) -> JobStatus:
             say(f"   upload {percent:5.1f}%")
 
     submit_planned(jobs, planned, progress=upload_progress)
-    status = watch(jobs, planned.spec.job_id, on_status=StatusPrinter(), poll_s=2.0)
+    with rig.watch_horovod() if rig else contextlib.nullcontext() as witness:
+        status = watch(jobs, planned.spec.job_id, on_status=StatusPrinter(), poll_s=2.0)
     if status.state != "succeeded":
         raise SystemExit(f"demo: job {planned.spec.job_id} {status.state}: {status.message}")
     say(f"   ({time.monotonic() - started:.0f} s)")
+    if rig is not None:
+        say("   where it ran (Spark's event logs on login, processes seen on the hosts, the store):")
+        for line in rig.report(planned.spec.job_id, witness):
+            say(f"   {line}")
     return status
 
 
@@ -152,11 +167,60 @@ def render(image_path: str, layers: list, out: Path, title: str) -> None:
         raise SystemExit(f"demo: cannot write {out}")
 
 
+def _figure(value: float | None) -> str:
+    """A score of the report; None where it is undefined (precision of a mask with no building)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def spark_home() -> Path:
     out = subprocess.run([str(CLUSTER_PYTHON), "-c",
                           "import os, pyspark; print(os.path.dirname(pyspark.__file__))"],
                          capture_output=True, text=True, check=True)
     return Path(out.stdout.strip())
+
+
+def _single_host_profile(sshd: Sshd, out: Path) -> tuple[Path, ConnectionProfile]:
+    # The plugin's connection profile. Its host key is trusted from the server's own key file
+    # (what an administrator hands out), never from what the connection offers.
+    known_hosts = out / "known_hosts"
+    key_type, key_b64 = sshd.public_host_key
+    trust_host_key(known_hosts, "127.0.0.1", sshd.port, key_type, key_b64)
+    # The cluster's settings file: the throwaway cluster is this one machine, so its worker
+    # sees the job folders (a real cluster names a store, or a workspace on a shared mount).
+    settings = out / "cluster.toml"
+    settings.write_text("[jobs]\nshared_workspace = true\n")
+    settings.chmod(0o600)
+    return known_hosts, ConnectionProfile(
+        name="demo", host="127.0.0.1", port=sshd.port, user=sshd.user,
+        key_file=str(sshd.user_key), remote_workspace=str(out / "cluster-workspace"),
+        remote_command=("/usr/bin/env", "SPARK_LOCAL_IP=127.0.0.1",
+                        f"RS_CLUSTER_CONFIG={settings}",
+                        str(REPO / ".venv" / "bin" / "rs-cluster")))
+
+
+def _rig_profile(rig: DemoRig, out: Path) -> tuple[Path, ConnectionProfile]:
+    """The profile of an analyst whose cluster is the rig: SSH to login, jobs in its workspace."""
+    sshd = rig.rig.sshd
+    assert sshd is not None
+    login = rig.login
+    known_hosts = out / "known_hosts"
+    key_type, key_b64 = sshd.public_host_key  # handed out by the admin, as above
+    trust_host_key(known_hosts, login.address, sshd.port, key_type, key_b64)
+    return known_hosts, ConnectionProfile(
+        name="demo-rig", host=login.address, port=sshd.port, user=sshd.user,
+        key_file=str(sshd.user_key), remote_workspace=rig.workspace,
+        remote_command=rig.remote_command(REPO / ".venv" / "bin" / "rs-cluster"))
+
+
+def _services(rig: DemoRig, name: str) -> str:
+    r = rig.rig
+    services = {"login": f"OpenSSH on port {r.sshd.port if r.sshd else '-'}; the job runner "
+                         "there is the Spark driver",
+                "master": f"Spark master {r.master_url}",
+                "storage": f"SeaweedFS S3 at {r.s3.url if r.s3 else '-'}"}
+    if name.startswith("worker"):
+        return "Spark worker, one core"
+    return services.get(name, "(not used by the demo)")
 
 
 def main() -> int:
@@ -165,6 +229,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "build" / "demo")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2, help="Horovod workers (Spark tasks)")
+    parser.add_argument("--single-host", action="store_true",
+                        help="the throwaway cluster on 127.0.0.1, not the multi-host rig")
     args = parser.parse_args()
     data, out = args.data.resolve(), args.out.resolve()
     needed = [data / TRAIN_SUBSETS[0] / "images",
@@ -199,45 +265,49 @@ def main() -> int:
     app = QgsApplication([], False, str(out / "qgis-profile"))
     app.initQgis()
 
-    cluster = sshd = client = None
+    cluster = sshd = client = rig = None
     active: str | None = None
     try:
-        say(f"== throwaway cluster on 127.0.0.1 (in {out})")
-        cluster = StandaloneCluster(out / "spark", cores=max(2, args.workers), memory="4g",
-                                    python=str(CLUSTER_PYTHON), spark_home=spark_home()).start()
-        say(f"   Spark master {cluster.master_url}, one worker with {cluster.cores} cores")
-        sshd = Sshd(out / "sshd").start()
-        say(f"   OpenSSH server on 127.0.0.1:{sshd.port}, host key {sshd.host_key_fingerprint}")
-
-        # The plugin's connection profile. Its host key is trusted from the server's own key file
-        # (what an administrator hands out), never from what the connection offers.
-        known_hosts = out / "known_hosts"
-        key_type, key_b64 = sshd.public_host_key
-        trust_host_key(known_hosts, "127.0.0.1", sshd.port, key_type, key_b64)
-        # The cluster's settings file: the throwaway cluster is this one machine, so its worker
-        # sees the job folders (a real cluster names a store, or a workspace on a shared mount).
-        settings = out / "cluster.toml"
-        settings.write_text("[jobs]\nshared_workspace = true\n")
-        settings.chmod(0o600)
-        profile = ConnectionProfile(
-            name="demo", host="127.0.0.1", port=sshd.port, user=sshd.user,
-            key_file=str(sshd.user_key), remote_workspace=str(out / "cluster-workspace"),
-            remote_command=("/usr/bin/env", "SPARK_LOCAL_IP=127.0.0.1",
-                            f"RS_CLUSTER_CONFIG={settings}",
-                            str(REPO / ".venv" / "bin" / "rs-cluster")))
+        why_not = "--single-host was given" if args.single_host else unavailable()
+        if why_not is None:
+            say(f"== a cluster of separate hosts on this machine (the multi-host rig, in "
+                f"{out / 'rig'}): each its own address and filesystem")
+            try:
+                rig = DemoRig(out / "rig", CLUSTER_PYTHON).start()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # stopped already
+                raise SystemExit(f"demo: the multi-host rig did not start ({type(e).__name__}: "
+                                 f"{e}); --single-host runs the demo on one host") from None
+            for host in rig.rig.hosts.values():
+                say(f"   {host.name:8s} {host.address:10s} {_services(rig, host.name)}")
+            known_hosts, profile = _rig_profile(rig, out)
+            master = None  # login's cluster.toml names it, as an admin sets it up
+        else:
+            say(f"== no multi-host rig ({why_not}): falling back to the single-host throwaway "
+                f"cluster on 127.0.0.1 (in {out})")
+            cluster = StandaloneCluster(out / "spark", cores=max(2, args.workers), memory="4g",
+                                        python=str(CLUSTER_PYTHON), spark_home=spark_home()).start()
+            say(f"   Spark master {cluster.master_url}, one worker with {cluster.cores} cores")
+            sshd = Sshd(out / "sshd").start()
+            say(f"   OpenSSH server on 127.0.0.1:{sshd.port}, host key {sshd.host_key_fingerprint}")
+            known_hosts, profile = _single_host_profile(sshd, out)
+            master = cluster.master_url
         client = SshClient(profile, known_hosts).connect()
         jobs = RemoteJobs(client)
         env = jobs.env()
         say(f"   connected over SSH: rs-cluster {env.get('rs_cluster')}, Spark {env.get('spark')}, "
             f"Horovod {env.get('horovod')}, TensorFlow {env.get('tensorflow')}")
+        if rig is not None:
+            settings = env.get("cluster") or {}
+            say(f"   login's settings: {settings.get('runs_on')}; storage "
+                f"{(settings.get('storage') or {}).get('url')}")
 
-        common = {"workers": args.workers, "epochs": args.epochs, "master": cluster.master_url}
+        common = {"workers": args.workers, "epochs": args.epochs, "master": master}
         train = plan_job("demo training", RunParams(
             mode=MODE_TRAIN, stride=64, base_filters=16, learning_rate=1e-3, patience=0, dice=True,
             arch="unet2019", **common), training_picks(data))
         active = train.spec.job_id
         run_job(jobs, train, f"train: {len(train.inputs) // 2} image/mask pairs uploaded, "
-                f"U-Net with {args.workers} Horovod worker(s), {args.epochs} epoch(s)")
+                f"U-Net with {args.workers} Horovod worker(s), {args.epochs} epoch(s)", rig)
         active = None
 
         holdout = holdout_picks(data)
@@ -245,7 +315,7 @@ def main() -> int:
             mode=MODE_EVALUATE, model_job=train.spec.job_id, **common), holdout)
         active = evaluate.spec.job_id
         run_job(jobs, evaluate, f"predict + evaluate: {len(holdout)} raster(s) held out from "
-                "training, with the model left on the cluster by the training job")
+                "training, with the model left on the cluster by the training job", rig)
         active = None
 
         from rs_qgis_plugin.results import load_results
@@ -272,16 +342,16 @@ def main() -> int:
         polygons_first = sorted(layers, key=lambda lyr: isinstance(lyr, QgsRasterLayer))
         render(holdout[0].image, polygons_first,
                out / "overlay.png", f"predicted buildings after {args.epochs} epoch(s) - "
-               f"IoU {pooled['iou']:.3f}, F1 {pooled['f1']:.3f}")
+               f"IoU {_figure(pooled['iou'])}, F1 {_figure(pooled['f1'])}")
 
         say(f"\ndemo finished in {time.monotonic() - started:.0f} s. In {out}:")
         for rel in ("overlay.png", "report.json", "demo.qgz"):
             say(f"  {rel}")
         for path in sorted((out / "masks").iterdir()):
             say(f"  masks/{path.name}")
-        say(f"\nbuilding IoU on the held-out raster: {pooled['iou']:.3f} "
-            f"(F1 {pooled['f1']:.3f}, precision {pooled['precision']:.3f}, "
-            f"recall {pooled['recall']:.3f}); {summary or ''}")
+        say(f"\nbuilding IoU on the held-out raster: {_figure(pooled['iou'])} "
+            f"(F1 {_figure(pooled['f1'])}, precision {_figure(pooled['precision'])}, "
+            f"recall {_figure(pooled['recall'])}); {summary or ''}")
         say(f"picture: {out / 'overlay.png'}")
         return 0
     except (KeyboardInterrupt, Interrupted) as e:
@@ -296,7 +366,7 @@ def main() -> int:
     finally:
         if client is not None:
             client.close()
-        for part in (sshd, cluster):
+        for part in (sshd, cluster, rig):
             if part is not None:
                 part.stop()
 

@@ -1,6 +1,7 @@
-"""`make demo`'s driver on a few real dev rasters: the whole loop through its own throwaway cluster
-(a real Spark standalone master and worker, a real sshd, real Horovod workers, QGIS offscreen), and
-an interrupt that must leave nothing running."""
+"""`make demo`'s driver on a few real dev rasters: the whole loop on the multi-host rig (tests/rig.py:
+real sshd on login, a real Spark master and two one-core workers on their own hosts, real Horovod
+workers, SeaweedFS as S3, QGIS offscreen), or, where the rig cannot run (no root), through its
+single-host throwaway cluster; and interrupts, on either, that must leave nothing running."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from qgis.core import QgsRasterLayer
 
 from tests import devdata
 from tests.procs import live_processes
+from tests.rig import ADDRESSES, unavailable
 from tests.rs_qgis_plugin.conftest import CLUSTER_PYTHON, REPO
 
 pytestmark = [pytest.mark.qgis, pytest.mark.ssh, pytest.mark.spark, pytest.mark.horovod,
@@ -50,12 +52,14 @@ def _ignore_sigint() -> None:
 class Demo:
     """scripts/demo.py in its own process, its output collected line by line."""
 
-    def __init__(self, data: Path, out: Path, epochs: int, *, sigint_ignored: bool = False) -> None:
+    def __init__(self, data: Path, out: Path, epochs: int, *, sigint_ignored: bool = False,
+                 single_host: bool = False) -> None:
         env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
         self.out = out
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "scripts" / "demo.py"), "--data", str(data), "--out",
-             str(out), "--epochs", str(epochs), "--workers", "2"],
+             str(out), "--epochs", str(epochs), "--workers", "2",
+             *(["--single-host"] if single_host else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
             # what a shell's background job (`make test &`, CI) hands its children
             preexec_fn=_ignore_sigint if sigint_ignored else None)
@@ -93,16 +97,52 @@ def processes_mentioning(text: str) -> list[str]:
     return [f"{p.pid} {p.command[:160]}" for p in live_processes() if p.mentions(text)]
 
 
+def _host(name: str) -> str:
+    return re.escape(f"{name} ({ADDRESSES[name]})")
+
+
+WORKER = r"worker[12] \(127\.0\.0\.[45]\)"
+
+
+def assert_it_said_which_host_ran_what(text: str, train_job: str, evaluate_job: str) -> None:
+    """The lines the demo prints after each job on the rig, read from the Spark event logs, the
+    Horovod processes on the hosts and the store."""
+    assert text.count(f"driver (job runner): login ({ADDRESSES['login']})\n") == 2, text
+    prepare = re.search(rf"prepare: (\d+) tasks? on ({WORKER}), (\d+) on ({WORKER})", text)
+    assert prepare and prepare.group(2) != prepare.group(4), text  # both workers
+    ranks = re.search(rf"train: Horovod rank 0 on ({WORKER}), rank 1 on ({WORKER})$", text,
+                      re.MULTILINE)
+    assert ranks and ranks.group(1) != ranks.group(2), text  # one worker process on each host
+    predict = re.search(r"^   predict: (.*)$", text, re.MULTILINE)
+    assert predict and re.fullmatch(rf"\d+ tasks? on {WORKER}(, \d+ on {WORKER})?",
+                                    predict.group(1)), text
+    for job in (train_job, evaluate_job):
+        assert re.search(rf"storage: [1-9]\d* objects, [0-9.]+ MB under s3://rs-demo/jobs/\S+/"
+                         rf"{job} on {_host('storage')}", text), text
+    tasks = re.findall(r"^ *(?:prepare|train|predict): .*$", text, re.MULTILINE)
+    assert tasks and not [line for line in tasks if ADDRESSES["login"] in line], text
+
+
 def test_demo_takes_rasters_through_ssh_and_spark_and_back_onto_the_map(mini_dev, tmp_path):
     before = devdata.tree_digest(mini_dev)
     out = tmp_path / "out"
+    reason = unavailable()
     demo = Demo(mini_dev, out, epochs=1)
     code = demo.wait(timeout=900)
     assert code == 0, demo.text[-4000:]
     iou = float(demo.wait_for_line(r"building IoU on the held-out raster: ([0-9.]+)", 1).group(1))
     report = json.loads((out / "report.json").read_text())
     assert report["pooled"]["iou"] == pytest.approx(iou, abs=1e-3) and 0.0 <= iou <= 1.0
-    assert "2 Horovod worker(s)" in demo.text and "spark://127.0.0.1:" in demo.text
+    assert "2 Horovod worker(s)" in demo.text
+    jobs = re.findall(r"^   job (\S+): ", demo.text, re.MULTILINE)
+    assert len(jobs) == 2, demo.text
+    if reason is None:
+        assert f"Spark master spark://{ADDRESSES['master']}:" in demo.text
+        assert_it_said_which_host_ran_what(demo.text, *jobs)
+        assert not (out / "rig").exists()
+    else:  # no root here: the fallback, said in one line
+        assert f"== no multi-host rig ({reason}): falling back to the single-host" in demo.text
+        assert "spark://127.0.0.1:" in demo.text
 
     # the mask came back georeferenced exactly on the held-out raster
     mask = QgsRasterLayer(str(out / "masks" / "inria_austin_sample_mask.tif"), "mask", "gdal")
@@ -117,18 +157,24 @@ def test_demo_takes_rasters_through_ssh_and_spark_and_back_onto_the_map(mini_dev
     assert devdata.tree_digest(mini_dev) == before
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
-def test_interrupting_the_demo_cancels_the_job_and_stops_the_cluster(mini_dev, tmp_path, sig):
+@pytest.mark.parametrize("sig, single_host", [(signal.SIGINT, False), (signal.SIGTERM, True)],
+                         ids=["sigint-rig", "sigterm-single-host"])
+def test_interrupting_the_demo_cancels_the_job_and_stops_the_cluster(mini_dev, tmp_path, sig,
+                                                                     single_host):
     """Whatever SIGINT disposition the caller's shell left: the demo starts with SIGINT ignored,
-    as under a background shell, and must still stop on Ctrl-C (and on SIGTERM)."""
+    as under a background shell, and must still stop on Ctrl-C (and on SIGTERM). Ctrl-C is tried
+    on the rig (where it runs), SIGTERM on the single-host cluster (``--single-host``)."""
     out = tmp_path / "out"
-    demo = Demo(mini_dev, out, epochs=50, sigint_ignored=True)
+    demo = Demo(mini_dev, out, epochs=50, sigint_ignored=True, single_host=single_host)
     job = demo.wait_for_line(r"job (\S+): prepare -> train", 300).group(1)
     demo.wait_for_line(r"train: (starting|2 worker|epoch)", 300)  # Horovod workers on the way
     demo.proc.send_signal(sig)
     assert demo.wait(timeout=120) == 130, demo.text[-3000:]
-    assert f"job {job} cancelled" in demo.text
-    status = json.loads((out / "cluster-workspace" / "jobs" / job / "status.json").read_text())
-    assert status["state"] == "cancelled" and not status["results"]
+    assert f"job {job} cancelled" in demo.text  # the cluster's answer to the cancel
+    if single_host or unavailable() is not None:
+        status = json.loads((out / "cluster-workspace" / "jobs" / job / "status.json").read_text())
+        assert status["state"] == "cancelled" and not status["results"]
+    else:  # the rig, its hosts' folders and the job folder on login are gone with it
+        assert not (out / "rig").exists()
     assert processes_mentioning(f"RS_CLUSTER_JOB_ID={job}") == []
     assert processes_mentioning(str(out)) == []
