@@ -930,7 +930,11 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                 sc = session.sparkContext
                 slots = max(1, sc.defaultParallelism)
                 concurrent_tasks = max(1, min(len(sizes), slots))
-                threads = max(1, (os.cpu_count() or 1) // concurrent_tasks) if master.startswith("local") else 0
+                # In-process tasks share this host's cores; a cluster task gets the cores Spark
+                # gives each task (spark.task.cpus), not every core of its node.
+                threads = (max(1, (os.cpu_count() or 1) // concurrent_tasks)
+                           if master.startswith("local")
+                           else max(1, int(sc.getConf().get("spark.task.cpus", "1"))))
                 # Largest rasters first, so a big one does not start last and run alone.
                 order = sorted(sizes, key=lambda p: -sizes[p][0] * sizes[p][1])
                 jobs = [_RasterJob(
