@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 from xml.sax.saxutils import escape
 
 from tests.rig import REPO, WORKERS, Host, Rig, RigUnavailable, free_port
@@ -250,6 +250,16 @@ class Hadoop:
 
     def wait_yarn(self, timeout: float = 120, nodes: int | None = None) -> None:
         want = len(WORKERS) if nodes is None else nodes
+
+        def ready() -> str | None:
+            active = self.active_nodemanagers()
+            return None if active == want else f"{active} of {want} NodeManagers active"
+
+        self._wait("YARN", ready, timeout)
+
+    def _wait(self, what: str, not_ready: Callable[[], str | None], timeout: float) -> None:
+        """Until ``not_ready()`` (which says what is missing) returns None; a daemon that exits
+        meanwhile fails at once, with the end of its log."""
         deadline = time.monotonic() + timeout
         last = "no answer"
         while time.monotonic() < deadline:
@@ -258,14 +268,14 @@ class Hadoop:
                     raise RigUnavailable(f"{daemon.name} exited with {daemon.proc.returncode}; "
                                          f"see {daemon.log}:\n{_tail(daemon.log)}")
             try:
-                active = self.active_nodemanagers()
-                if active == want:
+                missing = not_ready()
+                if missing is None:
                     return
-                last = f"{active} of {want} NodeManagers active"
+                last = missing
             except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
                 last = str(e)
             time.sleep(0.5)
-        raise RigUnavailable(f"YARN not ready after {timeout:g} s ({last}); logs in "
+        raise RigUnavailable(f"{what} not ready after {timeout:g} s ({last}); logs in "
                              f"{self.rig.host('master').logs}")
 
     def start_daemon(self, name: str) -> None:
@@ -308,23 +318,13 @@ class Hadoop:
 
     def wait_ready(self, timeout: float = 120, datanodes: int | None = None) -> None:
         want = len(WORKERS) if datanodes is None else datanodes
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            for daemon in self.daemons.values():
-                if daemon.proc is not None and daemon.proc.poll() is not None:
-                    raise RigUnavailable(f"{daemon.name} exited with {daemon.proc.returncode}; "
-                                         f"see {daemon.log}:\n{_tail(daemon.log)}")
-            try:
-                live = self.live_datanodes()
-                if live >= want and not self.in_safe_mode():
-                    return
-                last = f"{live} of {want} DataNodes live, safe mode {self.in_safe_mode()}"
-            except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
-                last = str(e)
-            time.sleep(0.5)
-        raise RigUnavailable(f"HDFS not ready after {timeout:g} s ({last}); logs in "
-                             f"{self.rig.host('master').logs}")
+
+        def ready() -> str | None:
+            live, safe = self.live_datanodes(), self.in_safe_mode()
+            return None if live >= want and not safe else \
+                f"{live} of {want} DataNodes live, safe mode {safe}"
+
+        self._wait("HDFS", ready, timeout)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -30,6 +30,21 @@ def _py(rig, host: str, code: str, *, timeout: float = 120, check: bool = True
     return result
 
 
+def upload_pairs(rig, job: str, picks: dict[str, list[str]]) -> None:
+    """Copies dev image/mask pairs ({subset: file names}) from login into HDFS under
+    ``<job>/inputs/images`` and ``<job>/inputs/masks``, through the storage module."""
+    from tests import devdata
+
+    files = [(str(devdata.subset(name) / folder / f), f"{job}/inputs/{kind}/{f}")
+             for name, names in picks.items() for f in names
+             for kind, folder in (("images", "images"), ("masks", "gt"))]
+    _py(rig, "login", f"""
+        from rs_cluster import storage
+        for local, url in {files!r}:
+            storage.copy_tree(local, url)
+    """)
+
+
 def _namespace_pids(rig, host: str, main_class: str) -> list[int]:
     out = []
     for pid in rig.host(host).pids():

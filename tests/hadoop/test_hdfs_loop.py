@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import devdata
-from tests.hadoop.test_hdfs import _py
+from tests.hadoop.test_hdfs import _py, upload_pairs
 from tests.multihost.test_storage_loop import (
     INRIA,
     XIAMEN,
@@ -28,14 +28,7 @@ def test_the_whole_loop_runs_on_both_workers_with_every_location_in_hdfs(hdfs_ri
     rig, hadoop = hdfs_rig
     picks = {XIAMEN: devdata.first_files(XIAMEN, 2), INRIA: devdata.first_files(INRIA, 2)}
     job = f"{hadoop.url}/user/rs/loop"
-    files = [(str(devdata.subset(name) / folder / f), f"{job}/inputs/{kind}/{f}")
-             for name, names in picks.items() for f in names
-             for kind, folder in (("images", "images"), ("masks", "gt"))]
-    _py(rig, "login", f"""
-        from rs_cluster import storage
-        for local, url in {files!r}:
-            storage.copy_tree(local, url)
-    """)
+    upload_pairs(rig, job, picks)
     before = {name: (_snapshot(rig.host(name).home), _snapshot(rig.host(name).workspace))
               for name in ("login", *WORKERS)}
 

@@ -18,8 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests import devdata
-from tests.hadoop.test_hdfs import _py
-from tests.multihost.test_storage_loop import INRIA, XIAMEN, _task_hosts, run_the_loop
+from tests.hadoop.test_hdfs import _py, upload_pairs
+from tests.multihost.test_storage_loop import (
+    INRIA,
+    XIAMEN,
+    _task_hosts,
+    run_the_loop,
+    spark_applications,
+)
 from tests.rig import ADDRESSES, WORKERS
 
 pytestmark = [pytest.mark.hadoop, pytest.mark.multihost, pytest.mark.spark, pytest.mark.slow]
@@ -47,16 +53,10 @@ def _applications(hadoop) -> list[dict]:
 def _executor_containers(rig) -> dict[str, set[str]]:
     """{Spark application name: the YARN containers its executors ran in} from the event logs."""
     out: dict[str, set[str]] = {}
-    for log in (rig.host("login").tmp / "spark-events").iterdir():
-        name, containers = "", set()
-        for line in log.read_text().splitlines():
-            event = json.loads(line)
-            if event["Event"] == "SparkListenerApplicationStart":
-                name = event["App Name"]
-            elif event["Event"] == "SparkListenerExecutorAdded":
-                attributes = event["Executor Info"].get("Attributes", {})
-                containers.add(attributes.get("CONTAINER_ID", ""))
-        out.setdefault(name, set()).update(containers)
+    for name, events in spark_applications(rig):
+        out.setdefault(name, set()).update(
+            e["Executor Info"].get("Attributes", {}).get("CONTAINER_ID", "") for e in events
+            if e["Event"] == "SparkListenerExecutorAdded")
     return out
 
 
@@ -66,14 +66,7 @@ def test_the_whole_loop_runs_in_yarn_containers_on_both_workers_in_the_queue_ask
         old.unlink()  # only this test's applications
     picks = {XIAMEN: devdata.first_files(XIAMEN, 2), INRIA: devdata.first_files(INRIA, 1)}
     job = f"{hadoop.url}/user/rs/yarn-loop"
-    files = [(str(devdata.subset(name) / folder / f), f"{job}/inputs/{kind}/{f}")
-             for name, names in picks.items() for f in names
-             for kind, folder in (("images", "images"), ("masks", "gt"))]
-    _py(rig, "login", f"""
-        from rs_cluster import storage
-        for local, url in {files!r}:
-            storage.copy_tree(local, url)
-    """)
+    upload_pairs(rig, job, picks)
 
     run_the_loop(rig, job, master=yarn_master(rig))
 
@@ -119,14 +112,7 @@ def test_a_nodemanager_lost_during_training_restarts_the_workers_from_the_hdfs_c
 
     rig, hadoop = hdfs_rig
     job = f"{hadoop.url}/user/rs/yarn-lost-node"
-    names = devdata.first_files(XIAMEN, 3)
-    files = [(str(devdata.subset(XIAMEN) / folder / f), f"{job}/inputs/{kind}/{f}")
-             for f in names for kind, folder in (("images", "images"), ("masks", "gt"))]
-    _py(rig, "login", f"""
-        from rs_cluster import storage
-        for local, url in {files!r}:
-            storage.copy_tree(local, url)
-    """)
+    upload_pairs(rig, job, {XIAMEN: devdata.first_files(XIAMEN, 3)})
     prepare = _rs(rig, "prepare", "--images", f"{job}/inputs/images", "--masks",
                   f"{job}/inputs/masks", "--output", f"{job}/dataset", "--tile-size", "128",
                   "--split", "0.67,0.33,0")  # on the standalone master: only the data matters

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -103,18 +104,20 @@ def _rs(rig: Rig, stage: str, *args: str, timeout: float = 240, spark: bool = Tr
                       *args, *spark_args], env=rig.driver_env(), timeout=timeout, check=False)
 
 
+def spark_applications(rig: Rig) -> Iterator[tuple[str, list[dict]]]:
+    """(application name, its listener events) of each Spark event log on login."""
+    for log in (rig.host("login").tmp / "spark-events").iterdir():
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        yield next((e["App Name"] for e in events
+                    if e["Event"] == "SparkListenerApplicationStart"), ""), events
+
+
 def _task_hosts(rig: Rig) -> dict[str, set[str]]:
     """{Spark application name: addresses of the executors that ran its tasks}."""
     out: dict[str, set[str]] = {}
-    for log in (rig.host("login").tmp / "spark-events").iterdir():
-        name, hosts = "", set()
-        for line in log.read_text().splitlines():
-            event = json.loads(line)
-            if event["Event"] == "SparkListenerApplicationStart":
-                name = event["App Name"]
-            elif event["Event"] == "SparkListenerTaskEnd":
-                hosts.add(event["Task Info"]["Host"])
-        out.setdefault(name, set()).update(hosts)
+    for name, events in spark_applications(rig):
+        out.setdefault(name, set()).update(e["Task Info"]["Host"] for e in events
+                                           if e["Event"] == "SparkListenerTaskEnd")
     return out
 
 
