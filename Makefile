@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh Debian 12 machine (as root, or with sudo):
 #   make demo   prepare -> train -> predict -> evaluate on real dev imagery, picture in build/demo/;
-#               on the multi-host rig as root (SINGLE_HOST=1: a one-machine cluster on 127.0.0.1)
+#               on the multi-host rig as root (SINGLE_HOST=1: a one-machine cluster on 127.0.0.1;
+#               CLUSTER=yarn: YARN and HDFS daemons on the rig instead of Spark standalone and S3)
 #   make test   every test tier (cluster side, contract, multi-host rig, Hadoop, SSH, QGIS plugin)
 # Each calls `setup` first, which installs what the machine lacks and is a no-op afterwards.
 
@@ -48,7 +49,7 @@ hadoop-jars: setup-system
 # The plugin's code (QGIS venv) drives a throwaway Spark + OpenSSH cluster on 127.0.0.1.
 demo: setup
 	@QT_QPA_PLATFORM=offscreen $(QGIS_VENV)/bin/python scripts/demo.py --data "$(DATA)" \
-	    --out $(BUILD)/demo --epochs $(EPOCHS) --workers $(WORKERS) $(if $(SINGLE_HOST),--single-host)
+	    --out $(BUILD)/demo --epochs $(EPOCHS) --workers $(WORKERS) $(if $(SINGLE_HOST),--single-host) $(if $(CLUSTER),--cluster $(CLUSTER))
 
 # Longer: all dev data until early stopping, then validation and test IoU (build/train-full/).
 train-full: setup

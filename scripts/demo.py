@@ -47,7 +47,7 @@ from rs_qgis_plugin.logic import (  # noqa: E402
     classify_results,
     plan_job,
 )
-from scripts.demo_rig import DemoRig  # noqa: E402
+from scripts.demo_rig import CLUSTERS, DemoRig  # noqa: E402
 from tests.rig import unavailable  # noqa: E402
 from tests.spark_cluster import StandaloneCluster  # noqa: E402
 from tests.sshd import Sshd  # noqa: E402
@@ -214,9 +214,16 @@ def _rig_profile(rig: DemoRig, out: Path) -> tuple[Path, ConnectionProfile]:
 
 def _services(rig: DemoRig, name: str) -> str:
     r = rig.rig
-    services = {"login": f"OpenSSH on port {r.sshd.port if r.sshd else '-'}; the job runner "
-                         "there is the Spark driver",
-                "master": f"Spark master {r.master_url}",
+    login = (f"OpenSSH on port {r.sshd.port if r.sshd else '-'}; the job runner there is the "
+             "Spark driver")
+    if rig.hadoop is not None:
+        services = {"login": login,
+                    "master": f"HDFS NameNode ({rig.hadoop.url}), YARN ResourceManager "
+                              f"({rig.hadoop.resourcemanager_web})"}
+        if name.startswith("worker"):
+            return "HDFS DataNode, YARN NodeManager"
+        return services.get(name, "(not used by the demo)")
+    services = {"login": login, "master": f"Spark master {r.master_url}",
                 "storage": f"SeaweedFS S3 at {r.s3.url if r.s3 else '-'}"}
     if name.startswith("worker"):
         return "Spark worker, one core"
@@ -229,6 +236,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "build" / "demo")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2, help="Horovod workers (Spark tasks)")
+    parser.add_argument("--cluster", choices=CLUSTERS, default="standalone",
+                        help="on the rig: a Spark standalone master with S3 storage (default, "
+                        "starts fastest), or YARN with HDFS (real Hadoop daemons)")
     parser.add_argument("--single-host", action="store_true",
                         help="the throwaway cluster on 127.0.0.1, not the multi-host rig")
     args = parser.parse_args()
@@ -269,11 +279,18 @@ def main() -> int:
     active: str | None = None
     try:
         why_not = "--single-host was given" if args.single_host else unavailable()
+        if args.cluster == "yarn":  # nothing to fall back to: YARN needs the rig's hosts
+            from tests.hadoop_daemons import unavailable as hadoop_unavailable
+
+            cannot = why_not or hadoop_unavailable()
+            if cannot:
+                raise SystemExit(f"demo: --cluster yarn runs on the multi-host rig with real "
+                                 f"Hadoop daemons, which cannot start here: {cannot}")
         if why_not is None:
             say(f"== a cluster of separate hosts on this machine (the multi-host rig, in "
                 f"{out / 'rig'}): each its own address and filesystem")
             try:
-                rig = DemoRig(out / "rig", CLUSTER_PYTHON).start()
+                rig = DemoRig(out / "rig", CLUSTER_PYTHON, args.cluster).start()
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # stopped already
                 raise SystemExit(f"demo: the multi-host rig did not start ({type(e).__name__}: "
                                  f"{e}); --single-host runs the demo on one host") from None

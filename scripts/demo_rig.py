@@ -12,6 +12,11 @@ on login (the driver's address, each task's executor host), the Horovod worker p
 the hosts while a job trains (their ``HOROVOD_RANK`` and the mount namespace they run in), and a
 listing of the job's folder in the store.
 
+With ``cluster="yarn"`` the same hosts run Hadoop instead (tests/hadoop_daemons.py): the NameNode
+and the YARN ResourceManager on ``master``, a DataNode and a NodeManager on each worker host. The
+settings then name ``master = "yarn"`` and an ``hdfs://`` storage URL, each node finds both through
+its own ``$HADOOP_CONF_DIR``, and the report adds the YARN containers the executors ran in.
+
 Standard library only, like tests/rig.py: the demo runs in the QGIS venv; what needs pyarrow runs
 in the cluster venv's Python.
 """
@@ -27,13 +32,29 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+from tests.hadoop_daemons import Hadoop
 from tests.rig import WORKERS, Rig
 
 BUCKET = "rs-demo"
 STORAGE_URL = f"s3://{BUCKET}/jobs"
+HDFS_JOBS = "/rs/jobs"  # the jobs' folder in HDFS (cluster="yarn")
+CLUSTERS = ("standalone", "yarn")
 AWS_PROFILE = "demo"
 WORKER_MEMORY = "2g"  # each worker's offer; one executor of EXECUTOR_MEMORY fits in it
 EXECUTOR_MEMORY = "1g"  # Spark's default, as on the single-host cluster
+
+# Run in the cluster venv on login (yarn): counts the files and bytes under an hdfs:// URL.
+_HDFS_LIST = r"""
+import json, sys
+from rs_cluster import storage
+def walk(url):
+    for name, is_file in storage.list_dir(url):
+        yield from [url + "/" + name] if is_file else walk(url + "/" + name)
+files = list(walk(sys.argv[1])) if storage.exists(sys.argv[1]) else []
+fs, _ = storage.url_to_fs(sys.argv[1])
+sizes = [fs.get_file_info(storage.url_to_fs(f)[1]).size or 0 for f in files]
+print(json.dumps({"files": len(files), "bytes": sum(sizes)}))
+"""
 
 # Run in the cluster venv, outside the rig (the store answers on every address): creates the
 # bucket, or lists a prefix. The keys arrive on stdin, never on a command line.
@@ -56,24 +77,42 @@ else:
 class DemoRig:
     """The rig under ``base`` (removed on stop), configured for jobs submitted over SSH."""
 
-    def __init__(self, base: Path, python: Path) -> None:
-        self.rig = Rig(base, python=python, worker_memory=WORKER_MEMORY, remove=True)
+    def __init__(self, base: Path, python: Path, cluster: str = "standalone") -> None:
+        if cluster not in CLUSTERS:
+            raise ValueError(f"unknown cluster {cluster!r}; one of {', '.join(CLUSTERS)}")
+        self.cluster = cluster
+        services = ("storage", "spark", "ssh") if cluster == "standalone" else ("ssh",)
+        self.rig = Rig(base, python=python, worker_memory=WORKER_MEMORY, remove=True,
+                       services=services)
+        self.hadoop = Hadoop(self.rig, yarn=True) if cluster == "yarn" else None
         self.names = {h.address: h.name for h in self.rig.hosts.values()}
         self._reported: set[str] = set()  # event log files already summed up
 
     # -- start, configure, stop ---------------------------------------------------------------
 
     def start(self) -> DemoRig:
+        if self.hadoop is not None:
+            self.hadoop.write_conf()  # every host's $HADOOP_CONF_DIR, before anything starts
         self.rig.start()
         try:
+            if self.hadoop is not None:
+                self.hadoop.start()
             self._configure()
         except BaseException:
-            self.rig.stop()
+            self.stop()
             raise
         return self
 
     def stop(self) -> None:
+        if self.hadoop is not None:
+            self.hadoop.stop()
         self.rig.stop()
+
+    @property
+    def storage_url(self) -> str:
+        if self.hadoop is not None:
+            return f"{self.hadoop.url}{HDFS_JOBS}"
+        return STORAGE_URL
 
     @property
     def login(self):
@@ -89,26 +128,39 @@ class DemoRig:
         return self.login.user_home / ".rs-cluster" / "cluster.toml"
 
     def _configure(self) -> None:
-        rig, s3 = self.rig, self.rig.s3
-        assert s3 is not None
-        self._s3("create", BUCKET)
-        for name in ("login", *WORKERS):  # each node's own keys, as its admin wrote them
-            aws = rig.host(name).home / ".aws"
-            aws.mkdir(mode=0o700, exist_ok=True)
-            (aws / "credentials").write_text(
-                f"[{AWS_PROFILE}]\naws_access_key_id = {s3.access_key}\n"
-                f"aws_secret_access_key = {s3.secret_key}\n")
-            (aws / "credentials").chmod(0o600)
+        rig = self.rig
+        if self.hadoop is None:
+            s3 = self.rig.s3
+            assert s3 is not None
+            self._s3("create", BUCKET)
+            for name in ("login", *WORKERS):  # each node's own keys, as its admin wrote them
+                aws = rig.host(name).home / ".aws"
+                aws.mkdir(mode=0o700, exist_ok=True)
+                (aws / "credentials").write_text(
+                    f"[{AWS_PROFILE}]\naws_access_key_id = {s3.access_key}\n"
+                    f"aws_secret_access_key = {s3.secret_key}\n")
+                (aws / "credentials").chmod(0o600)
+            master = rig.master_url
+            storage = (f'url = "{STORAGE_URL}"\ncredentials = "aws-profile:{AWS_PROFILE}"\n'
+                       f'endpoint_url = "{s3.url}"\n')
+            yarn = ""
+        else:
+            # HDFS needs no credentials here: each node's Hadoop configuration finds it.
+            master, storage = "yarn", f'url = "{self.storage_url}"\n'
+            jars = Path(rig.spark_home) / "jars"  # every node has the install at this path
+            yarn = (f'"spark.yarn.jars" = "local:{jars}/*"\n"spark.yarn.am.memory" = "512m"\n'
+                    '"spark.executor.cores" = 1\n')
         self.events_dir.mkdir(parents=True, exist_ok=True)
         folder = self.login.home / ".rs-cluster"
         folder.mkdir(mode=0o700, exist_ok=True)
         address = self.login.address
         (folder / "cluster.toml").write_text(f"""\
 [spark]
-master = "{rig.master_url}"
-executor_memory = "{EXECUTOR_MEMORY}"
+master = "{master}"
+executor_memory = "{EXECUTOR_MEMORY if self.hadoop is None else "512m"}"
 
 [spark.conf]
+{yarn}
 "spark.driver.host" = "{address}"
 "spark.driver.bindAddress" = "{address}"
 "spark.ui.enabled" = false
@@ -120,10 +172,7 @@ executor_memory = "{EXECUTOR_MEMORY}"
 "spark.eventLog.dir" = "file://{self.events_dir}"
 
 [storage]
-url = "{STORAGE_URL}"
-credentials = "aws-profile:{AWS_PROFILE}"
-endpoint_url = "{s3.url}"
-""")
+{storage}""")
         (folder / "cluster.toml").chmod(0o600)
 
     def _s3(self, op: str, path: str) -> str:
@@ -146,7 +195,8 @@ endpoint_url = "{s3.url}"
         own processes the same: an address, a temp folder, Spark's scratch space)."""
         login = self.login
         env = {"SPARK_LOCAL_IP": login.address, "TMPDIR": str(login.tmp),
-               **self.rig.driver_env(), "RS_CLUSTER_CONFIG": str(self.settings_inside)}
+               **self.rig.driver_env(), "RS_CLUSTER_CONFIG": str(self.settings_inside),
+               **(self.hadoop.env(login) if self.hadoop is not None else {})}
         return ("/usr/bin/env", *(f"{k}={v}" for k, v in env.items()), str(rs_cluster))
 
     @property
@@ -177,16 +227,28 @@ endpoint_url = "{s3.url}"
                               f"{n} task{'s' if n != 1 else ''} on {self.where(a)}"
                               for i, (a, n) in enumerate(hosts)) or "no tasks"
             lines.append(f"{stage}: {tasks}")
+            if app["containers"]:
+                lines.append(f"{stage}: YARN containers " + ", ".join(
+                    f"{c.rsplit('_', 1)[-1]} on {self.where(a)}"
+                    for c, a in sorted(app["containers"].items())))
             if stage == "train" and witness is not None:
                 ranks = witness.ranks
                 lines.append("train: " + ("Horovod " + ", ".join(
                     f"rank {r} on {self.where(ranks[r])}" for r in sorted(ranks))
                     if ranks else "no Horovod worker process seen on the hosts"))
-        url = f"{STORAGE_URL}/{getpass.getuser()}/{job_id}"
-        listing = json.loads(self._s3("list", url.removeprefix("s3://")))
-        assert self.rig.s3 is not None
+        url = f"{self.storage_url}/{getpass.getuser()}/{job_id}"
+        if self.hadoop is None:
+            listing = json.loads(self._s3("list", url.removeprefix("s3://")))
+            assert self.rig.s3 is not None
+            where = self.where(self.rig.s3.endpoint.rsplit(":", 1)[0])
+        else:
+            listing = json.loads(self.login.run(
+                [str(self.rig.python), "-c", _HDFS_LIST, url], env=self.hadoop.env(self.login),
+                timeout=120).stdout.strip().splitlines()[-1])
+            where = (f"HDFS (NameNode on {self.where(self.rig.host('master').address)}, "
+                     f"blocks on the DataNodes of {', '.join(WORKERS)})")
         lines.append(f"storage: {listing['files']} objects, {listing['bytes'] / 1e6:.1f} MB under "
-                     f"{url} on {self.where(self.rig.s3.endpoint.rsplit(':', 1)[0])}")
+                     f"{url} on {where}")
         return lines
 
     def _new_applications(self) -> list[dict]:
@@ -197,7 +259,8 @@ endpoint_url = "{s3.url}"
             if log.name in self._reported or log.name.endswith(".inprogress"):
                 continue
             self._reported.add(log.name)
-            app: dict = {"name": "", "drivers": set(), "tasks": Counter(), "start": 0}
+            app: dict = {"name": "", "drivers": set(), "tasks": Counter(), "start": 0,
+                         "containers": {}}
             for line in log.read_text().splitlines():
                 event = json.loads(line)
                 kind = event.get("Event")
@@ -208,6 +271,11 @@ endpoint_url = "{s3.url}"
                     app["drivers"].add(event["Block Manager ID"]["Host"])
                 elif kind == "SparkListenerTaskEnd":
                     app["tasks"][event["Task Info"]["Host"]] += 1
+                elif kind == "SparkListenerExecutorAdded":
+                    info = event["Executor Info"]
+                    container = (info.get("Attributes") or {}).get("CONTAINER_ID")
+                    if container:
+                        app["containers"][container] = info.get("Host", "")
             apps.append(app)
         return sorted(apps, key=lambda a: a["start"])
 

@@ -53,13 +53,13 @@ class Demo:
     """scripts/demo.py in its own process, its output collected line by line."""
 
     def __init__(self, data: Path, out: Path, epochs: int, *, sigint_ignored: bool = False,
-                 single_host: bool = False) -> None:
+                 single_host: bool = False, cluster: str = "standalone") -> None:
         env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
         self.out = out
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "scripts" / "demo.py"), "--data", str(data), "--out",
              str(out), "--epochs", str(epochs), "--workers", "2",
-             *(["--single-host"] if single_host else [])],
+             *(["--single-host"] if single_host else []), "--cluster", cluster],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
             # what a shell's background job (`make test &`, CI) hands its children
             preexec_fn=_ignore_sigint if sigint_ignored else None)
@@ -177,4 +177,44 @@ def test_interrupting_the_demo_cancels_the_job_and_stops_the_cluster(mini_dev, t
     else:  # the rig, its hosts' folders and the job folder on login are gone with it
         assert not (out / "rig").exists()
     assert processes_mentioning(f"RS_CLUSTER_JOB_ID={job}") == []
+    assert processes_mentioning(str(out)) == []
+
+
+@pytest.mark.hadoop
+@pytest.mark.multihost
+def test_the_demo_on_yarn_runs_every_stage_in_yarn_containers_on_both_workers_with_hdfs(
+        mini_dev, tmp_path):
+    """``make demo CLUSTER=yarn``: the same loop through the plugin's code and sshd on login, with
+    real YARN (ResourceManager on master, a NodeManager per worker host) and HDFS daemons."""
+    from tests.hadoop_daemons import unavailable as hadoop_unavailable
+
+    reason = unavailable() or hadoop_unavailable()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "out"
+    demo = Demo(mini_dev, out, epochs=1, cluster="yarn")
+    assert demo.wait(timeout=900) == 0, demo.text[-4000:]
+    text = demo.text
+
+    assert "login's settings: Spark master yarn (from settings file" in text
+    assert re.search(rf"^   master +{re.escape(ADDRESSES['master'])} +HDFS NameNode .*YARN "
+                     "ResourceManager", text, re.MULTILINE), text
+    for stage in ("prepare", "train", "predict"):
+        containers = re.search(rf"^   {stage}: YARN containers (\d+) on ({WORKER}), (\d+) on "
+                               rf"({WORKER})$", text, re.MULTILINE)
+        assert containers and containers.group(2) != containers.group(4), (stage, text)
+    ranks = re.search(rf"train: Horovod rank 0 on ({WORKER}), rank 1 on ({WORKER})$", text,
+                      re.MULTILINE)
+    assert ranks and ranks.group(1) != ranks.group(2), text
+    jobs = re.findall(r"^   job (\S+): ", text, re.MULTILINE)
+    for job in jobs:
+        assert re.search(rf"storage: [1-9]\d* objects, [0-9.]+ MB under hdfs://"
+                         rf"{re.escape(ADDRESSES['master'])}:\d+/rs/jobs/\S+/{job} on HDFS", text)
+    tasks = re.findall(r"^ *(?:prepare|train|predict): .*$", text, re.MULTILINE)
+    assert tasks and not [line for line in tasks if ADDRESSES["login"] in line], text
+    mask = QgsRasterLayer(str(out / "masks" / "inria_austin_sample_mask.tif"), "mask", "gdal")
+    source = QgsRasterLayer(str(mini_dev / HOLDOUT[0] / "images" / HOLDOUT[1]), "src", "gdal")
+    assert mask.isValid() and mask.crs().authid() == "EPSG:26914" == source.crs().authid()
+    assert mask.extent() == source.extent()
+    assert not (out / "rig").exists()
     assert processes_mentioning(str(out)) == []
