@@ -350,7 +350,7 @@ def storage_error(location: str, exc: BaseException, doing: str = "accessing") -
         message = f"{location}: access denied while {doing}; {hint}"
     elif any(m in text for m in _UNREACHABLE):
         where = f" at {s3_settings().endpoint_url or 'AWS'}" if is_s3 else \
-            " (the HDFS NameNode)" if scheme in HDFS_SCHEMES else ""
+            " (an HDFS NameNode or DataNode)" if scheme in HDFS_SCHEMES else ""
         message = (f"{location}: the storage service{where} cannot be reached while {doing} "
                    f"({_first_line(exc)}); check that it runs and the endpoint setting")
     elif isinstance(exc, FileNotFoundError) or any(m in text for m in _NOT_FOUND):
@@ -463,6 +463,36 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+# How long a write to HDFS is retried while it fails on a DataNode: a block placed on one that has
+# just died fails (hdfs-native does not rebuild a pipeline around its first DataNode) until the
+# NameNode stops choosing it, once it counts as dead, or as stale with
+# dfs.namenode.avoid.write.stale.datanode (30 s by default).
+HDFS_WRITE_RETRY_S = float(os.environ.get("RS_HDFS_WRITE_RETRY_S", "90"))
+
+
+def _writing(url: str, write: Any) -> None:
+    """Runs ``write()``, a whole write that may be repeated; to HDFS, again with a growing pause
+    while a DataNode fails it (see :data:`HDFS_WRITE_RETRY_S`), never for the NameNode's own
+    refusals (safe mode, permissions), which repeating does not change."""
+    if urlparse(str(url)).scheme not in HDFS_SCHEMES:
+        write()
+        return
+    deadline, pause = time.monotonic() + HDFS_WRITE_RETRY_S, 1.0
+    while True:
+        try:
+            write()
+            return
+        except (OSError, RuntimeError) as e:
+            text = str(e).lower().replace(" ", "")
+            refused = any(m in text for m in ("safemode", "permission", "accesscontrol",
+                                              "quota"))
+            if refused or isinstance(e, (FileNotFoundError, PermissionError)) or \
+                    time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 10.0)
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Writes ``data`` whole: through a temporary name and a rename on file systems that rename,
     in one PUT on object stores (an object appears complete or not at all)."""
@@ -475,8 +505,12 @@ def write_bytes(url: str, data: bytes) -> None:
         filesys.create_dir(posixpath.dirname(path), recursive=True)
         tmp = posixpath.join(posixpath.dirname(path),
                              f".{posixpath.basename(path)}.tmp-{os.getpid()}")
-        with filesys.open_output_stream(tmp) as f:
-            f.write(data)
+
+        def write() -> None:
+            with filesys.open_output_stream(tmp) as f:
+                f.write(data)
+
+        _writing(url, write)
         replace_file(filesys, tmp, path)
     local = local_path(url)
     if local is not None:
@@ -538,10 +572,14 @@ def copy_tree(src_url: str, dst_url: str) -> None:
         for src_file, dst_file in files:
             if dirs:
                 dst_fs.create_dir(posixpath.dirname(dst_file), recursive=True)
-            with src_fs.open_input_stream(src_file) as fin, \
-                    dst_fs.open_output_stream(dst_file) as fout:
-                while chunk := fin.read(_CHUNK):
-                    fout.write(chunk)
+
+            def copy(src_file: str = src_file, dst_file: str = dst_file) -> None:
+                with src_fs.open_input_stream(src_file) as fin, \
+                        dst_fs.open_output_stream(dst_file) as fout:
+                    while chunk := fin.read(_CHUNK):
+                        fout.write(chunk)
+
+            _writing(dst_url, copy)
 
 
 def move(src_url: str, dst_url: str) -> None:

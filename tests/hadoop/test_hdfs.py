@@ -131,9 +131,9 @@ def test_a_killed_datanode_loses_nothing_with_two_replicas(hdfs_rig):
             data = storage.read_bytes("{hadoop.url}/user/rs/replicated.bin")
             assert data == {payload}, len(data)
         """)
-        # Once the NameNode has dropped it (~12 s here), new files go to the DataNode left. (A
-        # write placed on the dead DataNode before that fails: hdfs-native 0.14.7 does not
-        # rebuild a pipeline whose first DataNode is unreachable. The README says so.)
+        # Once the NameNode has dropped it (~12 s here), new files go to the DataNode left
+        # without a retry (a write placed on the dead DataNode before that is written again:
+        # the next test).
         deadline = time.monotonic() + 90
         while not hadoop.jmx("FSNamesystemState").get("NumDeadDataNodes") and \
                 time.monotonic() < deadline:
@@ -190,3 +190,26 @@ def test_namenode_down_fails_naming_the_location(hdfs_rig):
     assert line.startswith(f"ERROR {hadoop.url}/user/rs/roundtrip/a/b/card.json: "), line
     assert "cannot be reached" in line and "NameNode" in line
     assert took < 120
+
+
+def test_a_datanode_killed_while_files_are_written_costs_a_pause_not_a_file(hdfs_rig):
+    """Writes started right after a DataNode dies: the blocks the NameNode still places on it fail
+    until it counts that DataNode as dead; the storage module writes again meanwhile, so every
+    file arrives whole (replication 2 leaves one copy on the other DataNode)."""
+    rig, hadoop = hdfs_rig
+    hadoop.kill_daemon("datanode-worker2", signal.SIGKILL)
+    try:
+        result = _py(rig, "login", f"""
+            import time
+            from rs_cluster import storage
+            started = time.monotonic()
+            for i in range(8):
+                data = bytes([i]) * (3 * 1024 * 1024)
+                storage.write_bytes(f"{hadoop.url}/user/rs/during-loss/{{i}}.bin", data)
+                assert storage.read_bytes(f"{hadoop.url}/user/rs/during-loss/{{i}}.bin") == data
+            print("wrote 8 files in", round(time.monotonic() - started, 1), "s")
+        """, timeout=400)
+    finally:
+        hadoop.start_daemon("datanode-worker2")
+        hadoop.wait_ready(120)
+    assert "wrote 8 files in" in result.stdout, result.stdout + result.stderr[-2000:]

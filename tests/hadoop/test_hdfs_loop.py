@@ -68,3 +68,50 @@ def test_the_whole_loop_runs_on_both_workers_with_every_location_in_hdfs(hdfs_ri
         host = rig.host(name)
         assert (_snapshot(host.home), _snapshot(host.workspace)) == before[name], name
         assert not list(host.tmp.glob("rs-cluster-*")), f"{name} kept temporary copies"
+
+
+def test_a_datanode_killed_mid_job_leaves_the_job_to_succeed_with_replication_2(hdfs_rig):
+    """prepare -> train -> predict -> evaluate on HDFS while worker2's DataNode is killed as the
+    training starts: the job succeeds whole on the DataNode left. (Whether one of the job's
+    Python writes falls in the seconds before the NameNode drops the dead DataNode is a matter of
+    timing; test_hdfs.py's test of writes right after a DataNode dies covers that window.)"""
+    import signal
+    import threading
+    import time
+
+    rig, hadoop = hdfs_rig
+    job = f"{hadoop.url}/user/rs/loop-dn-lost"
+    upload_pairs(rig, job, {XIAMEN: devdata.first_files(XIAMEN, 2),
+                            INRIA: devdata.first_files(INRIA, 1)})
+    train_events = rig.host("login").tmp / "events-train.jsonl"
+    train_events.unlink(missing_ok=True)
+    failure: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            run_the_loop(rig, job)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            failure.append(e)
+
+    runner = threading.Thread(target=loop, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 400
+    while not train_events.exists() and runner.is_alive():
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.5)
+    hadoop.kill_daemon("datanode-worker2", signal.SIGKILL)
+    try:
+        runner.join(900)
+    finally:
+        hadoop.start_daemon("datanode-worker2")
+        hadoop.wait_ready(120)
+    assert not runner.is_alive(), "the job did not end in 15 min"
+    if failure:
+        raise failure[0]
+    out = json.loads(_py(rig, "login", f"""
+        import json
+        from rs_cluster import storage
+        print(json.dumps({{"card": storage.read_json("{job}/model/model.json"),
+                          "report": storage.read_json("{job}/report.json")}}))
+    """).stdout.strip().splitlines()[-1])
+    assert out["card"]["world_size"] == 2 and out["report"]["pooled"]["images"] == 3
