@@ -487,10 +487,21 @@ def _writing(url: str, write: Any) -> None:
             refused = any(m in text for m in ("safemode", "permission", "accesscontrol",
                                               "quota"))
             if refused or isinstance(e, (FileNotFoundError, PermissionError)) or \
-                    time.monotonic() + pause > deadline:
+                    time.monotonic() + pause > deadline or not _namenode_answers(url):
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 10.0)
+
+
+def _namenode_answers(url: str) -> bool:
+    """Whether the NameNode of ``url`` answers: then a failed write was a DataNode's (one that
+    died), worth writing again; a NameNode that is down is reported at once."""
+    try:
+        filesys, _ = url_to_fs(url)
+        filesys.get_file_info("/")
+        return True
+    except (OSError, RuntimeError):
+        return False
 
 
 def write_bytes(url: str, data: bytes) -> None:

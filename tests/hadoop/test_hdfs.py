@@ -177,6 +177,12 @@ def test_namenode_down_fails_naming_the_location(hdfs_rig):
         result = _py(rig, "login", f"""
             from rs_cluster import storage
             from rs_cluster.errors import StorageError
+            import time
+            t = time.monotonic()
+            try:  # a write fails at once too: no retrying against a NameNode that is down
+                storage.write_bytes("{hadoop.url}/user/rs/while-down.bin", b"x")
+            except StorageError as e:
+                print("WRITE", round(time.monotonic() - t, 1), e)
             try:
                 storage.read_json("{hadoop.url}/user/rs/roundtrip/a/b/card.json")
             except StorageError as e:
@@ -186,7 +192,9 @@ def test_namenode_down_fails_naming_the_location(hdfs_rig):
     finally:
         hadoop.start_daemon("namenode")
         hadoop.wait_ready(120)
-    line = result.stdout.strip().splitlines()[-1]
+    write, line = result.stdout.strip().splitlines()[-2:]
+    assert write.startswith("WRITE ") and f"{hadoop.url}/user/rs/while-down.bin: " in write, write
+    assert float(write.split()[1]) < 30, write  # not the 90 s a lost DataNode may take
     assert line.startswith(f"ERROR {hadoop.url}/user/rs/roundtrip/a/b/card.json: "), line
     assert "cannot be reached" in line and "NameNode" in line
     assert took < 120
