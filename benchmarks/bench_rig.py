@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "cluster_side"))
 
 from benchmarks.bench_prepare import DEFAULT_SUBSETS as PREPARE_SUBSETS  # noqa: E402
 from tests import devdata  # noqa: E402
-from tests.rig import ADDRESSES, WORKERS, Rig  # noqa: E402
+from tests.rig import ADDRESSES, WORKERS, Rig, write_aws_files  # noqa: E402
 from tests.rig import unavailable as rig_unavailable  # noqa: E402
 
 PREDICT_SUBSETS = ("whu_satellite",)  # 16 rasters of 512x512: tasks of equal size
@@ -97,18 +97,10 @@ def pin_workers(rig: Rig) -> str:
 
 
 def aws_files(rig: Rig) -> None:
-    """login's and the workers' own ~/.aws files with the rig's keys and endpoint, as an admin
-    writes them (tests/multihost/test_storage_loop.py does the same)."""
+    """login's and the workers' own ~/.aws files with the rig's keys and endpoint."""
     assert rig.s3 is not None
     for name in ("login", *WORKERS):
-        aws = rig.host(name).home / ".aws"
-        aws.mkdir(mode=0o700, exist_ok=True)
-        (aws / "credentials").write_text(
-            f"[default]\naws_access_key_id = {rig.s3.access_key}\n"
-            f"aws_secret_access_key = {rig.s3.secret_key}\n")
-        (aws / "credentials").chmod(0o600)
-        (aws / "config").write_text(
-            f"[default]\nregion = {rig.s3.region}\nendpoint_url = {rig.s3.url}\n")
+        write_aws_files(rig.host(name).home, rig.s3)
 
 
 def bucket(rig: Rig):

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tests.hadoop_daemons import Hadoop
-from tests.rig import WORKERS, Rig
+from tests.rig import WORKERS, Rig, write_aws_files
 
 BUCKET = "rs-demo"
 STORAGE_URL = f"s3://{BUCKET}/jobs"
@@ -134,12 +134,7 @@ class DemoRig:
             assert s3 is not None
             self._s3("create", BUCKET)
             for name in ("login", *WORKERS):  # each node's own keys, as its admin wrote them
-                aws = rig.host(name).home / ".aws"
-                aws.mkdir(mode=0o700, exist_ok=True)
-                (aws / "credentials").write_text(
-                    f"[{AWS_PROFILE}]\naws_access_key_id = {s3.access_key}\n"
-                    f"aws_secret_access_key = {s3.secret_key}\n")
-                (aws / "credentials").chmod(0o600)
+                write_aws_files(rig.host(name).home, s3, profile=AWS_PROFILE, config=False)
             master = rig.master_url
             storage = (f'url = "{STORAGE_URL}"\ncredentials = "aws-profile:{AWS_PROFILE}"\n'
                        f'endpoint_url = "{s3.url}"\n')

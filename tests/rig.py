@@ -229,6 +229,21 @@ class S3Endpoint:
         return f"http://{self.endpoint}"
 
 
+def write_aws_files(home: Path, s3: S3Endpoint, *, secret_key: str | None = None,
+                    profile: str = "default", config: bool = True) -> None:
+    """``~/.aws/credentials`` of one host (the rig's keys, or ``secret_key`` instead, under
+    ``profile``) and, with ``config``, ``~/.aws/config`` (region and the rig's endpoint), as a
+    cluster admin writes them on each node."""
+    aws = home / ".aws"
+    aws.mkdir(mode=0o700, exist_ok=True)
+    (aws / "credentials").write_text(
+        f"[{profile}]\naws_access_key_id = {s3.access_key}\n"
+        f"aws_secret_access_key = {secret_key or s3.secret_key}\n")
+    (aws / "credentials").chmod(0o600)
+    if config:
+        (aws / "config").write_text(f"[default]\nregion = {s3.region}\nendpoint_url = {s3.url}\n")
+
+
 class Rig:
     """The five hosts and their services; ``start()`` takes seconds, ``stop()`` leaves nothing.
 

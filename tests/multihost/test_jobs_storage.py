@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests import cluster_selftest, devdata
-from tests.multihost.test_storage_loop import _aws_files, _snapshot, _task_hosts, rig_bucket
-from tests.rig import ADDRESSES, WORKERS, Rig
+from tests.multihost.test_storage_loop import _snapshot, _task_hosts, rig_bucket
+from tests.rig import ADDRESSES, WORKERS, Rig, write_aws_files
 
 pytestmark = [pytest.mark.multihost, pytest.mark.spark]
 
@@ -57,8 +57,7 @@ def configured(rig):
     s3 = rig_bucket(rig, BUCKET)
     hosts = ("login", *WORKERS)
     for name in hosts:
-        _aws_files(rig.host(name).home, rig, rig.s3.access_key, rig.s3.secret_key,
-                   profile="rig", config=False)
+        write_aws_files(rig.host(name).home, rig.s3, profile="rig", config=False)
     login = rig.host("login")
     (login.tmp / "spark-events").mkdir(exist_ok=True)
     home = login.home / ".rs-cluster"

@@ -16,27 +16,13 @@ from typing import Iterator
 import pytest
 
 from tests import devdata
-from tests.rig import ADDRESSES, WORKERS, Rig
+from tests.rig import ADDRESSES, WORKERS, Rig, write_aws_files
 
 pytestmark = [pytest.mark.multihost, pytest.mark.spark]
 
 BUCKET = "rs-storage-loop"  # one bucket, one prefix per test (SeaweedFS fits few buckets)
 XIAMEN = "xiamen_robosat_z18"  # georeferenced (EPSG:3857): the masks must keep it
 INRIA = "inria_austin_chicago"
-
-
-def _aws_files(home: Path, rig: Rig, access_key: str, secret_key: str, *,
-               profile: str = "default", config: bool = True) -> None:
-    """~/.aws/credentials (keys under ``profile``) and, with ``config``, ~/.aws/config (region
-    and the rig's endpoint) of one host, as a cluster admin writes them."""
-    aws = home / ".aws"
-    aws.mkdir(mode=0o700, exist_ok=True)
-    (aws / "credentials").write_text(
-        f"[{profile}]\naws_access_key_id = {access_key}\naws_secret_access_key = {secret_key}\n")
-    (aws / "credentials").chmod(0o600)
-    if config:
-        (aws / "config").write_text(
-            f"[default]\nregion = {rig.s3.region}\nendpoint_url = {rig.s3.url}\n")
 
 
 def _snapshot(folder: Path) -> set[str]:
@@ -65,7 +51,7 @@ def store(rig):
     s3 = rig_bucket(rig, BUCKET)
     hosts = ("login", *WORKERS)
     for name in hosts:
-        _aws_files(rig.host(name).home, rig, rig.s3.access_key, rig.s3.secret_key)
+        write_aws_files(rig.host(name).home, rig.s3)
     yield s3
     for name in hosts:
         shutil.rmtree(rig.host(name).home / ".aws", ignore_errors=True)
@@ -202,13 +188,13 @@ def pafs_selector(path: str):
 def test_wrong_credentials_on_login_fail_naming_the_url_not_the_secret(rig, store):
     login = rig.host("login")
     wrong_secret = "wrong-" + rig.s3.secret_key[::-1]
-    _aws_files(login.home, rig, rig.s3.access_key, wrong_secret)
+    write_aws_files(login.home, rig.s3, secret_key=wrong_secret)
     job = f"s3://{BUCKET}/denied"
     try:
         result = _rs(rig, "prepare", "--images", f"{job}/inputs/images", "--masks",
                      f"{job}/inputs/masks", "--output", f"{job}/dataset", timeout=120)
     finally:
-        _aws_files(login.home, rig, rig.s3.access_key, rig.s3.secret_key)
+        write_aws_files(login.home, rig.s3)
 
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
