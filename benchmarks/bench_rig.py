@@ -36,6 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -114,21 +115,26 @@ def bucket(rig: Rig):
     return s3
 
 
+def spark_events(folder: Path) -> Iterator[dict]:
+    """Every listener event of the Spark event logs in ``folder``."""
+    for log in folder.iterdir():
+        for line in log.read_text().splitlines():
+            yield json.loads(line)
+
+
 def event_summary(folder: Path) -> tuple[frozenset[str], float, int]:
     """(hosts that ran tasks, seconds from the first job submitted to the last one done, tasks)
     from the Spark event logs in ``folder`` (one application)."""
     hosts, starts, ends, tasks = set(), [], [], 0
-    for log in folder.iterdir():
-        for line in log.read_text().splitlines():
-            event = json.loads(line)
-            kind = event["Event"]
-            if kind == "SparkListenerTaskEnd":
-                hosts.add(HOST_OF.get(event["Task Info"]["Host"], event["Task Info"]["Host"]))
-                tasks += 1
-            elif kind == "SparkListenerJobStart":
-                starts.append(event["Submission Time"])
-            elif kind == "SparkListenerJobEnd":
-                ends.append(event["Completion Time"])
+    for event in spark_events(folder):
+        kind = event["Event"]
+        if kind == "SparkListenerTaskEnd":
+            hosts.add(HOST_OF.get(event["Task Info"]["Host"], event["Task Info"]["Host"]))
+            tasks += 1
+        elif kind == "SparkListenerJobStart":
+            starts.append(event["Submission Time"])
+        elif kind == "SparkListenerJobEnd":
+            ends.append(event["Completion Time"])
     span = (max(ends) - min(starts)) / 1000 if starts and ends else float("nan")
     return frozenset(hosts), span, tasks
 

@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_rig import HOST_OF, pin_workers  # noqa: E402
+from benchmarks.bench_rig import HOST_OF, pin_workers, spark_events  # noqa: E402
 from tests import devdata  # noqa: E402
 from tests.hadoop.test_hdfs import upload_pairs  # noqa: E402
 from tests.hadoop.test_yarn import yarn_master  # noqa: E402
@@ -150,16 +150,14 @@ def task_placement(folder: Path) -> tuple[frozenset[str], int, float]:
     """(hosts that ran tasks, executors in YARN containers, when the last task ended) from the
     Spark event log."""
     hosts, containers, ends = set(), 0, []
-    for log in folder.iterdir():
-        for line in log.read_text().splitlines():
-            event = json.loads(line)
-            if event["Event"] == "SparkListenerTaskEnd":
-                host = event["Task Info"]["Host"]
-                hosts.add(HOST_OF.get(host, host))
-                ends.append(event["Task Info"]["Finish Time"] / 1000)
-            elif event["Event"] == "SparkListenerExecutorAdded":
-                attributes = event["Executor Info"].get("Attributes", {})
-                containers += attributes.get("CONTAINER_ID", "").startswith("container_")
+    for event in spark_events(folder):
+        if event["Event"] == "SparkListenerTaskEnd":
+            host = event["Task Info"]["Host"]
+            hosts.add(HOST_OF.get(host, host))
+            ends.append(event["Task Info"]["Finish Time"] / 1000)
+        elif event["Event"] == "SparkListenerExecutorAdded":
+            attributes = event["Executor Info"].get("Attributes", {})
+            containers += attributes.get("CONTAINER_ID", "").startswith("container_")
     if not ends:
         raise SystemExit(f"bench_yarn: no task ended in the Spark event log in {folder}")
     return frozenset(hosts), containers, max(ends)
