@@ -41,6 +41,7 @@ from rs_qgis_plugin.logic import (
     MODEL_OUTPUT,
     PREDICTIONS,
     REPORT,
+    TRAINING_MODES,
     JobRecord,
     PlannedJob,
     RasterPick,
@@ -51,7 +52,9 @@ from rs_qgis_plugin.logic import (
     plan_job,
     safe_stem,
     spec_parameters,
+    verdict_text,
 )
+from rs_qgis_plugin.core.training import TrainingHistory
 from rs_qgis_plugin.results import load_results
 from rs_qgis_plugin.tasks import (
     CancelJobTask,
@@ -63,6 +66,7 @@ from rs_qgis_plugin.tasks import (
     Reconciliation,
     RsTask,
     SubmitJobTask,
+    TrainingTask,
     WatchJobTask,
     processing_jobs,
 )
@@ -124,6 +128,7 @@ class ClusterJob:
 
 class JobController(QObject):
     jobs_changed = pyqtSignal()
+    training_changed = pyqtSignal(str)  # job id: its training history or preview changed
     results_loaded = pyqtSignal(str, list)  # job id, layers
     _saved_elsewhere = pyqtSignal(str)  # emitted in any thread, handled in the GUI thread
 
@@ -146,6 +151,13 @@ class JobController(QObject):
         self._events: dict[str, deque[str]] = {}
         self._logs: dict[str, list[str]] = {}  # the log tail last read of each job
         self._log_tasks: dict[str, LogTailTask] = {}
+        # Each training job's events that draw its chart (metrics, restarts, resources,
+        # previews), as received or read again from the first; the newest preview's local file.
+        self._training_events: dict[str, list[ProgressEvent]] = {}
+        self._histories: dict[str, TrainingHistory] = {}
+        self._previews: dict[str, str] = {}
+        self._history_read: set[str] = set()  # jobs whose events were all read this session
+        self._training_tasks: dict[str, TrainingTask] = {}
         # Processing algorithms record their jobs from a worker thread: show them here too.
         self._saved_elsewhere.connect(self._on_saved)
         settings.add_job_listener(self._job_saved)
@@ -199,6 +211,86 @@ class JobController(QObject):
         elif task.result is not None:
             self._logs[task.job_id] = list(task.result)
         self.jobs_changed.emit()
+
+    # -- training history --------------------------------------------------------------------------
+    def previews_dir(self, job_id: str) -> Path:
+        """Where the job's training previews are downloaded: its results folder's previews/."""
+        record = self._records.get(job_id)
+        return Path(record.local_dir if record is not None and record.local_dir
+                    else settings.results_dir() / job_id)
+
+    def training(self, job_id: str) -> tuple[TrainingHistory | None, str | None]:
+        """The job's training history as known in this session, and its newest preview's local
+        file (either None when there is none yet)."""
+        return self._histories.get(job_id), self._previews.get(job_id)
+
+    def load_training(self, job_id: str) -> TrainingTask | None:
+        """Reads all the job's events (and its newest preview) in a task, once a session: after
+        a QGIS restart the events received live start where the last session stopped."""
+        record = self._records.get(job_id)
+        if record is None or record.gone or record.mode not in TRAINING_MODES \
+                or job_id in self._history_read or job_id in self._training_tasks \
+                or record.state in ("exporting", "uploading", "error"):
+            return None
+        try:
+            profile, passphrase = self.connection(record.profile)
+        except RsPluginError:
+            return None  # said where the job is watched; the chart waits for its events
+        task = TrainingTask(profile, settings.known_hosts_path(), passphrase, job_id,
+                            self.previews_dir(job_id), name=record.name,
+                            on_done=self._training_read)
+        self._training_tasks[job_id] = task
+        self.task_manager.addTask(task)
+        return task
+
+    def _training_read(self, task: RsTask) -> None:
+        assert isinstance(task, TrainingTask)
+        self._training_tasks.pop(task.job_id, None)
+        if self._closing or task.result is None:
+            if task.error is not None:
+                log.warning("training history of job %s not read: %s", task.job_id, task.error)
+            return
+        events, preview = task.result
+        self._history_read.add(task.job_id)
+        # Adding an event twice changes nothing: those received live meanwhile are kept.
+        self._training_events[task.job_id] = [*events, *self._training_events.get(task.job_id, [])]
+        self._histories[task.job_id] = TrainingHistory.from_events(
+            self._training_events[task.job_id])
+        if preview is not None:
+            self._previews.setdefault(task.job_id, str(preview))
+            self._newest_preview(task.job_id, str(preview))
+        self.training_changed.emit(task.job_id)
+
+    def show_recorded_training(self, record: JobRecord, events: Sequence[ProgressEvent],
+                               preview: str | None) -> None:
+        """Shows a job from its recorded events and a preview file, without a cluster (the
+        README's screenshot replays a real job this way)."""
+        self._update(record)
+        self._history_read.add(record.job_id)
+        self._training_events[record.job_id] = list(events)
+        self._histories[record.job_id] = TrainingHistory.from_events(events)
+        if preview is not None:
+            self._previews[record.job_id] = preview
+        self.training_changed.emit(record.job_id)
+
+    def _newest_preview(self, job_id: str, path: str) -> None:
+        current = self._previews.get(job_id)
+        if current is None or Path(path).name >= Path(current).name:  # epoch-NNNN.png
+            self._previews[job_id] = path
+
+    @pyqtSlot(str, str)
+    def _on_preview(self, job_id: str, path: str) -> None:
+        if not self._closing:
+            self._newest_preview(job_id, path)
+            self.training_changed.emit(job_id)
+
+    def _training_event(self, job_id: str, event: ProgressEvent) -> None:
+        if event.stage != "train" or event.event not in ("metrics", "warning", "info"):
+            return
+        self._training_events.setdefault(job_id, []).append(event)
+        history = self._histories.setdefault(job_id, TrainingHistory())
+        if history.add(event):
+            self.training_changed.emit(job_id)
 
     def cluster_jobs(self) -> list[ClusterJob]:
         """Jobs the last look at each cluster found there that no record here knows."""
@@ -397,9 +489,13 @@ class JobController(QObject):
             return None
         task = WatchJobTask(profile, settings.known_hosts_path(), passphrase, job_id,
                             on_done=self._watched, poll_s=self.poll_s,
-                            skip_events=record.events_seen, name=record.name)
+                            skip_events=record.events_seen, name=record.name,
+                            previews_dir=self.previews_dir(job_id))
+        if record.events_seen == 0:
+            self._history_read.add(job_id)  # every event will come live
         task.status_changed.connect(self._on_status)
         task.event_received.connect(self._on_event)
+        task.preview_fetched.connect(self._on_preview)
         self.tasks[job_id] = task
         self.task_manager.addTask(task)
         return task
@@ -418,6 +514,7 @@ class JobController(QObject):
         if record is None or self._closing:
             return
         record = record.with_event(event.event, event.message)
+        self._training_event(job_id, event)
         line = " ".join(t for t in (event.time or "", event.event, event.stage or "",
                                     event.message or "") if t)
         self._events.setdefault(job_id, deque(maxlen=EVENTS_KEPT)).append(line)
@@ -545,7 +642,14 @@ class JobController(QObject):
         if record.warnings:
             text += ", " + (tr("1 warning") if record.warnings == 1 else
                             tr("{n} warnings").format(n=record.warnings))
-        self.notify(text + (f" — {summary}" if summary else ""), Qgis.Success, 0 if summary else 8)
+        if record.weak:
+            # A model that learned almost nothing is no success: said, with what to try.
+            self.notify(text + " — " + verdict_text(record), Qgis.Warning, 0)
+        else:
+            verdict = verdict_text(record)
+            text += f" — {verdict}" if verdict else ""
+            self.notify(text + (f" — {summary}" if summary else ""), Qgis.Success,
+                        0 if summary else 8)
         self.results_loaded.emit(record.job_id, layers)
         return layers
 
@@ -741,7 +845,8 @@ class JobController(QObject):
         in Python. Returns the tasks still running after that."""
         self._closing = True
         settings.remove_job_listener(self._job_saved)
-        stopped = [*self.tasks.values(), *self._lookups.values(), *self._log_tasks.values()]
+        stopped = [*self.tasks.values(), *self._lookups.values(), *self._log_tasks.values(),
+                   *self._training_tasks.values()]
         for task in stopped:
             try:
                 if isinstance(task, WatchJobTask):
@@ -753,6 +858,7 @@ class JobController(QObject):
         self.tasks.clear()
         self._lookups.clear()
         self._log_tasks.clear()
+        self._training_tasks.clear()
         end = time.monotonic() + wait_s
         left = [t for t in stopped if not t.wait_ran(max(0.0, end - time.monotonic()))]
         if left:

@@ -28,6 +28,7 @@ from qgis.PyQt.QtWidgets import (
     QPushButton,
     QSplitter,
     QTableWidget,
+    QTabWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
@@ -35,7 +36,8 @@ from qgis.PyQt.QtWidgets import (
 
 from rs_qgis_plugin import settings
 from rs_qgis_plugin.core.errors import RsPluginError
-from rs_qgis_plugin.logic import JobRecord, progress_text
+from rs_qgis_plugin.logic import TRAINING_MODES, JobRecord, progress_text, verdict_text
+from rs_qgis_plugin.training_view import TrainingView
 
 
 def tr(text: str) -> str:
@@ -49,9 +51,18 @@ def plain_tooltip(text: str) -> str:
 
 
 def _warnings_text(record: JobRecord) -> str:
-    if not record.recent_warnings:
+    """Every warning of the job as a list (the last 50 of more); the count is the cluster's,
+    which also knows those sent while no QGIS watched."""
+    if not record.warnings:
         return ""
-    head = tr("{n} warning(s); the last ones:").format(n=record.warnings)
+    kept = len(record.recent_warnings)
+    if kept >= record.warnings:
+        head = tr("{n} warning(s):").format(n=record.warnings)
+    elif kept:
+        head = tr("{n} warning(s); the last {k} received here:").format(n=record.warnings, k=kept)
+    else:
+        head = tr("{n} warning(s), sent while this QGIS did not watch (the job's log on the "
+                  "cluster has them):").format(n=record.warnings)
     return "\n".join([head, *(f"• {w}" for w in record.recent_warnings)])
 
 
@@ -86,6 +97,8 @@ def details_text(record: JobRecord, events: list[str], log: list[str] | None = N
              tr("Results fetched: {what}").format(what=", ".join(record.fetch) or "-")]
     if record.message:
         lines += ["", tr("Message:"), record.message]
+    if record.verdict:
+        lines += ["", tr("Training: {verdict}").format(verdict=verdict_text(record))]
     if record.warnings:
         lines += ["", _warnings_text(record)]
     if record.parameters:
@@ -103,14 +116,16 @@ class JobsPanel(QWidget):
 
     # Qt slots (pyqtSlot) throughout, so connections need no PyQt proxy objects: with a lambda
     # here, panels made and deleted were seen to break an unrelated connection of the project.
-    COLUMNS = ("name", "state", "stage", "progress", "warnings", "started", "profile", "job id")
+    COLUMNS = ("name", "state", "stage", "progress", "warnings", "val iou", "started", "profile",
+               "job id")
 
     def __init__(self, controller: Any, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.controller = controller
         self.table = QTableWidget(0, len(self.COLUMNS), self)
         self.table.setHorizontalHeaderLabels([tr("Name"), tr("State"), tr("Stage"),
-                                              tr("Progress"), tr("Warnings"), tr("Started"),
+                                              tr("Progress"), tr("Warnings"), tr("Val IoU"),
+                                              tr("Started"),
                                               tr("Profile"), tr("Job id")])
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SingleSelection)
@@ -159,7 +174,11 @@ class JobsPanel(QWidget):
         folder.addWidget(self.choose_folder_button)
         self.splitter = QSplitter(Qt.Vertical, self)
         self.splitter.addWidget(self.table)
-        self.splitter.addWidget(self.details)
+        self.training = TrainingView(self)
+        self.tabs = QTabWidget(self)
+        self.tabs.addTab(self.details, tr("Details"))
+        self.tabs.addTab(self.training, tr("Training"))
+        self.splitter.addWidget(self.tabs)
         self.splitter.setStretchFactor(0, 3)
         self.splitter.setStretchFactor(1, 2)
         layout = QVBoxLayout(self)
@@ -176,6 +195,7 @@ class JobsPanel(QWidget):
         self.log_button.clicked.connect(self.show_log)
         self.table.itemSelectionChanged.connect(self._update_buttons)
         controller.jobs_changed.connect(self.refresh)
+        controller.training_changed.connect(self._training_changed)
         self.refresh()
 
     @pyqtSlot()
@@ -200,13 +220,18 @@ class JobsPanel(QWidget):
         self.table.setRowCount(len(records) + len(listed))
         busy = set(self.controller.active_job_ids())
         for row, r in enumerate(records):
+            # A model that learned almost nothing is no plain success (its reason: the tooltip).
             state = (r.state + (tr(" — not on the cluster") if r.gone else "")
-                     + (" ✓" if r.loaded else "") + (" …" if r.job_id in busy else ""))
+                     + (tr(" ⚠ weak model") if r.weak else "")
+                     + (" ✓" if r.loaded and not r.weak else "")
+                     + (" …" if r.job_id in busy else ""))
             stage = r.stage + (f" (restarted {r.restarts}×)" if r.restarts else "")
             name = r.name + (tr(" (Processing)") if r.origin == "processing" else "")
-            values = (name, state, stage, progress_text(r), str(r.warnings or ""),
+            iou = "" if r.best_val_iou is None else f"{r.best_val_iou:.3f}"
+            values = (name, state, stage, progress_text(r), str(r.warnings or ""), iou,
                       (r.started or r.created or "").replace("T", " ")[:19], r.profile, r.job_id)
-            tip = plain_tooltip("\n\n".join(t for t in (r.message, _warnings_text(r)) if t))
+            tip = plain_tooltip("\n\n".join(t for t in (r.message, verdict_text(r),
+                                                         _warnings_text(r)) if t))
             self._fill(row, r.job_id, values, tip)
             if r.warnings:
                 self.table.item(row, self.COLUMNS.index("warnings")).setToolTip(
@@ -216,7 +241,7 @@ class JobsPanel(QWidget):
         for row, job in enumerate(listed, start=len(records)):
             state = job.state + tr(" — on the cluster, not started here") + (
                 " …" if job.job_id in busy else "")
-            values = (job.name or job.job_id, state, "", f"{job.progress:.0f}%", "",
+            values = (job.name or job.job_id, state, "", f"{job.progress:.0f}%", "", "",
                       job.submitted.replace("T", " ")[:19], job.profile, job.job_id)
             self._fill(row, job.job_id, values, plain_tooltip(job.message))
             for col in range(len(self.COLUMNS)):
@@ -265,10 +290,26 @@ class JobsPanel(QWidget):
                      profile=listed.profile, state=listed.state), listed.message])
         if self.details.toPlainText() != text:
             self.details.setPlainText(text)
+        self._show_training()
         status = self.status_text()
         if status != getattr(self, "_status", None):  # a dock's own message stays till then
             self._status = status
             self.status_changed.emit(status)
+
+    @pyqtSlot(str)
+    def _training_changed(self, job_id: str) -> None:
+        if job_id == self.selected_job():
+            self._show_training()
+
+    def _show_training(self) -> None:
+        job = self.selected_job()
+        record = self._record(job)
+        if record is None or record.mode not in TRAINING_MODES:
+            self.training.show_job(None, None, None)
+            return
+        history, preview = self.controller.training(record.job_id)
+        self.training.show_job(record, history, preview)
+        self.controller.load_training(record.job_id)  # once a session: all its events
 
     @pyqtSlot()
     def show_log(self) -> None:

@@ -481,6 +481,13 @@ class JobRecord:
     events_seen: int = 0  # events already counted, so a reattach replays none of them
     project: str = ""  # the project file open when the job started: its results go there
     parameters: str = ""  # the job's stage parameters (spec_parameters), for the details pane
+    # How its training went, from the cluster's verdict once the job finished: "ok", "weak"
+    # (the model learned almost nothing) or "" (no training, or not finished).
+    verdict: str = ""
+    verdict_reason: str = ""
+    advice: str = ""
+    best_val_iou: float | None = None
+    best_epoch: int | None = None
 
     @property
     def remote_active(self) -> bool:
@@ -490,14 +497,25 @@ class JobRecord:
     def needs_fetch(self) -> bool:
         return self.state == "succeeded" and not self.loaded and not self.gone
 
+    @property
+    def weak(self) -> bool:
+        return self.verdict == "weak"
+
     def with_status(self, status: JobStatus) -> JobRecord:
+        verdict = status.verdict
+        judged = {} if verdict is None else {
+            "verdict": verdict.verdict, "verdict_reason": verdict.reason,
+            "advice": verdict.advice, "best_val_iou": verdict.best_val_iou,
+            "best_epoch": verdict.best_epoch}
         return replace(self, state=status.state, stage=status.stage or self.stage,
                        progress=status.progress, message=status.message or self.message,
                        started=status.started or self.started,
                        finished=status.finished or self.finished,
-                       restarts=max(status.restarts, self.restarts), gone=False)
+                       restarts=max(status.restarts, self.restarts),
+                       # the cluster counts every warning, also those sent before we looked
+                       warnings=max(status.warnings, self.warnings), gone=False, **judged)
 
-    def with_event(self, kind: str, message: str, *, keep: int = 5) -> JobRecord:
+    def with_event(self, kind: str, message: str, *, keep: int = 50) -> JobRecord:
         """Counts one more event of the job; a warning also counts, and its text is kept."""
         if kind != "warning":
             return replace(self, events_seen=self.events_seen + 1)
@@ -518,6 +536,9 @@ class JobRecord:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["fetch"] = tuple(known.get("fetch") or ())
         known["recent_warnings"] = tuple(str(w) for w in known.get("recent_warnings") or ())
+        for key in ("best_val_iou", "best_epoch"):  # written by us, but settings can be edited
+            if isinstance(known.get(key), bool) or not isinstance(known.get(key), (int, float)):
+                known.pop(key, None)
         return cls(**known)
 
 
@@ -544,6 +565,24 @@ def _param_text(value: Any) -> str:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def verdict_text(record: JobRecord) -> str:
+    """The outcome of a job's training in one line ("" without one): its best validation IoU,
+    and for a weak model why, and what to try."""
+    if not record.verdict:
+        return ""
+    best = "" if record.best_val_iou is None else "best validation IoU {iou:.3f}{at}".format(
+        iou=record.best_val_iou,
+        at=f" at epoch {record.best_epoch}" if record.best_epoch else "")
+    if not record.weak:
+        return best
+    text = "weak model" + (f" ({best})" if best else "")
+    if record.verdict_reason:
+        text += f": {record.verdict_reason}"
+    if record.advice:
+        text += f". {record.advice[:1].upper()}{record.advice[1:]}"
+    return text
 
 
 def progress_text(record: JobRecord) -> str:

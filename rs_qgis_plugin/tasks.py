@@ -41,6 +41,7 @@ from rs_qgis_plugin.core.jobs import RemoteJobs
 from rs_qgis_plugin.core.profile import ConnectionProfile
 from rs_qgis_plugin.core.protocol import STATES, JobStatus, ProgressEvent
 from rs_qgis_plugin.core.ssh import SshClient
+from rs_qgis_plugin.core.training import TrainingHistory, preview_epoch
 from rs_qgis_plugin.log import get_logger
 from rs_qgis_plugin.logic import MODEL_INPUT, MODEL_OUTPUT, PlannedJob
 
@@ -461,15 +462,20 @@ class WatchJobTask(_RemoteTask):
 
     status_changed = pyqtSignal(object)
     event_received = pyqtSignal(str, object)
+    preview_fetched = pyqtSignal(str, str)  # job id, the local PNG
 
     def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
                  job_id: str, on_done: Callable[[RsTask], None] | None = None,
-                 poll_s: float = 2.0, skip_events: int = 0, name: str = "") -> None:
+                 poll_s: float = 2.0, skip_events: int = 0, name: str = "",
+                 previews_dir: str | Path | None = None) -> None:
         super().__init__(tr("Cluster job {job}").format(job=job_title(name, job_id)), profile,
                          known_hosts, passphrase, on_done, READ_ONLY)
         self.job_id = job_id
         self.poll_s = poll_s
         self.skip_events = skip_events
+        # Where a training preview named by an event is downloaded as it comes (None: not)
+        self.previews_dir = None if previews_dir is None else Path(previews_dir)
+        self._jobs: RemoteJobs | None = None
         self.cancel_remote = False
         self.remote_cancelled: JobStatus | None = None
 
@@ -493,9 +499,17 @@ class WatchJobTask(_RemoteTask):
 
     def _event(self, event: ProgressEvent) -> None:
         self.event_received.emit(self.job_id, event)
+        preview = event.extra.get("preview")
+        if self.previews_dir is not None and self._jobs is not None \
+                and preview_epoch(preview) is not None:
+            local = fetch_preview(self._jobs, self.job_id, preview, self.previews_dir,
+                                  cancel=self.cancel_flag)
+            if local is not None:
+                self.preview_fetched.emit(self.job_id, str(local))
 
     def work(self) -> JobStatus:
         with self.remote_jobs() as jobs:
+            self._jobs = jobs
             try:
                 return watch(jobs, self.job_id, on_status=self._status, on_event=self._event,
                              cancel=self.cancel_flag, poll_s=self.poll_s,
@@ -505,6 +519,45 @@ class WatchJobTask(_RemoteTask):
                     self.remote_cancelled = jobs.cancel(self.job_id)
                     self.status_changed.emit(self.remote_cancelled)
                 raise
+
+
+def fetch_preview(jobs: RemoteJobs, job_id: str, rel: str, local_dir: Path, *,
+                  cancel: Any = None) -> Path | None:
+    """One training preview into ``local_dir``, or None when it cannot be had: a preview is only
+    a picture of the progress, so its failure (a refused name, a lost file) is logged, never
+    the end of watching the job."""
+    try:
+        return jobs.fetch_preview(job_id, rel, local_dir, cancel=cancel)
+    except CancelledError:
+        raise
+    except (RsPluginError, OSError) as e:
+        log.warning("job %s: preview %s not fetched: %s", job_id, rel, e)
+        return None
+
+
+class TrainingTask(_RemoteTask):
+    """All a job's events (its training chart after a QGIS restart), and its newest preview
+    downloaded into ``previews_dir``. ``result``: (events, local preview or None)."""
+
+    def __init__(self, profile: ConnectionProfile, known_hosts: str | Path, passphrase: str | None,
+                 job_id: str, previews_dir: str | Path, *, name: str = "",
+                 on_done: Callable[[RsTask], None] | None = None) -> None:
+        super().__init__(tr("Training history of {job}").format(job=job_title(name, job_id)),
+                         profile, known_hosts, passphrase, on_done, READ_ONLY)
+        self.job_id = job_id
+        self.previews_dir = Path(previews_dir)
+
+    def work(self) -> tuple[list[ProgressEvent], Path | None]:
+        with self.remote_jobs() as jobs:
+            events, _ = jobs.events(self.job_id, 0)
+            history = TrainingHistory.from_events(events)
+            preview = None
+            if history.preview is not None:
+                preview = self.previews_dir.joinpath(*history.preview.split("/"))
+                if not preview.is_file():
+                    preview = fetch_preview(jobs, self.job_id, history.preview,
+                                            self.previews_dir, cancel=self.cancel_flag)
+            return events, preview
 
 
 class CancelJobTask(_RemoteTask):

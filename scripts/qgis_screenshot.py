@@ -88,6 +88,8 @@ def run():
         for layer in images:
             dock.set_imagery(layer)
         dock.name.setText(CONFIG["title"])
+        if CONFIG.get("training"):
+            show_training(plugin, dock)
         iface.mainWindow().resize(1600, 1000)
         canvas = iface.mapCanvas()
         canvas.setDestinationCrs(images[0].crs())
@@ -98,6 +100,43 @@ def run():
     except Exception:
         state["error"] = traceback.format_exc()
         finish(1)
+
+
+def show_training(plugin, dock):
+    """A real training job's recorded events and newest preview, in the Jobs tab's Training tab."""
+    from qgis.PyQt.QtWidgets import QTabWidget
+    from rs_qgis_plugin.core.protocol import parse_event
+    from rs_qgis_plugin.logic import JobRecord
+
+    lines = Path(CONFIG["training"]).read_text().splitlines()
+    events = [parse_event(line) for line in lines if line.strip()]
+    ends = [e for e in events if e.event == "finish" and e.stage == "train"]
+    fields = ends[-1].extra if ends else {}
+    started = events[0].time if events else None
+    finished = events[-1].time if ends else None
+    record = JobRecord("train-screenshot", CONFIG["training_title"], "cluster", "train",
+                       state="succeeded" if ends else "running", stage="train",
+                       progress=100.0 if ends else 50.0, started=started, finished=finished,
+                       message=ends[-1].message if ends else "",
+                       verdict=fields.get("verdict") or "",
+                       verdict_reason=fields.get("verdict_reason") or "",
+                       advice=fields.get("advice") or "",
+                       best_val_iou=fields.get("best_val_iou"),
+                       best_epoch=fields.get("best_epoch"))
+    plugin.controller.show_recorded_training(record, events, CONFIG.get("preview"))
+    panel = dock.jobs_panel
+    tabs = panel.parent()
+    while tabs is not None and not isinstance(tabs, QTabWidget):
+        tabs = tabs.parent()
+    if tabs is not None:
+        tabs.setCurrentWidget(panel)
+    for row in range(panel.table.rowCount()):
+        if panel.table.item(row, 0).data(0x0100) == record.job_id:
+            panel.table.selectRow(row)
+    panel.tabs.setCurrentWidget(panel.training)
+    dock.setMinimumWidth(640)
+    state["training"] = {"epochs": len(panel.training.chart.points()["val_iou"]),
+                         "preview": not panel.training.preview.pixmap().isNull()}
 
 
 QTimer.singleShot(3000, run)
@@ -127,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="PNG of the QGIS window")
     ap.add_argument("--title", default="Xiamen buildings")
     ap.add_argument("--timeout", type=float, default=180.0)
+    ap.add_argument("--training", type=Path, metavar="EVENTS",
+                    help="a training job's events.jsonl: shown in the Jobs tab's Training tab")
+    ap.add_argument("--preview", type=Path, metavar="PNG", help="that job's newest preview")
+    ap.add_argument("--training-title", default="Xiamen roofs, first model")
     ap.add_argument("--keep", action="store_true", help="keep the temporary QGIS profile")
     args = ap.parse_args(argv)
     if not shutil.which("xvfb-run") or not shutil.which("qgis"):
@@ -155,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         result.unlink(missing_ok=True)
         config = {"pairs": pairs, "title": args.title, "job_dir": str(work / "job"),
                   "result": str(result), "window_png": str(out),
-                  "map_png": str(out.with_name(out.stem + "_map.png"))}
+                  "map_png": str(out.with_name(out.stem + "_map.png")),
+                  "training": str(args.training.resolve()) if args.training else None,
+                  "preview": str(args.preview.resolve()) if args.preview else None,
+                  "training_title": args.training_title}
         (work / "config.json").write_text(json.dumps(config))
         code = work / "startup.py"
         code.write_text(INNER.replace("__CONFIG__", repr(str(work / "config.json"))))

@@ -1,8 +1,9 @@
 """A test-only ``rs-cluster``: the real one plus the ``sleep`` self-test stage.
 
-The stage only waits and reports progress (optionally starting child processes, failing, writing an
-output, or cancelling its own job at the end), so jobs, progress and cancel are exercised in
-seconds. It is no part of the production whitelist on either side: this module adds it.
+The stage only waits and reports progress (optionally starting child processes, warning, failing,
+writing an output, reporting a finish as the train stage does, or cancelling its own job at the
+end), so jobs, progress and cancel are exercised in seconds. It is no part of the production
+whitelist on either side: this module adds it.
 
 - As a program, ``python -m tests.cluster_selftest ...`` is ``rs-cluster`` with the stage added.
   It passes its own name to the CLI as the entry module, so the job runners it starts, and their
@@ -35,7 +36,7 @@ ENTRY_MODULE = "tests.cluster_selftest"
 STAGE, COMMAND = "sleep", "selftest-sleep"
 # parameter -> kind, as both sides' whitelists spell them (rs_cluster.jobspec, core/jobspec.py)
 SLEEP_PARAMS = {"seconds": "float", "steps": "int", "children": "int", "fail": "flag",
-                "output": "path", "cancel_after": "flag"}
+                "output": "path", "cancel_after": "flag", "warnings": "int", "train_finish": "str"}
 
 
 def pythonpath() -> str:
@@ -97,6 +98,13 @@ def register(subparsers: Any) -> None:
                        "session, as Spark JVMs and Horovod workers do")
     sleep.add_argument("--fail", action="store_true", help="fail at the end")
     sleep.add_argument("--output", metavar="FILE", help="write a small result file, as stages do")
+    sleep.add_argument("--warnings", type=int, default=0, metavar="N",
+                       help="report N warning events along the way")
+    sleep.add_argument("--train-finish", metavar="JSON",
+                       help="at the end, also report a start and a finish event of the stage "
+                       "\"train\", the finish carrying the fields of this JSON object (the train "
+                       "stage's best_val_iou, best_epoch, verdict, ...; of any type, as a faulty or "
+                       "hostile stage might write them)")
     sleep.add_argument("--cancel-after", action="store_true",
                        help="after the last progress event, cancel the own job as `rs-cluster job "
                        "cancel` does (its marker file, then SIGTERM to the runner) and exit 0: a "
@@ -118,6 +126,8 @@ def _selftest_sleep(args: Any, reporter: Any) -> int:
         for done in range(1, steps + 1):
             time.sleep(args.seconds / steps)
             reporter.progress(done, steps, message=f"slept {done}/{steps}")
+            if done <= args.warnings:
+                reporter.warning(f"selftest warning {done} of {args.warnings}")
     finally:
         for child in children:
             child.kill()
@@ -128,7 +138,15 @@ def _selftest_sleep(args: Any, reporter: Any) -> int:
         from rs_cluster import storage
 
         storage.write_bytes(args.output, b"slept\n")
+    for extra in range(steps + 1, args.warnings + 1):  # more warnings than steps
+        reporter.warning(f"selftest warning {extra} of {args.warnings}")
     reporter.finish("slept")
+    if args.train_finish:
+        import json
+
+        fields = json.loads(args.train_finish)
+        reporter.start("train", message="selftest: reporting as the train stage")
+        reporter.finish(str(fields.pop("message", "trained")), **fields)
     if args.cancel_after:
         # The runner terminates a step still running once it is told to stop: ignore that, the
         # step is done; the runner runs this step in the job folder.

@@ -8,6 +8,7 @@ Layout of ``<workspace>/jobs/<job-id>/``::
     events.jsonl   JSON-lines progress events of every step (:mod:`rs_cluster.progress`)
     log.txt        stdout and stderr of every step
     outputs/       what the steps write
+    previews/      the train steps' preview images, previews/epoch-NNNN.png (``--previews``)
     .status.lock   taken around every read-modify-write of status.json
 
 ``submit`` starts a runner detached from the caller (double fork into a new session), so closing
@@ -37,6 +38,11 @@ a spec, a status, an event or the Spark configuration. Without a storage URL, a 
 step for a master beyond this host (not ``local[...]``) is refused at submit, in one line naming
 the setting to add.
 
+Besides progress, the runner keeps in status.json how many ``warning`` events the steps wrote
+(``warnings``) and what the last train step's ``finish`` event said of the model (``verdict``:
+verdict, reason, advice, best validation IoU and its epoch), and says both in the message of a
+job that succeeded ("done with 2 warning(s); best validation IoU 0.412 at epoch 7").
+
 The workspace holds the user's imagery, models and results, on login nodes
 shared with other users: its folders are 0700, and the files that submit, the runner and its steps
 write are 0600 (the runner runs with umask 077), whatever umask the login shell left.
@@ -47,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import shlex
@@ -65,7 +72,7 @@ from rs_cluster import jobspec, storage
 from rs_cluster.atomic import write_json_atomic
 from rs_cluster.errors import ConfigError, DiskFullError, RsClusterError, disk_full_error, is_disk_full
 from rs_cluster.jobspec import JobSpec, Step, check_job_id, parse_job_spec, step_argv
-from rs_cluster.progress import JsonLinesReporter, parse_event, utc_now
+from rs_cluster.progress import JsonLinesReporter, clean_text, parse_event, utc_now
 
 STATUS_SCHEMA_VERSION = 1
 ENV_JOB_ID = "RS_CLUSTER_JOB_ID"
@@ -73,6 +80,7 @@ ENV_WORKSPACE = "RS_CLUSTER_WORKSPACE"
 
 JOB_FILE, STATUS_FILE, EVENTS_FILE, LOG_FILE = "job.json", "status.json", "events.jsonl", "log.txt"
 INPUTS_DIR, OUTPUTS_DIR, CANCEL_FILE = "inputs", "outputs", ".cancel-requested"
+PREVIEWS_DIR = "previews"
 LOCK_FILE = ".status.lock"
 PRIVATE_DIR, PRIVATE_FILE, PRIVATE_UMASK = 0o700, 0o600, 0o077
 # Disk space the runner holds back while steps run and frees for its last words (the final
@@ -342,6 +350,32 @@ def read_events(job_dir: Path, since: int = 0) -> tuple[list[str], int]:
     return lines[since:], max(since, len(lines))
 
 
+class EventTail:
+    """The event lines appended to a job's ``events.jsonl``, call after call: what
+    :func:`read_events` returns, but read on from where the last call stopped, so following a
+    long training does not read its whole file again every poll. ``since`` skips that many
+    events first, counted as :func:`read_events` counts them."""
+
+    def __init__(self, job_dir: Path, since: int = 0) -> None:
+        self._path = job_dir / EVENTS_FILE
+        self._offset, self._skip = 0, max(since, 0)
+
+    def new_lines(self) -> list[str]:
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self._offset += end
+        lines = [line for line in data[:end].decode("utf-8", errors="replace").splitlines()
+                 if _is_json_object(line)]
+        skipped = min(self._skip, len(lines))
+        self._skip -= skipped
+        return lines[skipped:]
+
+
 LOG_TAIL_BYTES = 64 * 1024  # what `job log --tail` reads at most from the end of log.txt
 
 
@@ -526,7 +560,7 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
             return False
         current.update(state="running", pid=pid, pgid=os.getpgid(0),
                        pid_started=_process_start_time(pid), started=utc_now(), message="started",
-                       heartbeat=utc_now(), **this_host())
+                       heartbeat=utc_now(), warnings=0, verdict=None, **this_host())
         return True
 
     status = update_status(job_dir, start)
@@ -549,6 +583,7 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
     exit_code, steps_done = 0, 0
     full_disk: OSError | None = None
     failure: str | None = None  # why the job failed outside its steps (settings, storage)
+    trained: dict[str, Any] = {}  # the last train finish event's quality fields (train_quality)
     events_stream = open(events_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
     log = open(job_dir / LOG_FILE, "ab")  # noqa: SIM115 - closed below
     try:
@@ -576,6 +611,11 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
                 argv = [sys.executable, "-m", entry_module, "--quiet", "--events", str(events_path),
                         *step_argv(step, job_dir, root_url=where and where.url),
                         *(where.spark_args(step) if where is not None else ())]
+                if step.stage == "train":
+                    # The train driver runs here, in the job folder, even when the job's files
+                    # are in shared storage: its previews are local files the plugin fetches.
+                    private_dir(job_dir / PREVIEWS_DIR)
+                    argv += ["--previews", str(job_dir / PREVIEWS_DIR)]
                 log.write(f"$ {shlex.join(argv)}\n".encode())
                 log.flush()
                 follower = _EventFollower(events_path)
@@ -584,7 +624,8 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
                     break
                 proc = subprocess.Popen(argv, cwd=job_dir, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, env=env)
-                exit_code = _follow_step(proc, follower, status, job_dir, index, len(spec.steps), stop)
+                exit_code = _follow_step(proc, follower, status, job_dir, index, len(spec.steps),
+                                         stop, trained)
                 _end_cut_line(events_path, events_stream)
                 reporter.progress(index + 1, len(spec.steps), message=f"{step.stage} exit {exit_code}")
                 if exit_code != 0 or not _step_counts(job_dir, stop):
@@ -607,7 +648,8 @@ def run_job(job_dir: Path, *, entry_module: str = ENTRY_MODULE) -> int:
         # arrived after that; anything else with a cancel pending was cancelled.
         with status_lock(job_dir):
             if full_disk is None and failure is None and steps_done == len(spec.steps):
-                status.update(state="succeeded", progress=100.0, message="done",
+                status.update(state="succeeded", progress=100.0,
+                              message=success_message(status.get("warnings") or 0, trained),
                               results=[r for r in spec.results() if (job_dir / r).exists()])
             elif stop.is_set() or (job_dir / CANCEL_FILE).exists():
                 status.update(state="cancelled", message="cancelled")
@@ -789,7 +831,11 @@ def _reserve_space(job_dir: Path) -> None:
 
 
 def _follow_step(proc: subprocess.Popen[bytes], follower: _EventFollower, status: dict[str, Any],
-                 job_dir: Path, index: int, steps: int, stop: threading.Event) -> int:
+                 job_dir: Path, index: int, steps: int, stop: threading.Event,
+                 trained: dict[str, Any]) -> int:
+    """Runs until the step's process ends, turning its events into ``status``: progress and
+    message, restarts, the count of warnings, and the quality fields of a train finish event
+    (into ``trained`` and, when it carries a verdict, ``status["verdict"]``)."""
     last_written = dict(status)
     while True:
         try:
@@ -803,9 +849,15 @@ def _follow_step(proc: subprocess.Popen[bytes], follower: _EventFollower, status
                 status["progress"] = round(100.0 * (index + fraction) / steps, 1)
             if kind in ("start", "progress", "info", "warning", "finish") and event.get("message"):
                 status["message"] = str(event["message"])[:500]
-            if kind == "warning" and isinstance(event.get("restart"), int):
-                # training restarted its workers from the last checkpoint after losing one
-                status["restarts"] = event["restart"]
+            if kind == "warning":
+                status["warnings"] = int(status.get("warnings") or 0) + 1
+                if isinstance(event.get("restart"), int):
+                    # training restarted its workers from the last checkpoint after losing one
+                    status["restarts"] = event["restart"]
+            if kind == "finish" and event.get("stage") == "train":
+                trained.clear()
+                trained.update(train_quality(event))
+                status["verdict"] = dict(trained) if trained["verdict"] else None
         if status != last_written:
             if not _runner_write(job_dir, status):
                 stop.set()  # the job was ended meanwhile: its steps stop too
@@ -818,6 +870,47 @@ def _follow_step(proc: subprocess.Popen[bytes], follower: _EventFollower, status
             stopped = _terminate_tree(proc.pid)
             if stopped is not None:
                 return stopped
+
+
+VERDICTS = ("ok", "weak")
+
+
+def train_quality(event: dict[str, Any]) -> dict[str, Any]:
+    """What a train stage's ``finish`` event says of the model, as status.json's ``verdict``
+    holds it: ``verdict`` ("ok", "weak" or None when the event has none of those), ``reason``,
+    ``advice``, ``best_val_iou`` and ``best_epoch``. The event is a line in a file any step could
+    write: a field of the wrong type, a number that is not finite or an IoU outside 0..1 is left
+    out (None or ""), and texts are cut to one line of 500 characters."""
+    verdict = event.get("verdict")
+    iou = event.get("best_val_iou")
+    epoch = event.get("best_epoch")
+
+    def text(key: str) -> str:
+        value = event.get(key)
+        return clean_text(value) if isinstance(value, str) else ""
+
+    return {
+        "verdict": verdict if isinstance(verdict, str) and verdict in VERDICTS else None,
+        "reason": text("verdict_reason"), "advice": text("advice"),
+        "best_val_iou": float(iou) if isinstance(iou, (int, float)) and not isinstance(iou, bool)
+        and math.isfinite(iou) and 0.0 <= iou <= 1.0 else None,
+        "best_epoch": epoch if isinstance(epoch, int) and not isinstance(epoch, bool)
+        and epoch >= 1 else None,
+    }
+
+
+def success_message(warnings: int, trained: dict[str, Any]) -> str:
+    """The message of a job that succeeded: "done", the warnings its steps gave, and for a job
+    that trained, the best validation IoU and whether the model came out weak, so a user who
+    reads no further than the message still learns that the model is not worth using."""
+    message = "done" + (f" with {warnings} warning(s)" if warnings else "")
+    if trained.get("best_val_iou") is not None:
+        message += f"; best validation IoU {trained['best_val_iou']:.3f}"
+        if trained.get("best_epoch") is not None:
+            message += f" at epoch {trained['best_epoch']}"
+    if trained.get("verdict") == "weak":
+        message += "; weak model" + (f": {trained['reason']}" if trained.get("reason") else "")
+    return message
 
 
 def _last_error(log: Path, status: dict[str, Any]) -> str:

@@ -1,14 +1,18 @@
 """Sub-commands ``job ...`` and ``env``.
 
 Machine-readable output (``--json``, ``job events``) is what the QGIS plugin reads over SSH; each is
-one JSON document or JSON lines on stdout, nothing else.
+one JSON document or JSON lines on stdout, nothing else. ``job events --follow`` is for people at
+a terminal on the login host: it shows a running job's events as the stages show their own, until
+the job ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +38,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("job_id")
     p.set_defaults(func=_status)
 
-    p = actions.add_parser("events", parents=[common], help="progress events as JSON lines")
+    p = actions.add_parser("events", parents=[common], help="progress events as JSON lines",
+                           description="Prints the job's progress events as JSON lines. With "
+                           "--follow, shows them as they come until the job ends, as progress "
+                           "bars and lines (raw JSON lines with --json), and exits 0 when the job "
+                           "succeeded, else 1; Ctrl-C stops following, not the job.")
     p.add_argument("job_id")
     p.add_argument("--since", type=int, default=0, metavar="N",
                    help="skip the first N events (the count already read)")
+    p.add_argument("--follow", action="store_true",
+                   help="keep showing new events until the job succeeds, fails or is cancelled")
     p.set_defaults(func=_events)
 
     p = actions.add_parser("log", parents=[common], help="the last lines of a job's log")
@@ -117,12 +127,63 @@ def _status(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+_FOLLOW_POLL_S = 0.5
+
+
 def _events(args: argparse.Namespace, reporter: Reporter) -> int:
     from rs_cluster import jobs
 
-    lines, _ = jobs.read_events(_workspace(args).existing_job_dir(args.job_id), args.since)
+    job_dir = _workspace(args).existing_job_dir(args.job_id)
+    if args.follow:
+        return _follow(job_dir, args)
+    lines, _ = jobs.read_events(job_dir, args.since)
     sys.stdout.writelines(line + "\n" for line in lines)
     return 0
+
+
+def _follow(job_dir: Path, args: argparse.Namespace) -> int:
+    """Shows the job's events until it ends; 0 when it succeeded. The display is this command's
+    output (stdout), whatever --quiet says of stage progress: a bar when stdout is a terminal,
+    otherwise a line now and then. Ctrl-C ends only the following: the job runs detached."""
+    from rs_cluster import jobs
+    from rs_cluster.progress import TerminalReporter, clean_text, parse_event, render_event
+
+    if not (job_dir / jobs.STATUS_FILE).exists():
+        raise jobs.JobStateError(f"job {args.job_id} was never submitted; there is nothing to "
+                                 f"follow (no {job_dir / jobs.STATUS_FILE})")
+    tail = jobs.EventTail(job_dir, args.since)
+    display = None if args.json else TerminalReporter(sys.stdout)
+    try:
+        while True:
+            # The status first: the runner writes its last event before its final status, so
+            # once the status says the job ended, every event it will ever have is in the file.
+            status = jobs.read_status(job_dir)
+            for line in tail.new_lines():
+                if display is None:
+                    print(line, flush=True)
+                    continue
+                try:
+                    render_event(display, parse_event(line))
+                except (ValueError, TypeError):  # a newer schema, or not an event: not shown
+                    continue
+            if status.get("state") in jobs.TERMINAL_STATES:
+                break
+            time.sleep(_FOLLOW_POLL_S)
+    except KeyboardInterrupt:
+        if display is not None:
+            display.close()
+        print(f"\nstopped following job {args.job_id}; it goes on running: `rs-cluster job events "
+              f"{args.job_id} --follow` shows it again, `rs-cluster job cancel {args.job_id}` "
+              "stops it", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `... --follow --json | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
+    if display is not None:
+        display.close()
+        print(f"job {args.job_id} {clean_text(status.get('state'), 40)}: "
+              f"{clean_text(status.get('message'), 1000)}".rstrip(), flush=True)
+    return 0 if status.get("state") == "succeeded" else 1
 
 
 def _log(args: argparse.Namespace, reporter: Reporter) -> int:

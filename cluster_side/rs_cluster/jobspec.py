@@ -63,7 +63,7 @@ STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
         dice=_FLAG, tile_size=_INT, steps_per_epoch=_INT, validation_steps=_INT,
         warmup_epochs=_INT, threads_per_worker=_INT, nics=_STR, no_augment=_FLAG,
         max_restarts=_INT, arch=_STR, init_model=_PATH, loss=_STR, lr_schedule=_STR,
-        **_SPARK_OVERRIDES)),
+        preview_every=_INT, **_SPARK_OVERRIDES)),
     "predict": ("predict", _rules(
         model=_PATH, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
         probabilities=_FLAG, polygons=_FLAG, fail_fast=_FLAG, overwrite=_FLAG,

@@ -11,10 +11,12 @@ Everything a run writes goes to a hidden sibling of the model folder, ``.<name>.
     checkpoint/         model + optimizer (tf.train.Checkpoint), for --resume
     best-<n>.weights.h5 weights of the best epoch so far (by val IoU)
     events.jsonl        rank 0's progress, relayed by the driver to the reporter
+    previews/           rank 0's latest preview PNGs, copied by the driver to --previews
     model/              what becomes the model folder: model.keras, metrics.jsonl, logs/, model.json
 
 ``model.json`` is written last and ``model/`` is then renamed to the model folder, so a model folder
-is complete or absent; an interrupted run leaves the hidden folder for ``--resume``.
+is complete or absent; an interrupted run leaves the hidden folder for ``--resume``. Its
+"quality" holds rank 0's verdict on the final model (:mod:`rs_cluster.previews`).
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from rs_cluster import __version__, archs, storage
 from rs_cluster.atomic import replace_dir, write_json_atomic, write_text_atomic
 from rs_cluster.dataset import DatasetInfo, load_dataset
 from rs_cluster.config import check_keys
 from rs_cluster.errors import ClusterError, ConfigError, InputError, OutputExistsError, StorageError
+from rs_cluster.previews import FixedTiles, copy_preview, judge, preview_due
 from rs_cluster.progress import Reporter
 from rs_cluster.settings import SparkResources
 from rs_cluster.spark import Poller, quiet_library_warnings, resolve_master, spark_session
@@ -101,6 +105,10 @@ class TrainConfig:
     loss: str = "bce_dice"
     # cosine: after the warm-up, the LR falls from its peak to 0 by the last step; constant: 2019's
     lr_schedule: str = "cosine"
+    # A preview PNG every this many epochs and after the last (0: none), copied into ``previews``
+    # (a folder on the driver's host; no previews without it): rs_cluster.previews.
+    preview_every: int = 1
+    previews: str | None = None
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "num_proc": self.num_proc,
@@ -115,6 +123,9 @@ class TrainConfig:
         if self.patience < 0 or self.warmup_epochs < 0 or self.min_delta < 0 or self.max_restarts < 0:
             raise ConfigError("train: patience, min_delta, warmup_epochs and max_restarts must not "
                               "be negative")
+        if not isinstance(self.preview_every, int) or self.preview_every < 0:
+            raise ConfigError(f"train: preview_every must be a whole number, 0 for no previews "
+                              f"(got {self.preview_every!r})")
         if self.arch is not None:
             archs.get_arch(self.arch)  # a named error before anything runs
         if self.loss not in LOSSES:
@@ -180,6 +191,7 @@ class TrainResult:
     resumed_from: int = 0
     workers: list[dict[str, Any]] = field(default_factory=list)
     restarts: int = 0
+    quality: dict[str, Any] = field(default_factory=dict)  # the model card's: verdict and why
 
 
 def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any = None) -> TrainResult:
@@ -205,7 +217,11 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
                    "init_model": init.model_sha256 if init else None}
     if cfg.resume and not cfg.overwrite and _read_state(work) is None and \
             storage.is_file(storage.join(final, MODEL_JSON)):
-        reporter.finish(f"{cfg.model_dir}: training is already complete; nothing to resume")
+        card = storage.read_json(storage.join(final, MODEL_JSON))
+        quality = card.get("quality") if isinstance(card.get("quality"), dict) else \
+            _quality({"best_epoch": card.get("best_epoch"), "best_val_iou": _best_iou(card)}, None)
+        _finish(reporter, f"{cfg.model_dir}: training is already complete; nothing to resume",
+                quality, model_dir=str(final))
         return _result_from_card(final)
     state = _claim_model_dir(cfg, final, work, fingerprint, reporter)
     resumed_from = int(state["epochs_done"]) if state else 0
@@ -227,9 +243,12 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
         "min_delta": cfg.min_delta,
         "warmup_epochs": cfg.warmup_epochs, "seed": cfg.seed, "augment": cfg.augment,
         "steps_per_epoch": steps, "validation_steps": cfg.validation_steps, "threads": cfg.threads,
+        # Rank 0 draws previews only for a driver that copies them somewhere.
+        "preview_every": cfg.preview_every if cfg.previews else 0,
     }
     storage.make_dirs(work)
-    relay = _EventRelay(storage.join(work, EVENTS_FILE), reporter, cfg.epochs * steps)
+    relay = _EventRelay(storage.join(work, EVENTS_FILE), reporter, cfg.epochs * steps, work=work,
+                        previews=Path(cfg.previews) if cfg.previews else None)
     where = "in this process" if world == 1 else f"as Spark tasks on {resolve_master(cfg.master)}"
     resuming = f", resuming after epoch {resumed_from}" if resumed_from else ""
     reporter.start("train", total=cfg.epochs * steps, unit="steps",
@@ -257,8 +276,10 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
         raise ClusterError(f"{work}: training ended without a checkpoint state")
     wall = prior_wall + time.monotonic() - started
     network = next((w.pop("network") for w in workers if "network" in w), None)
+    quality = _quality(final_state, next((w.pop("quality") for w in workers if "quality" in w), None))
     card = _model_card(info, cfg, spec, final_state, workers, wall, resumed_from, restarts,
                        network, init)
+    card["quality"] = quality
     staged = storage.join(work, STAGED_MODEL)
     _write_json(storage.join(staged, MODEL_JSON), card)  # last: it means the model is complete
     _commit(staged, final, cfg.overwrite)
@@ -266,13 +287,35 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
     result = TrainResult(model_dir=str(final), epochs=card["epochs"], best_epoch=card["best_epoch"],
                          stopped_early=card["training"]["stopped_early"], world_size=world,
                          wall_time_s=round(wall, 3), resumed_from=resumed_from, workers=workers,
-                         restarts=len(restarts))
-    best = card["epochs"][card["best_epoch"] - 1] if card["best_epoch"] else {}
-    reporter.finish(f"model written to {final} after {len(card['epochs'])} epoch(s) in {wall:.1f} s; "
-                    f"best epoch {card['best_epoch']} (val_loss {best.get('val_loss', float('nan')):.4f}, "
-                    f"val_iou {best.get('val_iou', float('nan')):.4f})",
-                    model_dir=str(final), best_epoch=card["best_epoch"])
+                         restarts=len(restarts), quality=quality)
+    _finish(reporter, f"model written to {final} after {len(card['epochs'])} epoch(s) in {wall:.1f} s",
+            quality, model_dir=str(final))
     return result
+
+
+def _quality(state: dict[str, Any], judged: dict[str, Any] | None) -> dict[str, Any]:
+    """The model card's "quality": the best epoch's val IoU and rank 0's verdict on the final
+    model (judged on the val IoU alone when rank 0 sent none)."""
+    best_epoch = int(state.get("best_epoch") or 0) or None
+    iou = state.get("best_val_iou")
+    iou = round(float(iou), 5) if isinstance(iou, (int, float)) and math.isfinite(iou) and best_epoch \
+        else None
+    return {"best_val_iou": iou, "best_epoch": best_epoch, **(judged or judge(iou))}
+
+
+def _finish(reporter: Reporter, message: str, quality: dict[str, Any], **extra: Any) -> None:
+    """The finish event with the verdict; a weak model is also a warning, so it is counted."""
+    iou, epoch = quality.get("best_val_iou"), quality.get("best_epoch")
+    if iou is not None:
+        message += f"; best validation IoU {iou:.3f} at epoch {epoch}"
+    if quality.get("verdict") == "weak":
+        message += f"; weak model: {quality.get('verdict_reason')}"
+        reporter.warning(f"{quality.get('verdict_reason')}; {quality.get('advice')}",
+                         verdict="weak")
+    reporter.finish(message, **extra, best_val_iou=iou, best_epoch=epoch,
+                    verdict=quality.get("verdict", "ok"),
+                    verdict_reason=quality.get("verdict_reason", ""),
+                    advice=quality.get("advice", ""))
 
 
 def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", reporter: Reporter,
@@ -290,6 +333,7 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
     world = cfg.num_proc
     if world == 1:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        _report_resources(reporter, engine.name, spec["work"], None, 1, cfg.threads)
         with Poller(relay.poll):
             return engine.launch(train_worker, (spec,), num_proc=1)
     with spark_session(cfg.master, "rs-cluster train", spark=spark, resources=cfg.resources,
@@ -299,6 +343,7 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
         env = {**_worker_env(), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
         while True:
             reporter.info(f"starting {world} {engine.name} workers on {sc.master}")
+            _report_resources(reporter, engine.name, spec["work"], sc, world)
             output = _TailStream(sys.stderr)  # worker output to stderr: stdout may carry events
             executors = _executors(sc)
             try:
@@ -326,6 +371,35 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
                              resume_epoch=done)
             if not sc.master.startswith("local"):  # a lost executor's replacement must register
                 _wait_for_slots(sc, world, cfg.slot_wait_s)
+
+
+def _report_resources(reporter: Reporter, engine: str, work: str, sc: Any, world: int,
+                      threads: int | None = None) -> None:
+    """What the workers (re)start on, as one info event with "resources": the Spark master, the
+    world size, the engine, the executors and their cores (None when Spark does not say), and the
+    store folder the run's files go to, the model's parent (None: a local folder; any user part
+    of the URL left out)."""
+    if sc is None:  # one worker in this process
+        master, executors, cores = "in-process", None, threads or os.cpu_count()
+    else:
+        master = str(sc.master)
+        found = len(_executors(sc))
+        # Spark lists the driver among its executors; on a local master it is the only one.
+        executors = 1 if master.startswith("local") else (found - 1 if found else None)
+        try:
+            cores = int(sc.defaultParallelism)
+        except Exception:  # noqa: BLE001 - only a figure to show
+            cores = None
+    store = None
+    if not storage.is_local(work):
+        parsed = urlsplit(work.rstrip("/"))
+        store = f"{parsed.scheme}://{parsed.netloc.rpartition('@')[2]}{parsed.path.rpartition('/')[0]}"
+    where = "in this process" if sc is None else f"on {master}"
+    spread = f" in {executors} executor(s)" if executors else ""
+    message = (f"training {where}: {world} {engine} worker(s){spread}"
+               f"{f' ({cores} cores)' if cores else ''}; storage {store or 'local folder'}")
+    reporter.info(message, resources={"master": master, "workers": world, "engine": engine,
+                                      "executors": executors, "cores": cores, "storage": store})
 
 
 # Horovod sets the variables it is given over each worker's own environment. These belong to the
@@ -585,9 +659,15 @@ class _TailStream:
 
 
 class _EventRelay:
-    """Driver side: reads rank 0's events file as it grows and passes the events to the reporter."""
+    """Driver side: reads rank 0's events file as it grows and passes the events to the reporter.
 
-    def __init__(self, location: str, reporter: Reporter, total: int) -> None:
+    A preview event is passed on once its PNG is copied from the work folder into ``previews``
+    (it then names the copy); without ``previews``, or when the copy fails, it is dropped.
+    """
+
+    def __init__(self, location: str, reporter: Reporter, total: int, work: str = "",
+                 previews: Path | None = None) -> None:
+        self._work, self._previews = work, previews
         # Rank 0 appends to a local file, or re-uploads the whole (small) file to a store.
         local = storage.local_path(location)
         self._path = Path(local) if local is not None else None
@@ -624,6 +704,11 @@ class _EventRelay:
                 self._reporter.progress(event.pop("done"), self._total, event.pop("message", ""), **event)
             elif kind == "metrics":
                 self._reporter.metrics(**event)
+            elif kind == "info" and "preview" in event:
+                shown = (copy_preview(self._work, event.pop("preview"), self._previews)
+                         if self._previews is not None else None)
+                if shown is not None:
+                    self._reporter.info(event.pop("message", ""), preview=shown, **event)
             elif kind == "info":
                 self._reporter.info(event.pop("message", ""), **event)
 
@@ -748,11 +833,22 @@ def cosine_lr(peak: float, step: int, total_steps: int, warmup_steps: int) -> fl
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+def _best_iou(card: dict[str, Any]) -> float | None:
+    """The best epoch's val IoU from a model card written before cards had "quality"."""
+    best, epochs = card.get("best_epoch"), card.get("epochs")
+    if isinstance(best, int) and isinstance(epochs, list) and 0 < best <= len(epochs) and \
+            isinstance(epochs[best - 1], dict):
+        value = epochs[best - 1].get("val_iou")
+        return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
 def _result_from_card(final: str) -> TrainResult:
     card = storage.read_json(storage.join(final, MODEL_JSON))
     return TrainResult(model_dir=str(final), epochs=card["epochs"], best_epoch=card["best_epoch"],
                        stopped_early=bool(card.get("training", {}).get("stopped_early")),
-                       world_size=card["world_size"], wall_time_s=card["wall_time_s"])
+                       world_size=card["world_size"], wall_time_s=card["wall_time_s"],
+                       quality=card.get("quality") if isinstance(card.get("quality"), dict) else {})
 
 
 # -- worker side ------------------------------------------------------------------------------------
@@ -931,8 +1027,9 @@ def _train_worker(spec: dict[str, Any], engine: Any, device: str, rank: int, siz
                                      augment_tiles=spec["augment"], seed=spec["seed"] + rank)
         val_ds = unet.tile_batches(val_reader, spec["batch_size"], shard=val_shard)
 
+        tiles = _fixed_tiles(spec["val_url"], log) if chief else None
         keeper = _EpochKeeper(engine, chief, state, checkpoint, work, spec, size, log,
-                              sync=mirror.sync)
+                              sync=mirror.sync, tiles=tiles)
         callbacks = engine.callbacks(initial_lr=lr, warmup_epochs=spec["warmup_epochs"],
                                      steps_per_epoch=spec["steps_per_epoch"])
         if spec["lr_schedule"] == "cosine":
@@ -965,12 +1062,41 @@ def _train_worker(spec: dict[str, Any], engine: Any, device: str, rank: int, siz
         staged.mkdir(parents=True, exist_ok=True)
         final.save(str(staged / MODEL_FILE))
         mirror.sync()
+        best_iou = keeper.best_val if math.isfinite(keeper.best_val) else None
+        quality = _assess(tiles, final, best_iou, log)
     log.close()
     result = {"rank": rank, "pid": os.getpid(), "device": device, "weights_sha256": digest}
     if chief:
         result["network"] = unet.arch_info(unet.BuiltModel(
             final, spec["arch"], spec["requested_arch"], spec["fallback_reason"]))
+        if quality is not None:
+            result["quality"] = quality
     return result
+
+
+def _fixed_tiles(url: str, log: _EventLog) -> FixedTiles | None:
+    """Rank 0's fixed val tiles for previews and the verdict; None (and a note) when they cannot
+    be read: a run is not failed for what only illustrates it."""
+    try:
+        return FixedTiles.read(url)
+    except Exception as e:  # noqa: BLE001 - see above; the training readers report real trouble
+        log.write(event="info", message=f"no previews or tile check: reading validation tiles "
+                  f"from {url} failed ({type(e).__name__}: {_first_line(e)})")
+        return None
+
+
+def _assess(tiles: FixedTiles | None, model: Any, best_iou: float | None,
+            log: _EventLog) -> dict[str, Any] | None:
+    """The verdict on the final model from the fixed tiles; None (the driver then judges by val
+    IoU alone) without tiles or when predicting them fails."""
+    if tiles is None:
+        return None
+    try:
+        return tiles.assess(model, best_iou)
+    except Exception as e:  # noqa: BLE001 - the model is trained and saved: judge it by IoU alone
+        log.write(event="info", message=f"checking the model on validation tiles failed "
+                  f"({type(e).__name__}: {_first_line(e)})")
+        return None
 
 
 def _start_from(net: Any, spec: dict[str, Any]) -> None:
@@ -1015,8 +1141,9 @@ def _make_epoch_keeper() -> type:
 
         def __init__(self, engine: Any, chief: bool, state: dict[str, Any] | None, checkpoint: Any,
                      work: Path, spec: dict[str, Any], size: int, log: _EventLog,
-                     sync: Any = None) -> None:
+                     sync: Any = None, tiles: FixedTiles | None = None) -> None:
             super().__init__()
+            self.tiles = tiles  # rank 0's fixed val tiles, drawn into previews
             self.sync = sync  # puts what rank 0 wrote into the work folder's store, if any
             self.engine, self.chief, self.work, self.spec, self.size, self.log = (
                 engine, chief, work, spec, size, log)
@@ -1065,7 +1192,6 @@ def _make_epoch_keeper() -> type:
                    "lr": float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
                    "seconds": round(now - self._t0, 3), "train_seconds": round(train_s, 3),
                    "images_per_s": round(images / train_s, 2) if train_s > 0 else None}
-            self.history.append(row)
             val_iou = row.get("val_iou", math.nan)
             improved = math.isfinite(val_iou) and val_iou > self.best_val + self.spec["min_delta"]
             old_best = self.best_file
@@ -1078,6 +1204,9 @@ def _make_epoch_keeper() -> type:
                 self.wait += 1
             patience = self.spec["patience"]
             stop = bool(self.engine.broadcast_object(patience > 0 and self.wait >= patience))
+            row.update(epochs=self.spec["epochs"], best_epoch=self.best_epoch or None,
+                       best_val_iou=self.best_val if math.isfinite(self.best_val) else None)
+            self.history.append(row)
             if self.chief:
                 saved = self.manager.save(checkpoint_number=epoch + 1)
                 state = {
@@ -1101,8 +1230,28 @@ def _make_epoch_keeper() -> type:
                                message=f"epoch {epoch + 1}/{self.spec['epochs']} done"
                                + (" (early stop)" if stop else ""), epoch=epoch + 1,
                                step=self.spec["steps_per_epoch"], checkpoint=True)
+                preview = self._preview(epoch + 1, stop)
+                if preview is not None:
+                    self.log.write(event="info", message=f"preview after epoch {epoch + 1}",
+                                   preview=preview, epoch=epoch + 1)
             if stop:
                 self.model.stop_training = True
+
+        def _preview(self, epoch: int, stop: bool) -> str | None:
+            """Draws this epoch's preview into the work folder when one is due, and puts it in the
+            work folder's store before the event naming it is written: the driver copies it."""
+            if self.tiles is None or not preview_due(epoch, self.spec.get("preview_every", 0),
+                                                     self.spec["epochs"], stop):
+                return None
+            try:
+                name = self.tiles.write_preview(self.model, epoch, self.work)
+                if self.sync is not None:
+                    self.sync()
+                return name
+            except Exception as e:  # noqa: BLE001 - a picture is not worth the run
+                self.log.write(event="info", message=f"no preview after epoch {epoch} "
+                               f"({type(e).__name__}: {_first_line(e)})")
+                return None
 
     return EpochKeeper
 

@@ -80,6 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-restarts", type=int, default=2, metavar="N",
                    help="when a worker process is killed, start all workers again from the last "
                    "checkpoint up to N times (default 2)")
+    p.add_argument("--preview-every", type=int, default=1, metavar="N",
+                   help="with --previews: a preview image every N epochs and after the last "
+                   "(default 1; 0: none)")
+    p.add_argument("--previews", metavar="DIR",
+                   help="folder on this host for the preview images (epoch-NNNN.png: a few fixed "
+                   "validation tiles, their reference masks and the predicted probabilities); "
+                   "none without it")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(func=_run)
 
@@ -98,7 +105,8 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
         validation_steps=args.validation_steps, warmup_epochs=args.warmup_epochs,
         threads=args.threads_per_worker, nics=args.nics, augment=not args.no_augment,
         max_restarts=args.max_restarts, resources=resources_from_args(args), arch=args.arch,
-        init_model=args.init_model, loss=args.loss, lr_schedule=args.lr_schedule)
+        init_model=args.init_model, loss=args.loss, lr_schedule=args.lr_schedule,
+        preview_every=args.preview_every, previews=args.previews)
     result = run_train(cfg, reporter=reporter)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
@@ -108,4 +116,6 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
         print(f"  {len(result.epochs)} epoch(s), best {result.best_epoch}: "
               + " ".join(f"{k}={best[k]:.4f}" for k in ("val_loss", "val_accuracy", "val_iou") if k in best))
         print(f"  {result.world_size} worker(s), {result.wall_time_s:.1f} s")
+        if result.quality.get("verdict") == "weak":
+            print(f"  weak model: {result.quality.get('verdict_reason')}; {result.quality.get('advice')}")
     return 0

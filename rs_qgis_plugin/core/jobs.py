@@ -37,6 +37,7 @@ from rs_qgis_plugin.core.protocol import (
     parse_status,
 )
 from rs_qgis_plugin.core.ssh import CancelFlag, SshClient
+from rs_qgis_plugin.core.training import preview_epoch
 from rs_qgis_plugin.core.transfer import (
     PRIVATE_FILE_MODE,
     ProgressCallback,
@@ -50,6 +51,8 @@ from rs_qgis_plugin.core.transfer import (
 # to run its tasks: far longer than the plain report.
 ENV_TIMEOUT_S = 120.0
 PROBE_TIMEOUT_S = 300.0
+# A training preview is a few small tiles side by side (tens of kB): anything far larger is not one.
+MAX_PREVIEW_BYTES = 4 * 1024 * 1024
 
 
 def _json(text: str, what: str) -> Any:
@@ -202,6 +205,29 @@ class RemoteJobs:
                 if cancel is not None and cancel.is_set():
                     raise CancelledError(f"stopped waiting for job {job_id} (it keeps running)")
                 time.sleep(min(0.1, poll_s))
+
+    def fetch_preview(self, job_id: str, rel: str, local_dir: str | os.PathLike[str], *,
+                      cancel: CancelFlag | None = None) -> Path:
+        """Downloads one training preview the job's events named (``previews/epoch-NNNN.png``,
+        nothing else) into ``local_dir`` under the same relative path, and returns it. Refused
+        before any byte is fetched: any other name, a link, or a file over
+        ``MAX_PREVIEW_BYTES``."""
+        if preview_epoch(rel) is None:
+            raise UnsafeRemoteNameError(f"job {job_id}: {rel!r} is not a training preview "
+                                        "(previews/epoch-NNNN.png); not downloaded")
+        job_dir = self.job_dir(job_id)
+        remote = posixpath.join(job_dir, rel)
+        listed = list(self.transfers.walk_remote(remote, root=job_dir))
+        if [path for path, _ in listed] != [remote]:
+            raise UnsafeRemoteNameError(f"job {job_id}: preview {rel} is not a file; not "
+                                        "downloaded")
+        size = listed[0][1]
+        if size > MAX_PREVIEW_BYTES:
+            raise TransferError(f"job {job_id}: preview {rel} is {size} bytes, more than a "
+                                f"preview's {MAX_PREVIEW_BYTES}; not downloaded")
+        target = local_path_under(local_dir, rel, what="preview")
+        self.transfers.download(remote, target, cancel=cancel)
+        return target
 
     def fetch_outputs(self, job_id: str, local_dir: str | os.PathLike[str],
                       paths: Iterable[str] | None = None, *,

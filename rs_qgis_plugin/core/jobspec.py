@@ -37,7 +37,7 @@ STAGE_PARAMS: dict[str, dict[str, str]] = {
               "dice": "flag", "tile_size": "int", "steps_per_epoch": "int",
               "validation_steps": "int", "warmup_epochs": "int", "threads_per_worker": "int",
               "nics": "str", "no_augment": "flag", "max_restarts": "int",
-              "arch": "str", "init_model": "path", "loss": "str", "lr_schedule": "str",
+              "preview_every": "int", "arch": "str", "init_model": "path", "loss": "str", "lr_schedule": "str",
               **SPARK_OVERRIDE_PARAMS},
     "predict": {"model": "path", "input": "path", "output": "path", "overlap": "int",
                 "batch_size": "int", "threshold": "float", "probabilities": "flag",

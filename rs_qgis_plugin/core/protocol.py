@@ -39,6 +39,25 @@ class ProgressEvent:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+VERDICTS = frozenset({"ok", "weak"})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The cluster's judgement of a trained model: "weak" when it learned almost nothing (its
+    best validation IoU, or the building pixels it finds where the reference has many)."""
+
+    verdict: str  # one of VERDICTS
+    reason: str = ""
+    advice: str = ""
+    best_val_iou: float | None = None
+    best_epoch: int | None = None
+
+    @property
+    def weak(self) -> bool:
+        return self.verdict == "weak"
+
+
 @dataclass(frozen=True)
 class JobStatus:
     job_id: str
@@ -55,6 +74,8 @@ class JobStatus:
     exit_code: int | None = None
     results: tuple[str, ...] = ()  # paths relative to the job folder, each checked safe
     restarts: int = 0  # times training restarted its workers after losing one
+    warnings: int = 0  # warning events of all the job's steps so far
+    verdict: Verdict | None = None  # how well the job's training went, once it finished
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the runner's pid, "updated"
 
     @property
@@ -172,7 +193,25 @@ def parse_events(text: str) -> list[ProgressEvent]:
 # -- status -------------------------------------------------------------------------------------------
 _STATUS_FIELDS = frozenset({"schema_version", "job_id", "state", "name", "stage", "step", "steps",
                             "progress", "message", "submitted", "started", "finished",
-                            "exit_code", "results", "restarts"})
+                            "exit_code", "results", "restarts", "warnings", "verdict"})
+
+
+def parse_verdict(data: Any) -> Verdict | None:
+    """The status's ``verdict``: null, or an object whose every field is checked."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"job status field 'verdict' must be an object or null, got "
+                            f"{_type_name(data)}")
+    fields = _Fields(data, "job status verdict")
+    verdict = fields.text("verdict")
+    if verdict not in VERDICTS:
+        raise ProtocolError(f"job status verdict must be one of {', '.join(sorted(VERDICTS))}, "
+                            f"got {verdict!r}"[:300])
+    return Verdict(verdict=verdict, reason=fields.text("reason")[:500],
+                   advice=fields.text("advice")[:500],
+                   best_val_iou=fields.number("best_val_iou", nullable=True),
+                   best_epoch=fields.integer("best_epoch", minimum=1, nullable=True))
 
 
 def checked_job_id(data: Any, where: str) -> str:
@@ -219,4 +258,6 @@ def parse_status(text: str | dict[str, Any], *, expect_job_id: str | None = None
         exit_code=fields.integer("exit_code", nullable=True),
         results=fields.relative_paths("results"),
         restarts=fields.integer("restarts", minimum=0) or 0,
+        warnings=fields.integer("warnings", minimum=0) or 0,
+        verdict=parse_verdict(data.get("verdict")),
         extra={k: v for k, v in data.items() if k not in _STATUS_FIELDS})

@@ -160,6 +160,8 @@ def test_job_runs_detached_and_reports_status_and_events(tmp_path):
 
     final = wait_for(lambda: (s := status_of(ws, "ok1"))["state"] == "succeeded" and s)
     assert final["progress"] == 100.0 and final["exit_code"] == 0 and final["finished"]
+    # no warnings, no train step: the plain message (tests/cluster_side/test_job_events.py)
+    assert (final["message"], final["warnings"], final["verdict"]) == ("done", 0, None)
     events = [json.loads(x) for x in cli(ws, "job", "events", "ok1").stdout.splitlines()]
     sleep_progress = [e for e in events if e["stage"] == "sleep" and e["event"] == "progress"]
     assert [e["done"] for e in sleep_progress] == [1, 2, 3, 4]

@@ -171,6 +171,10 @@ def test_two_horovod_workers_on_a_standalone_cluster_stay_in_step(standalone_clu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "model"]
     events = [parse_event(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in events if e["event"] == "metrics"] == [1]
+    # One executor of 2 cores (the cluster's one worker), its driver not counted.
+    assert [e["resources"] for e in events if "resources" in e] == [
+        {"master": standalone_cluster.master_url, "workers": 2, "engine": "horovod",
+         "executors": 1, "cores": 2, "storage": None}]
 
 
 @pytest.mark.horovod

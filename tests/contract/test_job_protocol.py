@@ -131,6 +131,34 @@ def test_cluster_events_and_status_are_read_by_the_plugin(tmp_path, monkeypatch)
         parse_status(cli.stdout, expect_job_id="another-job")
 
 
+def test_the_runners_warning_count_and_training_verdict_are_read_by_the_plugin(tmp_path,
+                                                                             monkeypatch):
+    """status.json's ``warnings`` and ``verdict`` as the real runner writes them, from a step
+    that warns twice and ends as a train step does, with a weak model."""
+    finish = {"best_val_iou": 0.002, "best_epoch": 3, "verdict": "weak",
+              "verdict_reason": "validation IoU 0.002 is under 0.05", "advice": "more epochs"}
+    spec = cluster_selftest.plugin_sleep_spec("verdict", seconds=0.2, steps=2, warnings=2,
+                                              train_finish=json.dumps(finish))
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.to_json())
+    workspace = jobs.Workspace(tmp_path / "ws")
+    entry = cluster_selftest.install(monkeypatch)
+    jobs.submit(workspace, spec_file, entry_module=entry)
+    job_dir = workspace.job_dir(spec.job_id)
+    deadline = time.monotonic() + 60
+    while jobs.read_status(job_dir)["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status = parse_status((job_dir / "status.json").read_text(), expect_job_id=spec.job_id)
+    assert status.state == "succeeded" and status.warnings == 2
+    assert status.verdict is not None and status.verdict.weak
+    assert (status.verdict.best_val_iou, status.verdict.best_epoch) == (0.002, 3)
+    assert (status.verdict.reason, status.verdict.advice) == (finish["verdict_reason"],
+                                                              "more epochs")
+    assert status.message.startswith("done with 2 warning(s); best validation IoU 0.002 at "
+                                     "epoch 3; weak model")
+    assert not {"warnings", "verdict"} & set(status.extra)  # read as fields, not passed through
+
+
 def test_every_field_the_cluster_writes_has_the_type_the_plugin_reads(tmp_path):
     plugin_spec = (plugin_jobspec.JobSpecBuilder("types \"<b>bold</b>\"")
                    .predict(model="inputs/model", input="inputs/images", output="outputs/masks",

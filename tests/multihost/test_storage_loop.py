@@ -117,7 +117,8 @@ def run_the_loop(rig: Rig, job: str, master: list[str] | None = None) -> None:
     assert prepare.returncode == 0, prepare.stderr[-3000:]
     train = _rs(rig, "train", "--data", f"{job}/dataset", "--model-dir", f"{job}/model",
                 "--epochs", "1", "--base-filters", "8", "--batch-size", "4", "--num-proc", "2",
-                "--nics", "lo", "--arch", "unet2019", timeout=400, master=master)
+                "--nics", "lo", "--arch", "unet2019",
+                "--previews", str(rig.host("login").tmp / "previews"), timeout=400, master=master)
     assert train.returncode == 0, train.stderr[-3000:]
     predict = _rs(rig, "predict", "--model", f"{job}/model", "--input", f"{job}/inputs/images",
                   "--output", f"{job}/masks", "--polygons", master=master)
@@ -171,6 +172,19 @@ def test_the_whole_loop_runs_on_both_workers_with_every_location_in_s3(rig, stor
         assert mask.crs == crs and mask.transform.almost_equals(transform)
 
     assert_tasks_ran_on_the_workers_only(rig)
+
+    # What the analyst is shown of the training: where it ran, and rank 0's preview, drawn on a
+    # worker, synced to the store and copied from there by the driver on login.
+    login = rig.host("login")
+    train_events = [json.loads(x) for x in (login.tmp / "events-train.jsonl").read_text().splitlines()]
+    resources = [e["resources"] for e in train_events if "resources" in e]
+    assert resources and resources[-1]["master"] == rig.master_url
+    assert (resources[-1]["workers"], resources[-1]["executors"]) == (2, 2)
+    assert resources[-1]["storage"] == job  # the model's folder in the store, no key
+    previews = [e["preview"] for e in train_events if "preview" in e]
+    assert previews and Path(previews[-1]).name == "epoch-0001.png"
+    copied = login.tmp / "previews" / "epoch-0001.png"
+    assert copied.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
     # Nothing of the job landed in a host's own folders; the temporary copies are gone too.
     for name in ("login", *WORKERS):
