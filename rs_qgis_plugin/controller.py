@@ -75,6 +75,7 @@ log = get_logger("controller")
 TITLE = "RS Buildings"
 EVENTS_KEPT = 50
 LOG_LINES = 50  # of a job's log in the jobs panel's details
+HISTORY_RETRY_S = 60.0  # a training history that could not be read is asked for again after this
 
 
 def tr(text: str) -> str:
@@ -157,6 +158,7 @@ class JobController(QObject):
         self._histories: dict[str, TrainingHistory] = {}
         self._previews: dict[str, str] = {}
         self._history_read: set[str] = set()  # jobs whose events were all read this session
+        self._history_failed: dict[str, float] = {}  # job -> when reading them last failed
         self._training_tasks: dict[str, TrainingTask] = {}
         # Processing algorithms record their jobs from a worker thread: show them here too.
         self._saved_elsewhere.connect(self._on_saved)
@@ -232,6 +234,8 @@ class JobController(QObject):
                 or job_id in self._history_read or job_id in self._training_tasks \
                 or record.state in ("exporting", "uploading", "error"):
             return None
+        if time.monotonic() - self._history_failed.get(job_id, -HISTORY_RETRY_S) < HISTORY_RETRY_S:
+            return None  # the panel asks at every refresh: a failing cluster is asked less often
         try:
             profile, passphrase = self.connection(record.profile)
         except RsPluginError:
@@ -248,6 +252,7 @@ class JobController(QObject):
         self._training_tasks.pop(task.job_id, None)
         if self._closing or task.result is None:
             if task.error is not None:
+                self._history_failed[task.job_id] = time.monotonic()
                 log.warning("training history of job %s not read: %s", task.job_id, task.error)
             return
         events, preview = task.result

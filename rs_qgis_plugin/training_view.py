@@ -10,12 +10,13 @@ after a QGIS restart. The cluster's text is shown as plain text.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from qgis.PyQt.QtCore import QCoreApplication, QPointF, QRectF, QSize, Qt
-from qgis.PyQt.QtGui import QColor, QImage, QPainter, QPainterPath, QPen, QPixmap
+from qgis.PyQt.QtGui import QColor, QImage, QPainter, QPainterPath, QPen, QPixmap, QPolygonF
 from qgis.PyQt.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from rs_qgis_plugin.core.training import TrainingHistory, duration_text, preview_epoch
@@ -35,7 +36,7 @@ class TrainingChart(QWidget):
     """Loss and IoU per epoch. ``history`` is what it draws; :meth:`points` is the data of each
     curve as drawn (epoch, value), for tests and for the tooltip-free reader."""
 
-    MARGIN = (46, 22, 46, 30)  # left, top, right, bottom
+    MARGIN = (46, 22, 46, 62)  # left, top, right, bottom (the epoch axis, then the legend)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -58,9 +59,14 @@ class TrainingChart(QWidget):
         return max(self.history.planned_epochs or 0, self.history.last_epoch, 1)
 
     def _loss_top(self) -> float:
-        values = [v for m in ("loss", "val_loss") for _, v in self.history.series(m)]
-        top = max(values, default=1.0)
-        return top * 1.1 if top > 0 else 1.0
+        """The loss axis' top: the largest loss, but at most three times the median one, so a
+        few wild early validation losses (seen: 200 against 1.4) do not flatten every other
+        point; those are drawn on the top edge, off the scale."""
+        values = sorted(v for m in ("loss", "val_loss") for _, v in self.history.series(m))
+        if not values or values[-1] <= 0:
+            return 1.0
+        median = values[len(values) // 2]
+        return min(values[-1], 3 * median if median > 0 else values[-1]) * 1.1
 
     def _plot(self) -> QRectF:
         left, top, right, bottom = self.MARGIN
@@ -77,6 +83,13 @@ class TrainingChart(QWidget):
         return plot.bottom() - plot.height() * fraction
 
     # -- drawing -----------------------------------------------------------------------------------
+    @staticmethod
+    def _label(painter: QPainter, x: float, y: float, text: str, plot: QRectF) -> None:
+        """``text`` beside the marker line at ``x``: to its right, or its left near the edge."""
+        width = painter.fontMetrics().horizontalAdvance(text) + 4
+        left = x + 3 if x + 3 + width <= plot.right() else x - 3 - width
+        painter.drawText(QRectF(left, y, width, 14), Qt.AlignLeft, text)
+
     def paintEvent(self, event: object) -> None:  # noqa: N802 - Qt's name
         painter = QPainter(self)
         painter.setRenderHint(QPainter.Antialiasing)
@@ -101,7 +114,8 @@ class TrainingChart(QWidget):
                              f"{loss_top * i / 4:.2g}")
             painter.drawText(QRectF(plot.right() + 4, y - 8, 42, 16),
                              Qt.AlignLeft | Qt.AlignVCenter, f"{i / 4:.2f}")
-        step = max(1, epochs // 8)
+        # as many epoch labels as fit, about 28 px apart
+        step = max(1, math.ceil(epochs / max(1.0, plot.width() / 28)))
         for epoch in range(1, epochs + 1, step):
             x = self._x(epoch, plot)
             painter.drawText(QRectF(x - 20, plot.bottom() + 2, 40, 14), Qt.AlignCenter, str(epoch))
@@ -114,14 +128,14 @@ class TrainingChart(QWidget):
             x = self._x(resumed + 0.5, plot) if resumed else plot.left()
             painter.setPen(QPen(QColor(RESTART_COLOUR), 1.5, Qt.DotLine))
             painter.drawLine(QPointF(x, plot.top()), QPointF(x, plot.bottom()))
-            painter.drawText(QRectF(x + 2, plot.top(), 80, 14), Qt.AlignLeft, tr("restart"))
+            self._label(painter, x, plot.top(), tr("restart"), plot)
         best = self.history.best
         if best is not None:
             x = self._x(best[0], plot)
             painter.setPen(QPen(QColor(BEST_COLOUR), 1.5, Qt.DashLine))
             painter.drawLine(QPointF(x, plot.top()), QPointF(x, plot.bottom()))
-            painter.drawText(QRectF(x + 2, plot.top() + 14, 120, 14), Qt.AlignLeft,
-                             tr("best {iou:.3f}").format(iou=best[1]))
+            self._label(painter, x, plot.top() + 14, tr("best {iou:.3f}").format(iou=best[1]), plot)
+        clipped = False
         for metric, label, colour, dashed in SERIES:
             points = self.history.series(metric)
             top_value = 1.0 if "iou" in metric else loss_top
@@ -131,16 +145,30 @@ class TrainingChart(QWidget):
             for i, (epoch, value) in enumerate(points):
                 point = QPointF(self._x(epoch, plot), self._y(value, top_value, plot))
                 path.moveTo(point) if i == 0 else path.lineTo(point)
-                painter.drawEllipse(point, 2.0, 2.0)
+                if value > top_value:  # off the scale: an open triangle on the top edge
+                    clipped = True
+                    painter.drawPolygon(QPolygonF([point + QPointF(-4, 5), point + QPointF(4, 5),
+                                                   point + QPointF(0, -2)]))
+                else:
+                    painter.drawEllipse(point, 2.0, 2.0)
             painter.drawPath(path)
-        # legend
-        x = plot.left() + 6
-        for metric, label, colour, dashed in SERIES:
-            painter.setPen(QPen(QColor(colour), 2, Qt.DashLine if dashed else Qt.SolidLine))
-            painter.drawLine(QPointF(x, 10), QPointF(x + 18, 10))
+        # legend, under the epoch axis, on a second row where the first is full
+        items = [(label, QPen(QColor(colour), 2, Qt.DashLine if dashed else Qt.SolidLine))
+                 for metric, label, colour, dashed in SERIES]
+        if clipped:
+            items.append((tr("▲ off the scale"), None))
+        x, y = plot.left(), plot.bottom() + 36
+        for label, pen in items:
+            width = (24 if pen is not None else 0) + painter.fontMetrics().horizontalAdvance(label)
+            if x > plot.left() and x + width > self.width() - 4:
+                x, y = plot.left(), y + 15
+            if pen is not None:
+                painter.setPen(pen)
+                painter.drawLine(QPointF(x, y), QPointF(x + 18, y))
+                x += 21
             painter.setPen(text_pen)
-            painter.drawText(QRectF(x + 21, 2, 60, 16), Qt.AlignLeft | Qt.AlignVCenter, label)
-            x += 24 + painter.fontMetrics().horizontalAdvance(label) + 8
+            painter.drawText(QRectF(x, y - 8, width, 16), Qt.AlignLeft | Qt.AlignVCenter, label)
+            x += width - (21 if pen is not None else 0) + 10
         painter.end()
 
 
@@ -182,14 +210,14 @@ def summary_text(record: JobRecord, history: TrainingHistory | None) -> str:
     if timing:
         lines.append(", ".join(timing).capitalize())
     best = history.best
-    if best is not None:
+    if best is not None and not record.verdict:  # once judged, the verdict line says it
         lines.append(tr("Best validation IoU so far: {iou:.3f} at epoch {epoch}").format(
             iou=best[1], epoch=best[0]))
     if history.restarts:
         lines.append(tr("Restarted {n}× after losing a worker").format(n=len(history.restarts)))
     verdict = verdict_text(record)
     if verdict:
-        lines.append(("⚠ " if record.weak else "") + verdict)
+        lines.append(("⚠ " if record.weak else "") + verdict[:1].upper() + verdict[1:])
     return "\n".join(lines) or tr("No training events yet.")
 
 

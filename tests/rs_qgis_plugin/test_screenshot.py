@@ -60,6 +60,65 @@ def test_qgis_desktop_shows_the_mask_over_the_imagery():
     assert 0.08 < magenta_share(map_png) < 0.6
 
 
+def run_training_job(workspace: Path, pairs: int = 4) -> Path:
+    """A real, tiny prepare + train job run by the cluster's job runner on this machine (no
+    SSH: only its events and previews are wanted); returns its folder once it ended."""
+    import time
+
+    data = devdata.subset("xiamen_robosat_z18")
+    job = workspace / "jobs" / "train-shot"
+    for name in devdata.first_files("xiamen_robosat_z18", pairs):
+        for kind, folder in (("images", "images"), ("masks", "gt")):
+            target = job / "inputs" / "train" / kind / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(data / folder / name, target)
+    (job / "job.json").write_text(json.dumps({
+        "schema_version": 1, "job_id": "train-shot", "name": "train shot", "steps": [
+            {"stage": "prepare", "params": {"images": "inputs/train/images",
+                                            "masks": "inputs/train/masks",
+                                            "output": "outputs/dataset", "tile_size": 128,
+                                            "split": [0.5, 0.5, 0.0]}},
+            {"stage": "train", "params": {"data": "outputs/dataset", "model_dir": "outputs/model",
+                                          "epochs": 3, "batch_size": 4, "steps_per_epoch": 2,
+                                          "validation_steps": 1, "arch": "unet2019",
+                                          "base_filters": 4, "patience": 0}}]}))
+    rs_cluster = [str(REPO / ".venv" / "bin" / "rs-cluster"), "job"]
+    subprocess.run([*rs_cluster, "submit", "--workspace", str(workspace), str(job)], check=True,
+                   capture_output=True, timeout=120)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = json.loads((job / "status.json").read_text())
+        if status["state"] not in ("queued", "running"):
+            assert status["state"] == "succeeded", status["message"]
+            return job
+        time.sleep(1)
+    raise AssertionError("the training job did not end within 300 s")
+
+
+@pytest.mark.skipif(not (shutil.which("qgis") and shutil.which("xvfb-run")),
+                    reason="QGIS desktop or xvfb-run not installed")
+def test_qgis_desktop_shows_a_training_jobs_chart_and_preview(tmp_path):
+    """The Jobs tab's Training tab in the real desktop, replaying a real job's events and its
+    newest preview: build/qgis_training.png (the README's picture is made the same way from a
+    longer job)."""
+    subprocess.run(["make", "-s", "package"], cwd=REPO, check=True, timeout=120)
+    job = run_training_job(tmp_path / "ws")
+    previews = sorted((job / "previews").glob("epoch-*.png"))
+    assert [p.name for p in previews] == ["epoch-0001.png", "epoch-0002.png", "epoch-0003.png"]
+    data = devdata.subset("xiamen_robosat_z18")
+    out = REPO / "build" / "qgis_training.png"
+    proc = subprocess.run(["/usr/bin/python3", str(REPO / "scripts" / "qgis_screenshot.py"),
+                           "--zip", str(REPO / "build" / "rs_qgis_plugin.zip"),
+                           "--pair", str(data / "images" / TILES[0]), str(data / "gt" / TILES[0]),
+                           "--training", str(job / "events.jsonl"), "--preview",
+                           str(previews[-1]), "--out", str(out), "--timeout", "150"],
+                          capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads(out.with_suffix(".json").read_text())
+    assert state["training"] == {"epochs": 3, "preview": True}
+    assert QImage(str(out)).width() >= 1200
+
+
 @pytest.mark.skipif(not shutil.which("qgis_process.bin") and not shutil.which("qgis_process"),
                     reason="qgis_process not installed")
 def test_qgis_process_lists_the_algorithms_of_the_installed_zip(tmp_path):

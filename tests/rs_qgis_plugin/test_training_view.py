@@ -79,6 +79,20 @@ def test_the_chart_marks_the_best_epoch_and_the_restart(qtbot):
     assert max(loss_x) < x_of(5)
 
 
+def test_a_few_wild_validation_losses_do_not_flatten_the_curves(qtbot):
+    """Seen on a real run: validation losses of 24, 205 and 148 in the first epochs, then 3 to
+    15, against training losses of 1.0 to 1.5."""
+    val = [23.9, 204.7, 147.8, 73.3, 68.9, 14.8, 9.1, 5.0, 3.8, 4.3, 3.7, 3.2]
+    lines = [event("metrics", epoch=e, loss=1.5 - e / 24, val_loss=v, epochs=12)
+             for e, v in enumerate(val, start=1)]
+    chart = TrainingChart()
+    qtbot.addWidget(chart)
+    chart.set_history(TrainingHistory.from_events(parse_event(x) for x in lines))
+    top = chart._loss_top()
+    assert 10 < top < 40  # the training losses use a visible share of the axis, not 0.7 %
+    assert chart.points()["val_loss"][1] == (2, 204.7)  # still the value, only drawn clipped
+
+
 def test_an_empty_history_says_the_curves_come_after_the_first_epoch(qtbot):
     chart = TrainingChart()
     qtbot.addWidget(chart)
@@ -142,6 +156,9 @@ def test_a_real_training_job_is_charted_live_and_after_a_restart(qgis_iface, qtb
         points = panel.training.chart.points()
         for metric, *_ in SERIES:
             assert points[metric] == [(r["epoch"], pytest.approx(r[metric])) for r in rows], metric
+        # the last events may come with the final status, and their preview just after it
+        wait_for(qtbot, lambda: Path(controller.training(job)[1] or "x").name == "epoch-0003.png",
+                 60)
         history, preview = controller.training(job)
         assert history.planned_epochs == 3 and history.resources is not None
         # one worker trains in the step's own process (no Spark master is set)
