@@ -42,6 +42,7 @@ from rs_qgis_plugin.logic import (
     PREDICTIONS,
     REPORT,
     TRAINING_MODES,
+    WEB_PROVIDERS,
     JobRecord,
     PlannedJob,
     RasterPick,
@@ -398,6 +399,14 @@ class JobController(QObject):
         def local(layer: QgsRasterLayer) -> str:
             if layer.id() in exported:
                 return exported[layer.id()]
+            if clip_extent is None and layer.providerType() in WEB_PROVIDERS:
+                # Its advertised extent is often a continent or the world: 2048 px across that
+                # is no imagery to find buildings in, and nothing would say so.
+                raise SpecError(tr(
+                    "{name} is a web map layer ({provider}): it has no resolution of its own to "
+                    "export at. Tick \"Clip to the current map extent\" (the map's scale sets the "
+                    "resolution) or clip to a polygon layer's extent.").format(
+                    name=layer.name(), provider=layer.providerType()))
             path = None if clip_extent is not None else layer_upload_path(layer)
             if path is None:
                 target = export_dir / str(len(exports) + 1) / f"{safe_stem(layer.name())}.tif"

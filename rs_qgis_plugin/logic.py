@@ -62,6 +62,9 @@ POLYGONS_SUFFIX = "_buildings.gpkg"
 # Besides the cluster's states, a record can be "exporting" or "uploading" (before the cluster
 # knows the job) or "error" (it never started, or the cluster forgot it).
 ACTIVE_REMOTE_STATES = ("queued", "running")
+# Raster providers that read from a server (WMS, WMTS and XYZ tiles are "wms"), not a file:
+# exported only with a clip, which sets the extent and the resolution.
+WEB_PROVIDERS = frozenset({"wms", "wcs", "arcgismapserver"})
 
 # The Spark masters a job may name (spark-submit's --master forms): local, local[N], local[*],
 # local[N,M] (M: task retries), spark://host:port (standby masters comma separated), yarn,

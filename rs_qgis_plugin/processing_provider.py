@@ -42,6 +42,7 @@ from rs_qgis_plugin.logic import (
     MODE_FINE_TUNE,
     MODE_PREDICT,
     MODE_TRAIN,
+    WEB_PROVIDERS,
     JobRecord,
     PlannedJob,
     RasterPick,
@@ -257,6 +258,13 @@ class _ClusterAlgorithm(QgsProcessingAlgorithm):
             if not isinstance(layer, QgsRasterLayer):
                 raise QgsProcessingException(tr("{name} is not a raster layer").format(
                     name=getattr(layer, "name", lambda: layer)()))
+            if layer.providerType() in WEB_PROVIDERS:
+                # no clip parameter here: the whole advertised extent at 2048 px is no imagery
+                raise QgsProcessingException(tr(
+                    "{name} is a web map layer ({provider}); Processing cannot choose its "
+                    "extent and resolution. Save the area you need as a GeoTIFF (Export › Save "
+                    "As…), or run from the dock with a clip.").format(
+                    name=layer.name(), provider=layer.providerType()))
             path = layer_upload_path(layer)
             if path is None:
                 feedback.pushInfo(tr("Exporting {name} to GeoTIFF").format(name=layer.name()))

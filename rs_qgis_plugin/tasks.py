@@ -289,6 +289,16 @@ class RsTask(QgsTask):
             on_done(self)
 
 
+# QgsRasterFileWriter.WriterError, in words: what the analyst can act on
+WRITER_ERRORS = {
+    1: "the layer's data could not be read (is its source still reachable?)",
+    2: "GDAL could not write the GeoTIFF",
+    3: "the GeoTIFF could not be created (is the folder writable, the disk not full?)",
+    4: "writing the GeoTIFF failed (is the disk full?)",
+    5: "the layer's no-data value does not fit the output type",
+}
+
+
 class ExportRasterTask(RsTask):
     """Writes a raster layer that is no local file (WMS, VRT, virtual) to a GeoTIFF.
 
@@ -340,7 +350,8 @@ class ExportRasterTask(RsTask):
         self.feedback.progressChanged.connect(self.setProgress)
         writer = QgsRasterFileWriter(str(tmp))
         writer.setOutputFormat("GTiff")
-        writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
+        # BigTIFF where the export could pass a classic TIFF's 4 GB (GDAL decides from its size)
+        writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES", "BIGTIFF=IF_SAFER"])
         err = writer.writeRaster(self.pipe, self.cols, self.rows, self.extent, self.crs,
                                  self.transform_context, self.feedback)
         if self.isCanceled() or self.feedback.isCanceled():
@@ -348,8 +359,8 @@ class ExportRasterTask(RsTask):
             raise CancelledError(f"export of {self.layer_name} cancelled")
         if err != QgsRasterFileWriter.NoError:
             tmp.unlink(missing_ok=True)
-            raise RsPluginError(f"could not export layer {self.layer_name} to {self.target} "
-                                f"(GDAL writer error {int(err)}); check free disk space")
+            raise RsPluginError(f"could not export layer {self.layer_name} to {self.target}: "
+                                f"{WRITER_ERRORS.get(int(err), f'GDAL writer error {int(err)}')}")
         tmp.replace(self.target)
         self.setProgress(100.0)
         return self.target

@@ -4,8 +4,9 @@ Each input raster is one Spark task. The task slides the model's tile over the r
 (edge windows shifted back inside, as prepare does) and blends overlapping predictions with a
 separable weight that is highest at a window's centre, so window borders leave no seam. It works
 one strip of windows at a time: only the overlap band between two strips is carried over, and
-finished rows are written block by block into a tiled, compressed GeoTIFF, so memory depends on the
-raster's width and the tile size, never on its height. Reading the next strip and writing finished
+finished rows are written block by block into a tiled, compressed GeoTIFF (BigTIFF when it could
+pass 4 GB, internal overviews added before the rename), so memory depends on the raster's width and
+the tile size, never on its height. Reading the next strip and writing finished
 rows run on a helper thread while the model computes.
 
 Outputs, per input ``<stem>.<ext>`` in the output folder (written under a hidden name and renamed
@@ -274,14 +275,28 @@ def _is_georeferenced(src: Any) -> bool:
 
 
 def _output_profile(src: Any, dtype: str, georeferenced: bool) -> dict[str, Any]:
+    # BIGTIFF=IF_SAFER: a classic TIFF stops at 4 GB, and what compression saves is only known
+    # at the end; GDAL switches to BigTIFF whenever the uncompressed raster could pass that
+    # (a 33000 px square float32 probability map does), instead of failing as the last tiles go.
     profile: dict[str, Any] = {"driver": "GTiff", "width": src.width, "height": src.height, "count": 1,
                                "dtype": dtype, "nodata": None, "tiled": True, "blockxsize": BLOCK,
-                               "blockysize": BLOCK, "compress": "deflate", "zlevel": ZLEVEL}
+                               "blockysize": BLOCK, "compress": "deflate", "zlevel": ZLEVEL,
+                               "bigtiff": "IF_SAFER"}
     if dtype == "float32":
         profile["predictor"] = 3
     if georeferenced and (src.crs is not None or src.transform != _identity()):
         profile.update(crs=src.crs, transform=src.transform)
     return profile
+
+
+def overview_levels(width: int, height: int, block: int = BLOCK) -> list[int]:
+    """2, 4, 8, ... while the level above is still larger than one block: the smallest overview
+    fits in one ``block`` px tile (none for a raster that already does)."""
+    levels, level = [], 2
+    while max(width, height) / (level // 2) > block:
+        levels.append(level)
+        level *= 2
+    return levels
 
 
 def _identity() -> Any:
@@ -298,6 +313,7 @@ class _GeoTiffSink:
         import rasterio
 
         self.final = final
+        self.width, self.height, self.dtype = profile["width"], profile["height"], profile["dtype"]
         self.tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{token}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NotGeoreferencedWarning: intended for pixel-grid input
@@ -323,11 +339,30 @@ class _GeoTiffSink:
         # would be renamed into place as if complete.
         with rasterio.Env(), _gdal_errors() as errors:
             self.dst.close()
+            if not errors:
+                self._add_overviews()
         if errors:
             failure = OSError("; ".join(errors))
             if is_disk_full(failure):
                 raise disk_full_error(failure, self.final, "writing it")
             raise OutputWriteError(f"{self.final}: could not finish writing it ({errors[0]})")
+
+    def _add_overviews(self) -> None:
+        """Internal overviews (2x, 4x, ... until one fits a 256 px block), so QGIS draws a large
+        mask zoomed out from a few blocks instead of reading every pixel: the most common value
+        for a mask (crisp 0/255), the mean for probabilities. Before the rename, so an output in
+        place always has them."""
+        import rasterio
+        from rasterio.enums import Resampling
+
+        levels = overview_levels(self.width, self.height)
+        if not levels:
+            return
+        resampling = Resampling.mode if self.dtype == "uint8" else Resampling.average
+        with _naming_a_full_disk(self.final, "adding its overviews"), \
+                rasterio.open(self.tmp, "r+") as dst:
+            dst.build_overviews(levels, resampling)
+            dst.update_tags(ns="rio_overview", resampling=resampling.name)
 
     def commit(self) -> None:
         os.replace(self.tmp, self.final)

@@ -122,6 +122,41 @@ def test_masks_keep_the_source_crs_and_transform(mixed):
         assert dst.crs.to_epsg() == 3857
 
 
+def test_outputs_have_overviews_qgis_can_draw_zoomed_out(mixed):
+    """Internal overviews down to one 256 px block: a mask's keep its 0/255 values (mode), the
+    probabilities' are means; a raster of one block needs none."""
+    _, out, _, _ = mixed
+    with rasterio.open(out / f"{AUSTIN.stem}_mask.tif") as dst:  # 1000 x 1000
+        assert dst.overviews(1) == [2, 4]
+        assert dst.tags(ns="rio_overview") == {"resampling": "mode"}
+        assert set(np.unique(dst.read(1, out_shape=(250, 250)))) <= {0, 255}  # from the 4x one
+    with rasterio.open(out / f"{DUBAI_PNG.stem}_prob.tif") as dst:  # 797 x 644
+        assert dst.overviews(1) == [2, 4]
+        assert dst.tags(ns="rio_overview") == {"resampling": "average"}
+    with rasterio.open(out / f"{XIAMEN.stem}_mask.tif") as dst:  # 256 x 256
+        assert dst.overviews(1) == []
+    assert (out / f"{AUSTIN.stem}_mask.tif").read_bytes()[:4] == b"II*\x00"  # a classic TIFF
+
+
+def test_an_output_too_large_for_a_classic_tiff_is_a_bigtiff(tmp_path):
+    """66000 x 66000 bytes is over 4 GB uncompressed: GDAL makes it a BigTIFF from the start,
+    instead of failing with "Maximum TIFF file size exceeded" as the last tiles go."""
+    from rs_cluster.predict import _GeoTiffSink, _output_profile
+
+    class Source:
+        width = height = 66000
+        crs, transform = None, None
+
+    profile = _output_profile(Source(), "uint8", georeferenced=False)
+    sink = _GeoTiffSink(str(tmp_path / "huge_mask.tif"), profile, None, "t")
+    sink.write(np.full((256, 66000), 255, np.uint8), 0, None)
+    sink.dst.close()  # the whole finish() would also add overviews of 4 GB of pixels
+    assert Path(sink.tmp).read_bytes()[:4] == b"II+\x00"  # BigTIFF's magic number 43
+    with rasterio.open(sink.tmp) as dst:
+        assert (dst.width, dst.height) == (66000, 66000)
+        assert dst.read(1, window=((0, 1), (0, 8))).tolist() == [[255] * 8]
+
+
 def test_png_without_georeferencing_gets_a_pixel_grid_mask_and_a_warning(mixed):
     _, out, result, _ = mixed
     with warnings.catch_warnings():

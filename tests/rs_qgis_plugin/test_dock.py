@@ -9,9 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from qgis.core import QgsProject, QgsRasterLayer
+from qgis.core import QgsProject, QgsRasterLayer, QgsRectangle
 
 from rs_qgis_plugin.controller import JobController
+from rs_qgis_plugin.core.errors import RsPluginError
 from rs_qgis_plugin.dock import RunDock
 from rs_qgis_plugin.logic import local_raster_path
 from tests.rs_qgis_plugin.conftest import dev_image, dev_mask
@@ -110,6 +111,29 @@ def test_a_vrt_layer_is_exported_to_geotiff_before_upload(dock, tmp_path, result
     written = QgsRasterLayer(str(export.target), "written", "gdal")
     assert written.crs() == layer.crs() and written.extent() == layer.extent()
     assert (written.width(), written.height(), written.bandCount()) == (256, 256, 3)
+
+
+def test_a_web_map_layer_is_exported_only_with_a_clip(dock, qgis_iface, results_root):
+    """An XYZ layer advertises the whole world: without a clip it would come out at 2048 px
+    across it. Refused, saying what to do; with the map extent as clip it is exported at the
+    map's resolution. (The tile URL points nowhere: nothing is fetched until an export runs.)"""
+    xyz = QgsRasterLayer("type=xyz&url=http://127.0.0.1:9/%7Bz%7D/%7Bx%7D/%7By%7D.png"
+                         "&zmax=19&zmin=0", "web tiles", "wms")
+    assert xyz.isValid()
+    QgsProject.instance().addMapLayer(xyz)
+    dock.set_imagery(xyz)
+    dock.mode.setCurrentIndex(dock.mode.findData("predict"))
+    dock.model_dir.setFilePath("/models/m")
+    with pytest.raises(RsPluginError, match="web tiles is a web map layer .*Clip to the current "
+                                            "map extent"):
+        dock.prepare_run()
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(xyz.crs())
+    canvas.setExtent(QgsRectangle(13146251, 2811048, 13146863, 2811201))
+    dock.clip.setChecked(True)
+    run = dock.prepare_run()
+    assert len(run.exports) == 1
+    assert run.exports[0].cols == pytest.approx(612 / canvas.mapUnitsPerPixel(), abs=2)
 
 
 def test_clipping_to_the_map_extent_exports_only_that_part(dock, qgis_iface, results_root):

@@ -126,6 +126,19 @@ def test_an_unknown_profile_is_a_clear_processing_error(provider, tmp_path):
             "OUTPUT": str(tmp_path / "out")})
 
 
+def test_a_web_map_layer_is_refused_naming_it(provider, tmp_path):
+    """Processing has no clip: the whole advertised extent of an XYZ layer at 2048 px would go."""
+    from qgis.core import QgsProcessingFeedback
+
+    xyz = QgsRasterLayer("type=xyz&url=http://127.0.0.1:9/%7Bz%7D/%7Bx%7D/%7By%7D.png",
+                         "web tiles", "wms")
+    QgsProject.instance().addMapLayer(xyz)
+    predict = QgsApplication.processingRegistry().algorithmById("rs_buildings:predict")
+    with pytest.raises(QgsProcessingException, match="web tiles is a web map layer"):
+        predict.local_rasters([xyz], tmp_path, QgsProcessingFeedback())
+    assert not list(tmp_path.iterdir())  # nothing exported
+
+
 def _dev_pair_context():
     from qgis.core import QgsProcessingContext
 
