@@ -66,7 +66,7 @@ STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
         preview_every=_INT, **_SPARK_OVERRIDES)),
     "predict": ("predict", _rules(
         model=_PATH, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
-        probabilities=_FLAG, polygons=_FLAG, fail_fast=_FLAG, overwrite=_FLAG,
+        probabilities=_FLAG, polygons=_FLAG, fail_fast=_FLAG, overwrite=_FLAG, tta=_FLAG,
         **_SPARK_OVERRIDES)),
     "evaluate": ("evaluate", _rules(pred=_PATH, truth=_PATH, json=_PATH)),
 })

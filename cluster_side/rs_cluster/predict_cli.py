@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write the float32 probability GeoTIFF <stem>_prob.tif")
     p.add_argument("--polygons", action="store_true",
                    help="also write building polygons to <stem>_buildings.gpkg")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the 8 flips and rotations of every "
+                   "window (8x the model time)")
     p.add_argument("--master", metavar="URL",
                    help="Spark master (default: the cluster settings file's, else local[*]; "
                    "e.g. spark://host:7077, yarn)")
@@ -64,7 +67,7 @@ def _run_predict(args: argparse.Namespace, reporter: Reporter) -> int:
     cfg = PredictConfig(model=args.model, input=args.input, output=args.output, overlap=args.overlap,
                         batch_size=args.batch_size, threshold=args.threshold,
                         probabilities=args.probabilities, polygons=args.polygons, master=args.master,
-                        fail_fast=args.fail_fast, overwrite=args.overwrite,
+                        fail_fast=args.fail_fast, overwrite=args.overwrite, tta=args.tta,
                         resources=resources_from_args(args))
     result = run_predict(cfg, reporter=reporter)
     if args.json:

@@ -41,7 +41,7 @@ STAGE_PARAMS: dict[str, dict[str, str]] = {
               **SPARK_OVERRIDE_PARAMS},
     "predict": {"model": "path", "input": "path", "output": "path", "overlap": "int",
                 "batch_size": "int", "threshold": "float", "probabilities": "flag",
-                "polygons": "flag", "fail_fast": "flag", "overwrite": "flag",
+                "polygons": "flag", "fail_fast": "flag", "overwrite": "flag", "tta": "flag",
                 **SPARK_OVERRIDE_PARAMS},
     "evaluate": {"pred": "path", "truth": "path", "json": "path"},
 }

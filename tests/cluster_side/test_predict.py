@@ -104,6 +104,58 @@ def test_stitched_output_equals_the_model_per_pixel(mixed):
         np.testing.assert_array_equal(mask, np.where(expected > 0.5, 255, 0).astype(np.uint8))
 
 
+def shift_left(batch: np.ndarray) -> np.ndarray:
+    """A 'model' that sees only each pixel's left neighbour (red, zero beyond the edge)."""
+    out = np.zeros(batch.shape[:3] + (1,), np.float32)
+    out[:, :, 1:, 0] = batch[:, :, :-1, 0]
+    return out
+
+
+def test_tta_averages_the_eight_flips_and_rotations_turned_back():
+    """Seen through the 8 symmetries of the square, "the left neighbour" is each of the 4
+    neighbours twice: turned back and averaged, the mean of the 4 neighbours."""
+    from rs_cluster.predict import d4_average
+
+    rng = np.random.default_rng(0)
+    batch = rng.random((2, 16, 16, 3), dtype=np.float32)
+    got = d4_average(shift_left)(batch)[..., 0]
+    red = batch[..., 0]
+    neighbours = (red[:, 1:-1, :-2] + red[:, 1:-1, 2:] + red[:, :-2, 1:-1] + red[:, 2:, 1:-1]) / 4
+    np.testing.assert_allclose(got[:, 1:-1, 1:-1], neighbours, rtol=1e-6)
+    assert not np.allclose(shift_left(batch)[:, 1:-1, 1:-1, 0], neighbours)
+
+
+def test_predict_with_tta_runs_the_averaged_model_and_says_so(spark, tmp_path):
+    """Through run_predict: a real Keras model that sees the left neighbour gives, with --tta,
+    the mean of the 4 neighbours inside the raster (blended windows aside), and predict.json
+    records that TTA was used."""
+    import tensorflow as tf
+
+    folder = build_channel_model(tmp_path / "left")
+    inputs = tf.keras.Input((None, None, 3))
+    conv = tf.keras.layers.Conv2D(1, 3, padding="same", activation="linear")
+    model = tf.keras.Model(inputs, conv(inputs))
+    kernel = np.zeros((3, 3, 3, 1), np.float32)
+    kernel[1, 0, 0, 0] = 1.0  # output(y, x) = red(y, x - 1)
+    conv.set_weights([kernel, np.zeros(1, np.float32)])
+    model.save(folder / "model.keras")
+    inputs_dir = link(tmp_path / "in", XIAMEN)
+    runs = {}
+    for tta in (False, True):
+        out = tmp_path / f"out-{tta}"
+        run_predict(PredictConfig(model=str(folder), input=str(inputs_dir), output=str(out),
+                                  probabilities=True, tta=tta), spark=spark)
+        runs[tta] = read(out / f"{XIAMEN.stem}_prob.tif")
+        assert json.loads((out / "predict.json").read_text())["tta"] is tta
+    red = expected_probability(XIAMEN)
+    inner = (slice(8, -8), slice(8, -8))
+    four = (red[7:-9, 8:-8] + red[9:-7, 8:-8] + red[8:-8, 7:-9] + red[8:-8, 9:-7]) / 4
+    left = red[8:-8, 7:-9]
+    assert np.mean(np.abs(runs[True][inner] - four)) < 0.01
+    assert np.mean(np.abs(runs[False][inner] - left)) < 0.01
+    assert np.mean(np.abs(runs[True][inner] - left)) > 0.02  # the two really differ here
+
+
 def test_blend_weight_is_highest_at_the_centre_and_never_zero():
     w = blend_weights(128)
     assert w.min() > 0 and w.argmax() in (63, 64) and w[0] < 0.05
