@@ -176,6 +176,10 @@ class RunDock(QgsDockWidget):
         self.threshold.setValue(0.5)
         self.polygons = QCheckBox(tr("Also make building polygons"), run_page)
         self.polygons.setChecked(True)
+        self.tta = QCheckBox(tr("Average 8 flips and rotations"), run_page)
+        self.tta.setToolTip(tr("Test-time augmentation: each window is predicted as it is and "
+                               "turned 7 more ways, and the 8 predictions are averaged (8 "
+                               "times the model's time)"))
         # What training holds out and when it stops: shown, so nothing is decided silently.
         # Percentages of the labelled rasters (whole rasters), the cluster's default 60/20/20.
         self.split_train = self._spin(1, 100, 60, 5)
@@ -270,7 +274,11 @@ class RunDock(QgsDockWidget):
         stop_row.addWidget(QLabel(tr("after"), run_page))
         stop_row.addWidget(self.patience, 1)
         pform.addRow(tr("Early stopping"), stop_row)
-        pform.addRow(tr("Threshold"), self.threshold)
+        threshold_row = QHBoxLayout()  # beside the threshold: the layer table keeps its height
+        threshold_row.setContentsMargins(0, 0, 0, 0)
+        threshold_row.addWidget(self.threshold)
+        threshold_row.addWidget(self.tta, 1)
+        pform.addRow(tr("Threshold"), threshold_row)
         pform.addRow("", self.polygons)
         layout.addWidget(params)
         resources = QgsCollapsibleGroupBox(tr("Cluster resources"), run_page)
@@ -398,7 +406,7 @@ class RunDock(QgsDockWidget):
             w.setEnabled(trains)
         self.patience.setEnabled(trains and self.early_stopping.isChecked())
         predicts = mode not in (MODE_TRAIN, MODE_FINE_TUNE)
-        for w in (self.overlap, self.threshold, self.polygons):
+        for w in (self.overlap, self.threshold, self.polygons, self.tta):
             w.setEnabled(predicts)
         self.layers.setColumnHidden(COL_MASK, mode == MODE_PREDICT)
         self.layers.setColumnHidden(COL_PREDICT, mode != MODE_TRAIN_PREDICT)
@@ -484,7 +492,7 @@ class RunDock(QgsDockWidget):
             mode=mode, tile_size=self.tile_size.value(), overlap=self.overlap.value(),
             epochs=self.epochs.value(), batch_size=self.batch_size.value(),
             workers=self.workers.value(), threshold=round(self.threshold.value(), 4),
-            polygons=self.polygons.isChecked(), model_job=model_job,
+            polygons=self.polygons.isChecked(), tta=self.tta.isChecked(), model_job=model_job,
             model_dir=None if model_job else (self.model_dir.filePath() or None),
             base_filters=None if tunes else (self.base_filters.value() or None),
             arch=None if tunes else (self.arch.currentData() or None),

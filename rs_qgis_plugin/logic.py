@@ -99,6 +99,7 @@ class RunParams:
     workers: int = 1
     threshold: float = 0.5
     polygons: bool = True
+    tta: bool = False  # predict: average the 8 flips and rotations of each window (8x slower)
     # predict/evaluate/fine-tune: a model folder on this computer (uploaded), or the id of a
     # finished training job on the cluster whose model is reused there.
     model_dir: str | None = None
@@ -311,7 +312,8 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
                 inputs[MODEL_INPUT] = params.model_dir
         builder.predict(model=model, input=IMAGES, output=PREDICTIONS, overlap=params.overlap,
                         batch_size=params.batch_size, threshold=params.threshold,
-                        polygons=params.polygons, **common)
+                        polygons=params.polygons, **({"tta": True} if params.tta else {}),
+                        **common)
         fetch.append(PREDICTIONS)
     if mode == MODE_EVALUATE:
         for stem, pick in to_predict:

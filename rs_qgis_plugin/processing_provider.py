@@ -283,6 +283,7 @@ class _ClusterAlgorithm(QgsProcessingAlgorithm):
 class PredictAlgorithm(_ClusterAlgorithm):
     INPUT, MODEL, MODEL_JOB = "INPUT", "MODEL", "MODEL_JOB"
     OVERLAP, BATCH_SIZE, THRESHOLD, POLYGONS = "OVERLAP", "BATCH_SIZE", "THRESHOLD", "POLYGONS"
+    TTA = "TTA"
     MASKS = "MASKS"
 
     def name(self) -> str:
@@ -315,6 +316,9 @@ class PredictAlgorithm(_ClusterAlgorithm):
             defaultValue=0.5, minValue=0.01, maxValue=0.99))
         self.addParameter(QgsProcessingParameterBoolean(
             self.POLYGONS, tr("Also make building polygons"), defaultValue=True))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.TTA, tr("Average 8 flips and rotations of each window (8× the model's time)"),
+            defaultValue=False))
         self.add_spark_parameters()
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Results folder")))
         self.addOutput(QgsProcessingOutputMultipleLayers(self.MASKS, tr("Building masks")))
@@ -330,6 +334,7 @@ class PredictAlgorithm(_ClusterAlgorithm):
                 batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
                 polygons=self.parameterAsBool(parameters, self.POLYGONS, context),
+                tta=self.parameterAsBool(parameters, self.TTA, context),
                 model_dir=self.parameterAsString(parameters, self.MODEL, context) or None,
                 model_job=self.parameterAsString(parameters, self.MODEL_JOB, context) or None,
                 **self.spark_params(parameters, context))

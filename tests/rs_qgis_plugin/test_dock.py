@@ -113,6 +113,19 @@ def test_a_vrt_layer_is_exported_to_geotiff_before_upload(dock, tmp_path, result
     assert (written.width(), written.height(), written.bandCount()) == (256, 256, 3)
 
 
+def test_tta_is_offered_for_predicting_and_reaches_the_predict_step(dock, results_root):
+    add_raster(dev_image(0), "tile")
+    dock.set_imagery(next(iter(QgsProject.instance().mapLayersByName("tile"))))
+    dock.mode.setCurrentIndex(dock.mode.findData("predict"))
+    dock.model_dir.setFilePath("/models/m")
+    assert dock.tta.isEnabled() and not dock.tta.isChecked()
+    assert "tta" not in dock.prepare_run().planned.spec.steps[0].params
+    dock.tta.setChecked(True)
+    assert dock.prepare_run().planned.spec.steps[0].params["tta"] is True
+    dock.mode.setCurrentIndex(dock.mode.findData("train"))
+    assert not dock.tta.isEnabled()
+
+
 def test_a_web_map_layer_is_exported_only_with_a_clip(dock, qgis_iface, results_root):
     """An XYZ layer advertises the whole world: without a clip it would come out at 2048 px
     across it. Refused, saying what to do; with the map extent as clip it is exported at the

@@ -36,7 +36,7 @@ def test_train_predict_evaluate_are_in_the_toolbox(provider):
     evaluate = registry.algorithmById("rs_buildings:evaluate")
     assert predict and train and evaluate
     assert {d.name() for d in predict.parameterDefinitions()} >= {
-        "PROFILE", "INPUT", "MODEL", "MODEL_JOB", "OVERLAP", "THRESHOLD", "OUTPUT"}
+        "PROFILE", "INPUT", "MODEL", "MODEL_JOB", "OVERLAP", "THRESHOLD", "TTA", "OUTPUT"}
     assert {d.name() for d in train.parameterDefinitions()} >= {
         "PROFILE", "INPUT", "MASKS", "EPOCHS", "WORKERS", "OUTPUT"}
     assert {o.name() for o in evaluate.outputDefinitions()} >= {"REPORT", "IOU", "F1"}
@@ -124,6 +124,22 @@ def test_an_unknown_profile_is_a_clear_processing_error(provider, tmp_path):
         processing.run("rs_buildings:evaluate", {
             "PROFILE": "nowhere", "PREDICTED": [truth], "REFERENCE": [truth],
             "OUTPUT": str(tmp_path / "out")})
+
+
+def test_predict_sends_tta_only_when_asked(provider, tmp_path):
+    from qgis.core import QgsProcessingFeedback
+
+    image, _, context = _dev_pair_context()
+    predict = QgsApplication.processingRegistry().algorithmById("rs_buildings:predict")
+    parameters = {"PROFILE": "x", "INPUT": [image], "MODEL": str(tmp_path),
+                  "OUTPUT": str(tmp_path / "out")}
+
+    def step(**more):
+        planned = predict.plan({**parameters, **more}, context, QgsProcessingFeedback(), tmp_path)
+        return next(s for s in planned.spec.steps if s.stage == "predict").params
+
+    assert "tta" not in step()
+    assert step(TTA=True)["tta"] is True
 
 
 def test_a_web_map_layer_is_refused_naming_it(provider, tmp_path):
