@@ -171,9 +171,15 @@ class RunDock(QgsDockWidget):
         self.learning_rate.setToolTip(tr("Adam learning rate of one worker (scaled by the "
                                          "number of workers on the cluster)"))
         self.threshold = QDoubleSpinBox(run_page)
-        self.threshold.setRange(0.01, 0.99)
+        # At its minimum it reads "the model's": the card's threshold, which training tunes on
+        # validation tiles; any other value overrides it.
+        self.threshold.setRange(0.0, 0.99)
         self.threshold.setSingleStep(0.05)
-        self.threshold.setValue(0.5)
+        self.threshold.setSpecialValueText(tr("the model's"))
+        self.threshold.setValue(0.0)
+        self.threshold.setToolTip(tr("Building probability cut-off. \"the model's\": the one "
+                                     "stored with the model (tuned on validation tiles when it "
+                                     "was trained, else 0.5)"))
         self.polygons = QCheckBox(tr("Also make building polygons"), run_page)
         self.polygons.setChecked(True)
         self.tta = QCheckBox(tr("Average 8 flips and rotations"), run_page)
@@ -491,7 +497,8 @@ class RunDock(QgsDockWidget):
         return RunParams(
             mode=mode, tile_size=self.tile_size.value(), overlap=self.overlap.value(),
             epochs=self.epochs.value(), batch_size=self.batch_size.value(),
-            workers=self.workers.value(), threshold=round(self.threshold.value(), 4),
+            workers=self.workers.value(),
+            threshold=round(self.threshold.value(), 4) if self.threshold.value() > 0 else None,
             polygons=self.polygons.isChecked(), tta=self.tta.isChecked(), model_job=model_job,
             model_dir=None if model_job else (self.model_dir.filePath() or None),
             base_filters=None if tunes else (self.base_filters.value() or None),

@@ -97,7 +97,7 @@ class RunParams:
     epochs: int = 10
     batch_size: int = 16
     workers: int = 1
-    threshold: float = 0.5
+    threshold: float | None = None  # None: the model card's (tuned on validation tiles)
     polygons: bool = True
     tta: bool = False  # predict: average the 8 flips and rotations of each window (8x slower)
     # predict/evaluate/fine-tune: a model folder on this computer (uploaded), or the id of a
@@ -141,7 +141,7 @@ class RunParams:
         self._check_spark_overrides()
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise SpecError(f"learning rate {self.learning_rate} must be above 0")
-        if not 0.0 < self.threshold < 1.0:
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise SpecError(f"threshold {self.threshold} must be between 0 and 1")
         if self.arch is not None and self.arch not in ARCHS:
             raise SpecError(f"unknown network {self.arch!r}; one of {', '.join(ARCHS)}")
@@ -310,9 +310,11 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
             model = MODEL_INPUT
             if params.model_dir and not params.model_job:
                 inputs[MODEL_INPUT] = params.model_dir
+        # a threshold and TTA only when chosen: the model card's threshold otherwise
+        chosen = {**({} if params.threshold is None else {"threshold": params.threshold}),
+                  **({"tta": True} if params.tta else {})}
         builder.predict(model=model, input=IMAGES, output=PREDICTIONS, overlap=params.overlap,
-                        batch_size=params.batch_size, threshold=params.threshold,
-                        polygons=params.polygons, **({"tta": True} if params.tta else {}),
+                        batch_size=params.batch_size, polygons=params.polygons, **chosen,
                         **common)
         fetch.append(PREDICTIONS)
     if mode == MODE_EVALUATE:

@@ -312,8 +312,8 @@ class PredictAlgorithm(_ClusterAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.BATCH_SIZE, tr("Batch size"), defaultValue=16, minValue=1))
         self.addParameter(QgsProcessingParameterNumber(
-            self.THRESHOLD, tr("Threshold"), QgsProcessingParameterNumber.Double,
-            defaultValue=0.5, minValue=0.01, maxValue=0.99))
+            self.THRESHOLD, tr("Threshold (0: the model's own, tuned when it was trained)"),
+            QgsProcessingParameterNumber.Double, defaultValue=0.0, minValue=0.0, maxValue=0.99))
         self.addParameter(QgsProcessingParameterBoolean(
             self.POLYGONS, tr("Also make building polygons"), defaultValue=True))
         self.addParameter(QgsProcessingParameterBoolean(
@@ -332,7 +332,7 @@ class PredictAlgorithm(_ClusterAlgorithm):
             params = RunParams(
                 mode=MODE_PREDICT, overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
+                threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context) or None,
                 polygons=self.parameterAsBool(parameters, self.POLYGONS, context),
                 tta=self.parameterAsBool(parameters, self.TTA, context),
                 model_dir=self.parameterAsString(parameters, self.MODEL, context) or None,

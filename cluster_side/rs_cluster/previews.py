@@ -31,7 +31,7 @@ from rs_cluster.errors import StorageError
 
 PREVIEWS_DIR = "previews"
 PREVIEW_TILES = 4  # rows of a preview
-VERDICT_TILES = 16  # tiles the final model is judged on (the preview tiles first)
+VERDICT_TILES = 32  # tiles the final model is judged on, and its threshold tuned on (preview tiles first)
 MAX_CELL_PX = 256  # larger tiles are shown downscaled
 GAP_PX, GAP_GREY = 4, 64
 MAX_PNG_BYTES = 2 * 1024 * 1024
@@ -47,6 +47,10 @@ MIN_FOUND_RATIO = 0.10  # predicted building fraction / reference's
 # pixels more (so at least that many false buildings). Such a model scores an IoU near the
 # reference's building share (0.45 on dense tiles) without having learned a thing.
 MAX_EXCESS_FRACTION = 0.4
+# The threshold written to the card: the candidate with the highest IoU on the checked tiles, when
+# it beats 0.5 by at least MIN_THRESHOLD_GAIN (else 0.5: a tie is no reason to move).
+THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2 ... 0.8
+MIN_THRESHOLD_GAIN = 0.005
 ADVICE = ("try more epochs, more image pairs, or fine-tuning the built-in model (Fine-tune in "
           "QGIS, --init-model on the command line)")
 _NAME = re.compile(rf"{PREVIEWS_DIR}/epoch-\d{{4}}\.png")
@@ -106,11 +110,14 @@ class FixedTiles:
         return name
 
     def assess(self, model: Any, best_val_iou: float | None) -> dict[str, Any]:
-        """The verdict on ``model`` (the best epoch's) from its val IoU and these tiles."""
+        """The verdict on ``model`` (the best epoch's) from its val IoU and these tiles, and the
+        threshold tuned on them (:func:`tune_threshold`); the building share it finds is counted
+        at that threshold, the one predict will use."""
         probs = predict(model, self.images)
+        tuned = tune_threshold(probs, self.masks)
         truth = float(np.mean(self.masks > 0))
-        found = float(np.mean(probs >= THRESHOLD))
-        return judge(best_val_iou, truth, found, len(self.images))
+        found = float(np.mean(probs >= tuned["threshold"]))
+        return {**judge(best_val_iou, truth, found, len(self.images)), **tuned}
 
 
 def predict(model: Any, images: np.ndarray, batch: int = 4) -> np.ndarray:
@@ -158,6 +165,29 @@ def preview_png(images: np.ndarray, masks: np.ndarray, probs: np.ndarray) -> byt
 
 
 # -- the verdict --------------------------------------------------------------------------------------
+
+def tune_threshold(probs: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
+    """The probability cut-off with the highest building IoU (pooled over the tiles) among
+    :data:`THRESHOLDS`, with that IoU and the IoU at 0.5. It stays 0.5 unless another beats it by
+    :data:`MIN_THRESHOLD_GAIN`, and when the tiles hold too few building pixels to say."""
+    truth = masks > 0
+    if truth.mean() < MIN_TRUTH_FRACTION:
+        return {"threshold": THRESHOLD, "threshold_note": "kept at 0.5: too few building pixels "
+                f"on the {len(masks)} checked tiles to tune it"}
+
+    def iou(t: float) -> float:
+        marked = probs >= t
+        union = np.count_nonzero(marked | truth)
+        return np.count_nonzero(marked & truth) / union if union else 0.0
+
+    scores = {t: iou(t) for t in THRESHOLDS}
+    best = max(THRESHOLDS, key=lambda t: (scores[t], -abs(t - THRESHOLD)))
+    if scores[best] < scores[THRESHOLD] + MIN_THRESHOLD_GAIN:
+        best = THRESHOLD
+    return {"threshold": best, "threshold_iou": round(scores[best], 5),
+            "iou_at_0_5": round(scores[THRESHOLD], 5),
+            "threshold_note": f"highest IoU on {len(masks)} validation tiles"}
+
 
 def judge(best_val_iou: float | None, truth_fraction: float | None = None,
           predicted_fraction: float | None = None, tiles: int = 0) -> dict[str, Any]:

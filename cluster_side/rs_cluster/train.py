@@ -280,6 +280,8 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
     card = _model_card(info, cfg, spec, final_state, workers, wall, resumed_from, restarts,
                        network, init)
     card["quality"] = quality
+    # the cut-off predict uses unless told otherwise: tuned on the validation tiles
+    card["threshold"] = quality.get("threshold", THRESHOLD)
     staged = storage.join(work, STAGED_MODEL)
     _write_json(storage.join(staged, MODEL_JSON), card)  # last: it means the model is complete
     _commit(staged, final, cfg.overwrite)
@@ -308,6 +310,10 @@ def _finish(reporter: Reporter, message: str, quality: dict[str, Any], **extra: 
     iou, epoch = quality.get("best_val_iou"), quality.get("best_epoch")
     if iou is not None:
         message += f"; best validation IoU {iou:.3f} at epoch {epoch}"
+    threshold = quality.get("threshold")
+    if isinstance(threshold, float) and threshold != THRESHOLD:
+        message += (f"; threshold {threshold:.2f} (IoU {quality.get('threshold_iou', 0):.3f} "
+                    f"against {quality.get('iou_at_0_5', 0):.3f} at 0.5 on the checked tiles)")
     if quality.get("verdict") == "weak":
         message += f"; weak model: {quality.get('verdict_reason')}"
         reporter.warning(f"{quality.get('verdict_reason')}; {quality.get('advice')}",

@@ -132,6 +132,9 @@ def test_finish_and_model_card_carry_the_verdict(run, small_dataset):
                               quality["building_fraction_predicted"], quality["checked_tiles"])
     for key in ("verdict", "verdict_reason", "advice"):
         assert finish[key] == quality[key] == expected[key]
+    # the threshold predict will use is the one tuned on those tiles, recorded with its reason
+    assert card["threshold"] == quality["threshold"] in (*previews.THRESHOLDS, 0.5)
+    assert quality["threshold_note"]
     warnings = [e["message"] for e in events if e["event"] == "warning"]
     if quality["verdict"] == "weak":
         assert f"{quality['verdict_reason']}; {quality['advice']}" in warnings
@@ -163,6 +166,23 @@ def test_a_model_that_learned_nothing_is_weak_and_says_why():
     assert previews.judge(0.45, 0.25, 0.45, 16)["verdict"] == "ok"
     assert previews.judge(0.7, 0.6, 0.9, 16)["verdict"] == "ok"
     assert previews.judge(0.45, 0.445, 0.993, 8)["verdict"] == "weak"  # seen on Xiamen tiles
+
+
+def test_the_threshold_is_the_one_with_the_best_iou_and_stays_half_unless_it_gains():
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[:, 2:6, 2:6] = 255  # 25 % building
+    # a timid model: buildings at 0.35, background at 0.1; 0.5 finds nothing
+    probs = np.where(masks > 0, 0.35, 0.1).astype(np.float32)
+    timid = previews.tune_threshold(probs, masks)
+    assert (timid["threshold_iou"], timid["iou_at_0_5"]) == (1.0, 0.0)
+    # the lowest of the equally good cut-offs is not taken: the nearest to 0.5 is
+    assert timid["threshold"] == 0.35
+    # a confident model: 0.5 is as good as any, so it stays
+    confident = previews.tune_threshold(np.where(masks > 0, 0.9, 0.05).astype(np.float32), masks)
+    assert confident["threshold"] == 0.5
+    # no buildings to tune on
+    empty = previews.tune_threshold(probs, np.zeros_like(masks))
+    assert empty["threshold"] == 0.5 and "too few building pixels" in empty["threshold_note"]
 
 
 def test_previews_come_every_n_epochs_and_after_the_last():

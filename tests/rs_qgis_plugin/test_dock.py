@@ -113,13 +113,16 @@ def test_a_vrt_layer_is_exported_to_geotiff_before_upload(dock, tmp_path, result
     assert (written.width(), written.height(), written.bandCount()) == (256, 256, 3)
 
 
-def test_tta_is_offered_for_predicting_and_reaches_the_predict_step(dock, results_root):
+def test_tta_and_the_models_threshold_by_default_reach_the_predict_step(dock, results_root):
     add_raster(dev_image(0), "tile")
     dock.set_imagery(next(iter(QgsProject.instance().mapLayersByName("tile"))))
     dock.mode.setCurrentIndex(dock.mode.findData("predict"))
     dock.model_dir.setFilePath("/models/m")
     assert dock.tta.isEnabled() and not dock.tta.isChecked()
-    assert "tta" not in dock.prepare_run().planned.spec.steps[0].params
+    params = dock.prepare_run().planned.spec.steps[0].params
+    # by default the model's own threshold (tuned when it was trained) is used: none is sent
+    assert "tta" not in params and "threshold" not in params
+    assert dock.threshold.text() == "the model's"
     dock.tta.setChecked(True)
     assert dock.prepare_run().planned.spec.steps[0].params["tta"] is True
     dock.mode.setCurrentIndex(dock.mode.findData("train"))
