@@ -31,9 +31,10 @@ class Engine(Protocol):
         One worker runs in this process; more run as tasks of the active SparkContext.
         """
 
-    def lost_worker(self, error: BaseException) -> str | None:
+    def lost_worker(self, error: BaseException, output: Sequence[str] = ()) -> str | None:
         """What killed a worker, when ``launch`` failed because one was killed by a signal (worth
-        restarting from a checkpoint); None when the workers failed in any other way."""
+        restarting from a checkpoint); None when the workers failed in any other way.
+        ``output``: the workers' output lines, which may say it when the error does not."""
 
     # -- worker side --------------------------------------------------------------------------------
     def init(self, threads: int | None = None) -> str:

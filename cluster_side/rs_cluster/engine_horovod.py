@@ -34,16 +34,19 @@ class HorovodEngine:
                                  nics=nics)
 
     @staticmethod
-    def lost_worker(error: BaseException) -> str | None:
+    def lost_worker(error: BaseException, output: Sequence[str] = ()) -> str | None:
         # Horovod names the first worker to exit non-zero and its exit code: a shell's 128+N or
         # -N for signal N. The others then fail with "Horovod has been shut down" (exit code 1).
+        # Which one Horovod sees first is a race: a survivor whose peer's socket closed may exit
+        # (code 1) before the killed worker is reaped. The killed worker's shell said so in its
+        # output then ("[1]<stderr>:Killed"), and that is read too.
         match = re.search(r"Process name: (\S+)\s+Exit code: (-?\d+)", str(error))
-        if match is None:
+        if match is None and "processes exited with non-zero status" not in str(error):
             return None
-        code = int(match.group(2))
+        code = int(match.group(2)) if match else 0
         signum = -code if code < 0 else code - 128 if code > 128 else 0
         if not signum:
-            return None
+            return _killed_in_output(output)
         try:
             name = signal.Signals(signum).name
         except ValueError:
@@ -108,3 +111,17 @@ class HorovodEngine:
         import horovod.tensorflow as hvd_tf
 
         return hvd_tf.broadcast_object(obj, root_rank=0)  # Horovod: rank 0's value everywhere
+
+
+# What a worker's shell prints when its process dies of SIGKILL or SIGTERM; Horovod prefixes each
+# line of a worker's stderr with its rank.
+_SHELL_DEATH = re.compile(r"^\[(\d+)\]<stderr>:(Killed|Terminated)\s*$")
+
+
+def _killed_in_output(lines: Sequence[str]) -> str | None:
+    for line in lines:
+        found = _SHELL_DEATH.match(line.strip())
+        if found:
+            name = "SIGKILL" if found.group(2) == "Killed" else "SIGTERM"
+            return f"training worker {found.group(1)} was killed ({name})"
+    return None

@@ -4,25 +4,48 @@ GDAL polygonizes straight from the file band (rasterio ``shapes`` on a ``Band``)
 scanline, so the mask is never loaded whole. Specks smaller than ``min_area_px`` pixels are
 dropped (holes too), and the pixel staircase is simplified with Douglas-Peucker at a tolerance of
 ``simplify_px`` pixels; a ring that would collapse is kept as it was.
+
+``min_building_m2`` states that size in square metres instead, for a mask whose CRS has a linear
+unit (:func:`pixel_area_m2`); a mask in degrees or without a CRS keeps the pixel rule, and the
+caller is told why.
+
+``regularize`` squares each outline for an analyst (:func:`regularize_polygon`): its edges are
+snapped to the building's two dominant, perpendicular directions. Round or ragged shapes, and any
+outline that squaring would distort or tangle, are kept as simplified; the ``regularized``
+property (1 or 0) says which outlines were squared.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 LAYER = "buildings"
 _BATCH = 1000
+_WEB_MERCATOR_RADIUS = 6378137.0  # EPSG:3857's sphere (the WGS 84 semi-major axis)
+# Squaring rules: below this alignment an outline is not rectilinear enough to square (a circle
+# scores about 0, a rectangle 1); a squared ring must keep its area within this fraction; sides
+# shorter than this many pixels are pixel noise, folded into their neighbours.
+_MIN_ALIGNMENT = 0.5
+_MAX_AREA_CHANGE = 0.3
+_MIN_SIDE_PX = 2.5
+_CHORD_PX = 6.0  # see dominant_angle
+_MAX_CORNERS = 1000  # beyond this the O(n^2) crossing check costs more than squaring is worth
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])) / 2.0
 
 
 def ring_area(ring: np.ndarray) -> float:
     """Unsigned shoelace area of a closed ring (N x 2, first point repeated last)."""
-    x, y = ring[:, 0], ring[:, 1]
-    return abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))) / 2.0
+    return abs(_signed_area(ring))
 
 
 def simplify_ring(ring: np.ndarray, tolerance: float) -> np.ndarray:
@@ -59,9 +82,183 @@ def simplify_ring(ring: np.ndarray, tolerance: float) -> np.ndarray:
     return out
 
 
-def building_polygons(mask_path: str, *, min_area_px: int = 16, simplify_px: float = 1.0
-                      ) -> Iterator[tuple[dict[str, Any], float]]:
-    """Yields (GeoJSON polygon, area in CRS units) for each building region of a mask GeoTIFF."""
+# -- sizes in square metres ------------------------------------------------------------------------
+
+def pixel_area_m2(crs: Any, transform: Any, width: int, height: int) -> float | None:
+    """Ground area of one pixel in m², or ``None`` when the CRS has no linear unit (geographic
+    coordinates, or no CRS at all).
+
+    EPSG:3857 (Web Mercator) is in metres, but they are ground metres only at the equator: the
+    projection stretches both axes by 1/cos(latitude). The area is therefore scaled by cos² of
+    the latitude at the raster's centre (about 0.83 at Xiamen, 24.5° N), which is exact enough
+    over one raster of building imagery.
+    """
+    from rasterio.errors import CRSError
+
+    if crs is None or not crs.is_projected:
+        return None
+    try:
+        metres = float(crs.linear_units_factor[1])  # metres per CRS unit (feet CRSs too)
+    except CRSError:
+        return None
+    area = abs(transform.a * transform.e - transform.b * transform.d) * metres ** 2
+    if crs.to_epsg() == 3857:
+        _, y = transform * (width / 2, height / 2)
+        latitude = math.atan(math.sinh(y * metres / _WEB_MERCATOR_RADIUS))
+        area *= math.cos(latitude) ** 2
+    return area
+
+
+def _min_area_rule(src: Any, path: str, min_area_px: float, min_building_m2: float | None
+                   ) -> tuple[float, str | None]:
+    """(smallest area kept, in pixels; a warning or None) for an open mask."""
+    if min_building_m2 is None:
+        return min_area_px, None
+    per_pixel = pixel_area_m2(src.crs, src.transform, src.width, src.height)
+    if per_pixel is None:
+        where = f"its CRS {src.crs} is not in metres" if src.crs else "it has no CRS"
+        return min_area_px, (f"{path}: min_building_m2 {min_building_m2:g} ignored because {where}; "
+                             f"polygons under {min_area_px:g} pixels were dropped instead")
+    return min_building_m2 / per_pixel, None
+
+
+# -- squaring outlines -----------------------------------------------------------------------------
+
+def dominant_angle(ring: np.ndarray, chord: float) -> tuple[float, float]:
+    """(angle in radians, alignment 0..1) of a ring's two perpendicular main directions.
+
+    The directions are those of chords ``chord`` long between points spaced evenly along the
+    ring: on a pixel staircase they follow the wall, where the raw edges are all axis-aligned and
+    the simplified ones zigzag (up to 19° off on a 30 x 15 m building, against under 1°). Their
+    angles are taken times four, so directions 90° apart coincide, and averaged weighted by
+    length; the alignment is that mean's length: 1 when every chord runs along the two
+    directions, near 0 for a circle."""
+    step = chord / 24.0
+    edges = np.diff(ring, axis=0)
+    along = np.concatenate([[0.0], np.cumsum(np.hypot(edges[:, 0], edges[:, 1]))])
+    at = np.arange(0.0, along[-1], step)
+    points = np.column_stack([np.interp(at, along, ring[:, 0]), np.interp(at, along, ring[:, 1])])
+    chords = np.roll(points, -24, axis=0) - points
+    length = np.hypot(chords[:, 0], chords[:, 1])
+    theta4 = 4.0 * np.arctan2(chords[:, 1], chords[:, 0])
+    c, s, total = float(length @ np.cos(theta4)), float(length @ np.sin(theta4)), float(length.sum())
+    return math.atan2(s, c) / 4.0, (math.hypot(c, s) / total if total else 0.0)
+
+
+def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return points @ np.array([[c, s], [-s, c]])
+
+
+def _runs(points: np.ndarray) -> list[list[Any]]:
+    """The ring's edges (points: N x 2, not closed, axis-aligned frame) merged into runs of
+    consecutive horizontal or vertical edges: ``[horizontal, length, length * position]``, the
+    position being y for a horizontal run and x for a vertical one."""
+    nxt = np.roll(points, -1, axis=0)
+    edges, mids = nxt - points, (nxt + points) / 2.0
+    horizontal = np.abs(edges[:, 0]) >= np.abs(edges[:, 1])
+    length = np.hypot(edges[:, 0], edges[:, 1])
+    position = np.where(horizontal, mids[:, 1], mids[:, 0])
+    runs: list[list[Any]] = []
+    for h, n, p in zip(horizontal.tolist(), length.tolist(), position.tolist()):
+        if runs and runs[-1][0] == h:
+            runs[-1][1] += n
+            runs[-1][2] += n * p
+        else:
+            runs.append([h, n, n * p])
+    if len(runs) > 1 and runs[0][0] == runs[-1][0]:
+        last = runs.pop()
+        runs[0][1] += last[1]
+        runs[0][2] += last[2]
+    return runs
+
+
+def _drop_short_runs(runs: list[list[Any]], min_side: float) -> list[list[Any]]:
+    """Removes the shortest run while it is under ``min_side``: its two neighbours, parallel to
+    each other, become one run at their length-weighted position (a pixel step disappears)."""
+    while len(runs) > 4:
+        k = min(range(len(runs)), key=lambda i: runs[i][1])
+        if runs[k][1] >= min_side:
+            break
+        before, after = (k - 1) % len(runs), (k + 1) % len(runs)
+        runs[before][1] += runs[after][1]
+        runs[before][2] += runs[after][2]
+        for i in sorted((k, after), reverse=True):
+            del runs[i]
+    return runs
+
+
+def regularize_ring(ring: np.ndarray, angle: float, min_side: float) -> np.ndarray | None:
+    """The closed ring squared along ``angle`` (and ``angle`` + 90°), or ``None`` when squaring
+    would degenerate it: fewer than 4 corners, no area, its winding reversed, or its area changed
+    by more than 30 %. Crossings are checked by the caller, over all rings of the polygon.
+
+    In a frame turned by -``angle`` each edge is horizontal or vertical, whichever it is closer
+    to; consecutive edges of one kind form a run, placed at its edges' length-weighted mean
+    position, and the corners are where consecutive runs meet."""
+    origin = ring[:-1].mean(axis=0)  # local coordinates keep the arithmetic exact enough
+    runs = _drop_short_runs(_runs(_rotate(ring[:-1] - origin, -angle)), min_side)
+    if len(runs) < 4 or len(runs) > _MAX_CORNERS or any(r[1] <= 0 for r in runs):
+        return None
+    corners = []
+    for run, nxt in zip(runs, runs[1:] + runs[:1]):
+        at, cross = run[2] / run[1], nxt[2] / nxt[1]
+        corners.append((cross, at) if run[0] else (at, cross))
+    squared = _rotate(np.array(corners), angle) + origin
+    squared = np.vstack([squared, squared[:1]])
+    before, after = _signed_area(ring), _signed_area(squared)
+    if after == 0 or (after > 0) != (before > 0) or abs(after - before) > _MAX_AREA_CHANGE * abs(before):
+        return None
+    return squared
+
+
+def rings_cross(rings: list[np.ndarray]) -> bool:
+    """Whether any two edges of the closed rings touch or cross, other than consecutive edges of
+    one ring at their shared corner. A plain O(n²) test over all edge pairs: squared outlines
+    have few corners."""
+    origin = rings[0][0]
+    starts = np.vstack([r[:-1] for r in rings]) - origin
+    ends = np.vstack([r[1:] for r in rings]) - origin
+    ring_of = np.concatenate([np.full(len(r) - 1, i) for i, r in enumerate(rings)])
+    index = np.concatenate([np.arange(len(r) - 1) for r in rings])
+    size = np.concatenate([np.full(len(r) - 1, len(r) - 1) for r in rings])
+    scale = float(np.abs(np.vstack([starts, ends])).max()) or 1.0
+    eps = 1e-9 * scale * scale
+
+    def side(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+        v = (b[:, None] - a[:, None]), (c[None] - a[:, None])
+        d = v[0][..., 0] * v[1][..., 1] - v[0][..., 1] * v[1][..., 0]
+        return np.where(np.abs(d) < eps, 0.0, d)
+
+    apart = side(starts, ends, starts) * side(starts, ends, ends) <= 0  # [i, j]: j across i's line
+    straddles = apart & apart.T
+    lo, hi = np.minimum(starts, ends), np.maximum(starts, ends)
+    boxes = ((lo[:, None] <= hi[None] + eps) & (lo[None] <= hi[:, None] + eps)).all(axis=2)
+    gap = (index[None] - index[:, None]) % size[:, None]
+    neighbours = (ring_of[:, None] == ring_of[None]) & ((gap <= 1) | (gap == size[:, None] - 1))
+    return bool(np.triu(straddles & boxes & ~neighbours, k=1).any())
+
+
+def regularize_polygon(rings: list[np.ndarray], outline: np.ndarray, pixel_size: float
+                       ) -> list[np.ndarray] | None:
+    """Shell and holes (simplified) squared along the main directions of ``outline``, the shell
+    as polygonized, or ``None`` (keep them as they are) when the outline is not rectilinear
+    enough, a ring degenerates or rings cross."""
+    angle, alignment = dominant_angle(outline, _CHORD_PX * pixel_size)
+    if alignment < _MIN_ALIGNMENT:
+        return None
+    squared = [regularize_ring(r, angle, _MIN_SIDE_PX * pixel_size) for r in rings]
+    if any(r is None for r in squared):
+        return None
+    kept = [r for r in squared if r is not None]
+    return None if rings_cross(kept) else kept
+
+
+# -- reading and writing ---------------------------------------------------------------------------
+
+def building_polygons(mask_path: str, *, min_area_px: float = 16, simplify_px: float = 1.0,
+                      regularize: bool = False) -> Iterator[tuple[dict[str, Any], float, bool]]:
+    """Yields (GeoJSON polygon, area in CRS units, squared?) for each building region of a mask."""
     import rasterio
     from rasterio.features import shapes
 
@@ -78,16 +275,22 @@ def building_polygons(mask_path: str, *, min_area_px: int = 16, simplify_px: flo
             area = ring_area(rings[0]) - sum(ring_area(r) for r in rings[1:])
             if area / pixel_area < min_area_px:
                 continue
-            shell = simplify_ring(rings[0], tolerance)
-            holes = [simplify_ring(r, tolerance) for r in rings[1:]
-                     if ring_area(r) / pixel_area >= min_area_px]
-            yield ({"type": "Polygon", "coordinates": [r.tolist() for r in (shell, *holes)]},
-                   ring_area(shell) - sum(ring_area(r) for r in holes))
+            kept = [simplify_ring(rings[0], tolerance)] + [
+                simplify_ring(r, tolerance) for r in rings[1:] if ring_area(r) / pixel_area >= min_area_px]
+            squared = regularize_polygon(kept, rings[0], pixel_area ** 0.5) if regularize else None
+            kept = squared or kept
+            yield ({"type": "Polygon", "coordinates": [r.tolist() for r in kept]},
+                   ring_area(kept[0]) - sum(ring_area(r) for r in kept[1:]), squared is not None)
 
 
-def polygonize_mask(mask_path: str, gpkg_path: str, *, min_area_px: int = 16, simplify_px: float = 1.0,
-                    token: str | None = None) -> int:
-    """Writes the building polygons of ``mask_path`` to ``gpkg_path`` atomically; returns the count."""
+def polygonize_mask(mask_path: str, gpkg_path: str, *, min_area_px: float = 16, simplify_px: float = 1.0,
+                    token: str | None = None, regularize: bool = False,
+                    min_building_m2: float | None = None,
+                    warn: Callable[[str], None] | None = None) -> int:
+    """Writes the building polygons of ``mask_path`` to ``gpkg_path`` atomically; returns the count.
+
+    ``min_building_m2``, when the mask's CRS has a linear unit, replaces ``min_area_px``; otherwise
+    ``warn`` is told that the pixel rule was kept."""
     import fiona
     import rasterio
 
@@ -99,19 +302,23 @@ def polygonize_mask(mask_path: str, gpkg_path: str, *, min_area_px: int = 16, si
         with rasterio.open(mask_path) as src:
             crs_wkt = src.crs.to_wkt() if src.crs else ""
             pixel_area = abs(src.transform.a * src.transform.e - src.transform.b * src.transform.d) or 1.0
-    schema = {"geometry": "Polygon", "properties": {"id": "int", "area": "float", "area_px": "float"}}
+            min_area_px, problem = _min_area_rule(src, mask_path, min_area_px, min_building_m2)
+    if problem and warn:
+        warn(problem)
+    schema = {"geometry": "Polygon",
+              "properties": {"id": "int", "area": "float", "area_px": "float", "regularized": "int"}}
     count = 0
     try:
         with fiona.open(tmp, "w", driver="GPKG", layer=LAYER, schema=schema,
                         **({"crs_wkt": crs_wkt} if crs_wkt else {})) as dst:
             batch = []
-            for geom, area in building_polygons(mask_path, min_area_px=min_area_px,
-                                                simplify_px=simplify_px):
+            for geom, area, squared in building_polygons(mask_path, min_area_px=min_area_px,
+                                                         simplify_px=simplify_px, regularize=regularize):
                 count += 1
                 batch.append(fiona.Feature.from_dict({
                     "geometry": geom,
                     "properties": {"id": count, "area": round(area, 3),
-                                   "area_px": round(area / pixel_area, 1)}}))
+                                   "area_px": round(area / pixel_area, 1), "regularized": int(squared)}}))
                 if len(batch) >= _BATCH:
                     dst.writerecords(batch)
                     batch = []

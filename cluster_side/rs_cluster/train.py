@@ -359,7 +359,7 @@ def _launch(cfg: TrainConfig, spec: dict[str, Any], relay: "_EventRelay", report
                                          start_timeout=cfg.start_timeout, output=output)
             except Exception as e:
                 # A worker killed by a signal, or the executor it ran in gone with its node.
-                lost = engine.lost_worker(e) or _lost_executors(sc, executors)
+                lost = engine.lost_worker(e, output.deaths) or _lost_executors(sc, executors)
                 if lost is None or len(restarts) >= cfg.max_restarts:
                     tried = f" after {len(restarts)} restart(s)" if restarts else ""
                     raise ClusterError(
@@ -649,9 +649,15 @@ class _TailStream:
     def __init__(self, stream: IO[str], keep: int = 40) -> None:
         self._stream = stream
         self._lines: collections.deque[str] = collections.deque(maxlen=keep)
+        # Short lines that say a worker died (a shell's "Killed"), kept whatever follows them:
+        # a dying worker's peers print tracebacks of many lines after it.
+        self.deaths: list[str] = []
 
     def write(self, text: str) -> int:
-        self._lines.extend(line for line in text.splitlines() if line.strip())
+        lines = [line for line in text.splitlines() if line.strip()]
+        self._lines.extend(lines)
+        self.deaths.extend(line for line in lines if line.rstrip().endswith(("Killed", "Terminated"))
+                           and len(self.deaths) < 16)
         return self._stream.write(text)
 
     def flush(self) -> None:

@@ -70,6 +70,16 @@ def test_a_worker_killed_by_a_signal_is_told_from_one_that_failed():
         "training worker 1 was killed (SIGTERM)"
     assert HorovodEngine.lost_worker(RuntimeError(str(killed).replace("137", "1"))) is None  # its own error
     assert HorovodEngine.lost_worker(RuntimeError("Timed out waiting for Spark tasks to start")) is None
+    # Horovod saw the survivor exit first (its peer's socket closed): the killed worker's shell
+    # said what happened in the output (seen in CI under load)
+    survivor_first = RuntimeError(str(killed).replace("Process name: 1", "Process name: 0")
+                                  .replace("137", "1"))
+    deaths = ["[1]<stderr>:Killed"]
+    assert HorovodEngine.lost_worker(survivor_first, deaths) == "training worker 1 was killed (SIGKILL)"
+    assert HorovodEngine.lost_worker(survivor_first, ["[0]<stderr>:Terminated"]) == \
+        "training worker 0 was killed (SIGTERM)"
+    assert HorovodEngine.lost_worker(survivor_first) is None  # a worker's own error: no restart
+    assert HorovodEngine.lost_worker(RuntimeError("Timed out"), deaths) is None
 
 
 @pytest.mark.spark
