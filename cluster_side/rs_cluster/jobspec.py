@@ -67,7 +67,7 @@ STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
     "predict": ("predict", _rules(
         model=_PATH, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
         probabilities=_FLAG, polygons=_FLAG, fail_fast=_FLAG, overwrite=_FLAG, tta=_FLAG,
-        **_SPARK_OVERRIDES)),
+        regularize=_FLAG, min_building_m2=_FLOAT, **_SPARK_OVERRIDES)),
     "evaluate": ("evaluate", _rules(pred=_PATH, truth=_PATH, json=_PATH)),
 })
 

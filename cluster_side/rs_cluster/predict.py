@@ -19,7 +19,8 @@ into place when complete; the input is only ever opened read-only):
   ``RS_INPUT_STRETCH`` tag and ``predict.json`` then say how.
 * ``<stem>_prob.tif`` (``probabilities``): float32 building probability, same grid and mask.
 * ``<stem>_buildings.gpkg`` (``polygons``): building polygons in the source CRS (see
-  :mod:`rs_cluster.polygons`).
+  :mod:`rs_cluster.polygons`), optionally squared (``regularize``) and with buildings and holes
+  under ``min_building_m2`` square metres dropped.
 * ``predict.json``: what was written and what failed, for the plugin.
 """
 
@@ -174,6 +175,8 @@ class PredictConfig:
     min_polygon_px: int = 16
     simplify_px: float = 1.0
     tta: bool = False  # average the model over the 8 flips and rotations of each window
+    regularize: bool = False  # square the polygons' outlines
+    min_building_m2: float | None = None  # None: drop polygons by min_polygon_px instead
 
     def __post_init__(self) -> None:
         if self.overlap < 0:
@@ -184,6 +187,11 @@ class PredictConfig:
             raise ConfigError(f"threshold must be between 0 and 1 (got {self.threshold})")
         if self.min_polygon_px < 0 or self.simplify_px < 0:
             raise ConfigError("min_polygon_px and simplify_px must not be negative")
+        if self.min_building_m2 is not None and not self.min_building_m2 >= 0:
+            raise ConfigError(f"min_building_m2 must be 0 or more square metres (got {self.min_building_m2})")
+        if (self.regularize or self.min_building_m2 is not None) and not self.polygons:
+            raise ConfigError("regularize and min_building_m2 shape the building polygons; "
+                              "ask for polygons too")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PredictConfig":
@@ -647,6 +655,8 @@ class _RasterJob:
     fail_fast: bool
     model_url: str | None = None  # a model folder in a store: each executor downloads it once
     tta: bool = False
+    regularize: bool = False
+    min_building_m2: float | None = None
 
     @property
     def remote(self) -> bool:
@@ -826,7 +836,8 @@ def _predict_local_job(job: _RasterJob, started: float,
             summary["polygons"] = job.polygons
             summary["polygon_count"] = polygonize_mask(
                 job.outputs["mask"], job.polygons, min_area_px=job.min_polygon_px,
-                simplify_px=job.simplify_px, token=job.token)
+                simplify_px=job.simplify_px, token=job.token, regularize=job.regularize,
+                min_building_m2=job.min_building_m2, warn=summary["warnings"].append)
         summary["seconds"] = round(time.monotonic() - started, 3)
         return summary
     except ModelError as e:
@@ -1004,7 +1015,8 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                     polygons=planned[p].get("polygons"), min_polygon_px=cfg.min_polygon_px,
                     simplify_px=cfg.simplify_px,
                     progress_file=os.path.join(progress_dir, f"{i}.done"), token=token,
-                    threads=threads, fail_fast=cfg.fail_fast, model_url=model_url, tta=cfg.tta)
+                    threads=threads, fail_fast=cfg.fail_fast, model_url=model_url, tta=cfg.tta,
+                    regularize=cfg.regularize, min_building_m2=cfg.min_building_m2)
                     for i, p in enumerate(order)]
 
                 def report() -> None:
@@ -1055,6 +1067,9 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
         "overlap": cfg.overlap,
         "threshold": threshold,
         "tta": cfg.tta,
+        **({"polygon_options": {"min_polygon_px": cfg.min_polygon_px, "simplify_px": cfg.simplify_px,
+                                "regularize": cfg.regularize, "min_building_m2": cfg.min_building_m2}}
+           if cfg.polygons else {}),
         "outputs": outputs,
         "failures": failures,
         "warnings": notes,

@@ -35,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write the float32 probability GeoTIFF <stem>_prob.tif")
     p.add_argument("--polygons", action="store_true",
                    help="also write building polygons to <stem>_buildings.gpkg")
+    p.add_argument("--regularize", action="store_true",
+                   help="with --polygons: square the outlines along each building's main "
+                   "directions (round or ragged shapes are kept as traced; the 'regularized' "
+                   "field says which were squared)")
+    p.add_argument("--min-building-m2", type=float, metavar="M2",
+                   help="with --polygons: drop buildings and holes smaller than M2 square metres "
+                   "(default: under 16 pixels; a mask in degrees keeps that rule)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the 8 flips and rotations of every "
                    "window (8x the model time)")
@@ -68,6 +75,7 @@ def _run_predict(args: argparse.Namespace, reporter: Reporter) -> int:
                         batch_size=args.batch_size, threshold=args.threshold,
                         probabilities=args.probabilities, polygons=args.polygons, master=args.master,
                         fail_fast=args.fail_fast, overwrite=args.overwrite, tta=args.tta,
+                        regularize=args.regularize, min_building_m2=args.min_building_m2,
                         resources=resources_from_args(args))
     result = run_predict(cfg, reporter=reporter)
     if args.json:

@@ -42,7 +42,7 @@ STAGE_PARAMS: dict[str, dict[str, str]] = {
     "predict": {"model": "path", "input": "path", "output": "path", "overlap": "int",
                 "batch_size": "int", "threshold": "float", "probabilities": "flag",
                 "polygons": "flag", "fail_fast": "flag", "overwrite": "flag", "tta": "flag",
-                **SPARK_OVERRIDE_PARAMS},
+                "regularize": "flag", "min_building_m2": "float", **SPARK_OVERRIDE_PARAMS},
     "evaluate": {"pred": "path", "truth": "path", "json": "path"},
 }
 OUTPUT_PARAMS = ("json", "model_dir", "output")

@@ -104,8 +104,9 @@ def test_spec_with_a_path_outside_the_job_or_another_version_is_refused(tmp_path
         jobspec.parse_job_spec({**good, "schema_version": 2}, tmp_path)
 
 
-def test_cluster_events_and_status_are_read_by_the_plugin(tmp_path, monkeypatch):
-    spec = cluster_selftest.plugin_sleep_spec("contract", seconds=0.4, steps=4)
+def run_sleep_job(tmp_path, monkeypatch, spec) -> tuple[jobs.Workspace, Path]:
+    """Submits a plugin-built spec of the test-only sleep stage to the real runner and waits
+    (up to 60 s) for it to end; returns the workspace and the job folder."""
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(spec.to_json())
     workspace = jobs.Workspace(tmp_path / "ws")
@@ -115,6 +116,12 @@ def test_cluster_events_and_status_are_read_by_the_plugin(tmp_path, monkeypatch)
     deadline = time.monotonic() + 60
     while jobs.read_status(job_dir)["state"] == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
+    return workspace, job_dir
+
+
+def test_cluster_events_and_status_are_read_by_the_plugin(tmp_path, monkeypatch):
+    spec = cluster_selftest.plugin_sleep_spec("contract", seconds=0.4, steps=4)
+    workspace, job_dir = run_sleep_job(tmp_path, monkeypatch, spec)
     status = parse_status((job_dir / "status.json").read_text(), expect_job_id=spec.job_id)
     assert status.state == "succeeded" and status.job_id == spec.job_id and status.progress == 100
     assert status.extra["pid"] > 0  # the runner's own fields travel on, untouched
@@ -139,15 +146,7 @@ def test_the_runners_warning_count_and_training_verdict_are_read_by_the_plugin(t
               "verdict_reason": "validation IoU 0.002 is under 0.05", "advice": "more epochs"}
     spec = cluster_selftest.plugin_sleep_spec("verdict", seconds=0.2, steps=2, warnings=2,
                                               train_finish=json.dumps(finish))
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(spec.to_json())
-    workspace = jobs.Workspace(tmp_path / "ws")
-    entry = cluster_selftest.install(monkeypatch)
-    jobs.submit(workspace, spec_file, entry_module=entry)
-    job_dir = workspace.job_dir(spec.job_id)
-    deadline = time.monotonic() + 60
-    while jobs.read_status(job_dir)["state"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _, job_dir = run_sleep_job(tmp_path, monkeypatch, spec)
     status = parse_status((job_dir / "status.json").read_text(), expect_job_id=spec.job_id)
     assert status.state == "succeeded" and status.warnings == 2
     assert status.verdict is not None and status.verdict.weak
