@@ -182,6 +182,9 @@ class RunDock(QgsDockWidget):
                                      "was trained, else 0.5)"))
         self.polygons = QCheckBox(tr("Also make building polygons"), run_page)
         self.polygons.setChecked(True)
+        self.regularize = QCheckBox(tr("squared"), run_page)
+        self.regularize.setToolTip(tr("Snap each building's outline to its two wall directions "
+                                      "(round or ragged shapes are kept as traced)"))
         self.tta = QCheckBox(tr("Average 8 flips and rotations"), run_page)
         self.tta.setToolTip(tr("Test-time augmentation: each window is predicted as it is and "
                                "turned 7 more ways, and the 8 predictions are averaged (8 "
@@ -285,7 +288,12 @@ class RunDock(QgsDockWidget):
         threshold_row.addWidget(self.threshold)
         threshold_row.addWidget(self.tta, 1)
         pform.addRow(tr("Threshold"), threshold_row)
-        pform.addRow("", self.polygons)
+        polygons_row = QWidget(run_page)  # a widget, not a nested layout: no taller row
+        row_layout = QHBoxLayout(polygons_row)
+        row_layout.setContentsMargins(0, 0, 0, 0)
+        row_layout.addWidget(self.polygons)
+        row_layout.addWidget(self.regularize, 1)
+        pform.addRow("", polygons_row)
         layout.addWidget(params)
         resources = QgsCollapsibleGroupBox(tr("Cluster resources"), run_page)
         resources.setObjectName("RsBuildingsClusterResources")
@@ -310,6 +318,7 @@ class RunDock(QgsDockWidget):
         for box in (self.split_train, self.split_val, self.split_test):
             box.valueChanged.connect(self._update_split_note)
         self.early_stopping.toggled.connect(self._mode_changed)
+        self.polygons.toggled.connect(self._mode_changed)  # squaring needs polygons
         self.model_source.currentIndexChanged.connect(self._mode_changed)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
@@ -414,6 +423,7 @@ class RunDock(QgsDockWidget):
         predicts = mode not in (MODE_TRAIN, MODE_FINE_TUNE)
         for w in (self.overlap, self.threshold, self.polygons, self.tta):
             w.setEnabled(predicts)
+        self.regularize.setEnabled(predicts and self.polygons.isChecked())
         self.layers.setColumnHidden(COL_MASK, mode == MODE_PREDICT)
         self.layers.setColumnHidden(COL_PREDICT, mode != MODE_TRAIN_PREDICT)
         self.layers.setColumnHidden(COL_VALIDATE, not trains)
@@ -499,7 +509,8 @@ class RunDock(QgsDockWidget):
             epochs=self.epochs.value(), batch_size=self.batch_size.value(),
             workers=self.workers.value(),
             threshold=round(self.threshold.value(), 4) if self.threshold.value() > 0 else None,
-            polygons=self.polygons.isChecked(), tta=self.tta.isChecked(), model_job=model_job,
+            polygons=self.polygons.isChecked(), tta=self.tta.isChecked(),
+            regularize=self.regularize.isChecked(), model_job=model_job,
             model_dir=None if model_job else (self.model_dir.filePath() or None),
             base_filters=None if tunes else (self.base_filters.value() or None),
             arch=None if tunes else (self.arch.currentData() or None),

@@ -100,6 +100,7 @@ class RunParams:
     threshold: float | None = None  # None: the model card's (tuned on validation tiles)
     polygons: bool = True
     tta: bool = False  # predict: average the 8 flips and rotations of each window (8x slower)
+    regularize: bool = False  # polygons: square the outlines along each building's walls
     # predict/evaluate/fine-tune: a model folder on this computer (uploaded), or the id of a
     # finished training job on the cluster whose model is reused there.
     model_dir: str | None = None
@@ -312,7 +313,8 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
                 inputs[MODEL_INPUT] = params.model_dir
         # a threshold and TTA only when chosen: the model card's threshold otherwise
         chosen = {**({} if params.threshold is None else {"threshold": params.threshold}),
-                  **({"tta": True} if params.tta else {})}
+                  **({"tta": True} if params.tta else {}),
+                  **({"regularize": True} if params.regularize and params.polygons else {})}
         builder.predict(model=model, input=IMAGES, output=PREDICTIONS, overlap=params.overlap,
                         batch_size=params.batch_size, polygons=params.polygons, **chosen,
                         **common)

@@ -283,7 +283,7 @@ class _ClusterAlgorithm(QgsProcessingAlgorithm):
 class PredictAlgorithm(_ClusterAlgorithm):
     INPUT, MODEL, MODEL_JOB = "INPUT", "MODEL", "MODEL_JOB"
     OVERLAP, BATCH_SIZE, THRESHOLD, POLYGONS = "OVERLAP", "BATCH_SIZE", "THRESHOLD", "POLYGONS"
-    TTA = "TTA"
+    TTA, REGULARIZE = "TTA", "REGULARIZE"
     MASKS = "MASKS"
 
     def name(self) -> str:
@@ -317,6 +317,9 @@ class PredictAlgorithm(_ClusterAlgorithm):
         self.addParameter(QgsProcessingParameterBoolean(
             self.POLYGONS, tr("Also make building polygons"), defaultValue=True))
         self.addParameter(QgsProcessingParameterBoolean(
+            self.REGULARIZE, tr("Square the polygons' outlines along each building's walls"),
+            defaultValue=False))
+        self.addParameter(QgsProcessingParameterBoolean(
             self.TTA, tr("Average 8 flips and rotations of each window (8× the model's time)"),
             defaultValue=False))
         self.add_spark_parameters()
@@ -335,6 +338,7 @@ class PredictAlgorithm(_ClusterAlgorithm):
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context) or None,
                 polygons=self.parameterAsBool(parameters, self.POLYGONS, context),
                 tta=self.parameterAsBool(parameters, self.TTA, context),
+                regularize=self.parameterAsBool(parameters, self.REGULARIZE, context),
                 model_dir=self.parameterAsString(parameters, self.MODEL, context) or None,
                 model_job=self.parameterAsString(parameters, self.MODEL_JOB, context) or None,
                 **self.spark_params(parameters, context))

@@ -259,6 +259,34 @@ def test_polygons_land_on_the_buildings_of_the_mask(spark, model_dir, tmp_path):
     assert abs(sum(areas) / pixel_area - mask.sum()) / mask.sum() < 0.03
 
 
+def test_regularized_polygons_are_squared_sized_and_recorded(spark, model_dir, tmp_path):
+    """``--polygons --regularize --min-building-m2 2`` on the Austin buildings (UTM, 0.3 m)."""
+    with rasterio.open(AUSTIN_GT) as gt:
+        profile = {**gt.profile, "count": 3, "dtype": "uint8"}
+        buildings = gt.read(1)
+    src = tmp_path / "in" / "austin_buildings.tif"
+    src.parent.mkdir()
+    with rasterio.open(src, "w", **profile) as dst:
+        dst.write(np.stack([buildings] * 3))
+    out = tmp_path / "out"
+    run_predict(PredictConfig(model=str(model_dir), input=str(src), output=str(out), polygons=True,
+                              regularize=True, min_building_m2=2.0, min_polygon_px=1), spark=spark)
+    import fiona
+
+    with fiona.open(out / "austin_buildings_buildings.gpkg") as layer:
+        assert rasterio.crs.CRS.from_wkt(layer.crs_wkt) == profile["crs"]
+        props = [f.properties for f in layer]
+    flags = {p["regularized"] for p in props}
+    assert flags <= {0, 1} and 1 in flags
+    assert min(p["area"] for p in props) >= 2.0
+    summary = json.loads((out / "predict.json").read_text())
+    assert summary["polygon_options"] == {"min_polygon_px": 1, "simplify_px": 1.0,
+                                          "regularize": True, "min_building_m2": 2.0}
+    assert summary["warnings"] == []
+    with pytest.raises(ConfigError, match="polygons"):
+        PredictConfig(model=str(model_dir), input=str(src), output=str(out), regularize=True)
+
+
 def test_raster_smaller_than_the_tile_is_predicted_whole(spark, tmp_path):
     model = build_channel_model(tmp_path / "big-tile", tile_size=320)
     out = tmp_path / "out"

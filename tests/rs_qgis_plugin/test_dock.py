@@ -125,6 +125,13 @@ def test_tta_and_the_models_threshold_by_default_reach_the_predict_step(dock, re
     assert dock.threshold.text() == "the model's"
     dock.tta.setChecked(True)
     assert dock.prepare_run().planned.spec.steps[0].params["tta"] is True
+    # squared outlines: only with polygons, which the cluster requires for them
+    assert "regularize" not in params and dock.regularize.isEnabled()
+    dock.regularize.setChecked(True)
+    assert dock.prepare_run().planned.spec.steps[0].params["regularize"] is True
+    dock.polygons.setChecked(False)
+    assert not dock.regularize.isEnabled()
+    assert "regularize" not in dock.prepare_run().planned.spec.steps[0].params
     dock.mode.setCurrentIndex(dock.mode.findData("train"))
     assert not dock.tta.isEnabled()
 

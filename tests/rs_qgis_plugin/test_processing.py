@@ -126,7 +126,7 @@ def test_an_unknown_profile_is_a_clear_processing_error(provider, tmp_path):
             "OUTPUT": str(tmp_path / "out")})
 
 
-def test_predict_sends_tta_only_when_asked(provider, tmp_path):
+def test_predict_sends_tta_and_squared_outlines_only_when_asked(provider, tmp_path):
     from qgis.core import QgsProcessingFeedback
 
     image, _, context = _dev_pair_context()
@@ -138,8 +138,10 @@ def test_predict_sends_tta_only_when_asked(provider, tmp_path):
         planned = predict.plan({**parameters, **more}, context, QgsProcessingFeedback(), tmp_path)
         return next(s for s in planned.spec.steps if s.stage == "predict").params
 
-    assert "tta" not in step()
+    assert "tta" not in step() and "regularize" not in step()
     assert step(TTA=True)["tta"] is True
+    assert step(REGULARIZE=True)["regularize"] is True
+    assert "regularize" not in step(REGULARIZE=True, POLYGONS=False)
 
 
 def test_a_web_map_layer_is_refused_naming_it(provider, tmp_path):
