@@ -51,8 +51,8 @@ MAX_EXCESS_FRACTION = 0.4
 # it beats 0.5 by at least MIN_THRESHOLD_GAIN (else 0.5: a tie is no reason to move).
 THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2 ... 0.8
 MIN_THRESHOLD_GAIN = 0.005
-ADVICE = ("try more epochs, more image pairs, or fine-tuning the built-in model (Fine-tune in "
-          "QGIS, --init-model on the command line)")
+ADVICE = ("try more epochs, more image pairs, or fine-tuning a model that already finds buildings "
+          "(Fine-tune in QGIS, --init-model on the command line)")
 _NAME = re.compile(rf"{PREVIEWS_DIR}/epoch-\d{{4}}\.png")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -30,7 +30,7 @@ from tests.procs import job_pids, wait_for
 WEAK = {"message": "trained 8 epochs; best validation IoU 0.412 at epoch 7",
         "best_val_iou": 0.412, "best_epoch": 7, "verdict": "weak",
         "verdict_reason": "validation IoU 0.412 is under 0.5",
-        "advice": "try more epochs, more image pairs, or fine-tuning the built-in model"}
+        "advice": "try more epochs, more image pairs, or fine-tuning a model"}
 
 
 def run_to_end(tmp_path: Path, job_id: str, **params: object) -> dict:
