@@ -283,17 +283,10 @@ class RunDock(QgsDockWidget):
         stop_row.addWidget(QLabel(tr("after"), run_page))
         stop_row.addWidget(self.patience, 1)
         pform.addRow(tr("Early stopping"), stop_row)
-        threshold_row = QHBoxLayout()  # beside the threshold: the layer table keeps its height
-        threshold_row.setContentsMargins(0, 0, 0, 0)
-        threshold_row.addWidget(self.threshold)
-        threshold_row.addWidget(self.tta, 1)
-        pform.addRow(tr("Threshold"), threshold_row)
-        polygons_row = QWidget(run_page)  # a widget, not a nested layout: no taller row
-        row_layout = QHBoxLayout(polygons_row)
-        row_layout.setContentsMargins(0, 0, 0, 0)
-        row_layout.addWidget(self.polygons)
-        row_layout.addWidget(self.regularize, 1)
-        pform.addRow("", polygons_row)
+        # Options side by side, not a row each: the room goes to the layer table. (Their
+        # labels are short: a wider row would give the dock a horizontal scroll bar.)
+        pform.addRow(tr("Threshold"), self._side_by_side(self.threshold, self.tta))
+        pform.addRow("", self._side_by_side(self.polygons, self.regularize))
         layout.addWidget(params)
         resources = QgsCollapsibleGroupBox(tr("Cluster resources"), run_page)
         resources.setObjectName("RsBuildingsClusterResources")
@@ -333,6 +326,14 @@ class RunDock(QgsDockWidget):
         self.refresh_layers()
         self.refresh_models()
         self._mode_changed()
+
+    @staticmethod
+    def _side_by_side(first: QWidget, second: QWidget) -> QHBoxLayout:
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(first)
+        row.addWidget(second, 1)
+        return row
 
     def _spin(self, low: int, high: int, value: int, step: int = 1) -> QSpinBox:
         box = QSpinBox(self)

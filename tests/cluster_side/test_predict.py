@@ -230,10 +230,9 @@ def test_summary_lists_every_output_and_inputs_are_untouched(mixed):
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "partial files left behind"
 
 
-def test_polygons_land_on_the_buildings_of_the_mask(spark, model_dir, tmp_path):
-    """Imagery whose red channel is the real Austin building mask, so the mask is the reference."""
-    from rasterio.features import rasterize
-
+def austin_buildings_raster(tmp_path: Path) -> tuple[Path, dict, np.ndarray]:
+    """An RGB raster (in ``tmp_path/in``) whose every band is the real Austin building mask, so
+    the channel-copy model's mask is the reference: (its path, its profile, the mask)."""
     with rasterio.open(AUSTIN_GT) as gt:
         profile = {**gt.profile, "count": 3, "dtype": "uint8"}
         buildings = gt.read(1)
@@ -241,6 +240,14 @@ def test_polygons_land_on_the_buildings_of_the_mask(spark, model_dir, tmp_path):
     src.parent.mkdir()
     with rasterio.open(src, "w", **profile) as dst:
         dst.write(np.stack([buildings] * 3))
+    return src, profile, buildings
+
+
+def test_polygons_land_on_the_buildings_of_the_mask(spark, model_dir, tmp_path):
+    """Imagery whose red channel is the real Austin building mask, so the mask is the reference."""
+    from rasterio.features import rasterize
+
+    src, profile, buildings = austin_buildings_raster(tmp_path)
     out = tmp_path / "out"
     run_predict(PredictConfig(model=str(model_dir), input=str(src), output=str(out), polygons=True,
                               min_polygon_px=16), spark=spark)
@@ -261,13 +268,7 @@ def test_polygons_land_on_the_buildings_of_the_mask(spark, model_dir, tmp_path):
 
 def test_regularized_polygons_are_squared_sized_and_recorded(spark, model_dir, tmp_path):
     """``--polygons --regularize --min-building-m2 2`` on the Austin buildings (UTM, 0.3 m)."""
-    with rasterio.open(AUSTIN_GT) as gt:
-        profile = {**gt.profile, "count": 3, "dtype": "uint8"}
-        buildings = gt.read(1)
-    src = tmp_path / "in" / "austin_buildings.tif"
-    src.parent.mkdir()
-    with rasterio.open(src, "w", **profile) as dst:
-        dst.write(np.stack([buildings] * 3))
+    src, profile, _ = austin_buildings_raster(tmp_path)
     out = tmp_path / "out"
     run_predict(PredictConfig(model=str(model_dir), input=str(src), output=str(out), polygons=True,
                               regularize=True, min_building_m2=2.0, min_polygon_px=1), spark=spark)
