@@ -61,6 +61,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--base-filters", type=int, default=16)
     parser.add_argument("--stride", type=int, default=128)
+    parser.add_argument("--tile-size", type=int, default=128)
+    parser.add_argument("--arch", help="the network (default: rs-cluster train's)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", default="1e-3")
     args = parser.parse_args()
     data, out = args.data.resolve(), args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
@@ -70,12 +74,14 @@ def main() -> int:
 
     step("prepare: every dev subset, split by raster 70/15/15",
          [*RS_CLUSTER, "prepare", "--images", str(images), "--masks", str(masks),
-          "--output", str(out / "tiles"), "--stride", str(args.stride), "--split", "0.7,0.15,0.15"])
+          "--output", str(out / "tiles"), "--stride", str(args.stride), "--tile-size", str(args.tile_size),
+          "--split", "0.7,0.15,0.15"])
     step(f"train: until val loss stops improving ({args.patience} epochs) or {args.max_epochs} epochs",
          [*RS_CLUSTER, "train", "--data", str(out / "tiles"), "--model-dir", str(out / "model"),
           "--epochs", str(args.max_epochs), "--patience", str(args.patience),
           "--num-proc", str(args.workers), "--base-filters", str(args.base_filters),
-          "--batch-size", "16", "--lr", "1e-3", "--dice"])
+          "--batch-size", str(args.batch_size), "--lr", args.lr, "--loss", "bce_dice",
+          *(["--arch", args.arch] if args.arch else [])])
 
     meta = json.loads((out / "tiles" / "dataset.json").read_text())
     test = out / "test"

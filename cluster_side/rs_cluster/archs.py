@@ -77,3 +77,8 @@ def check_input(arch: str, tile_size: int, bands: int) -> None:
     problem = tile_problem(arch, tile_size, bands)
     if problem:
         raise ConfigError(problem)
+
+
+AUGMENTATION = ("flip_left_right", "flip_up_down", "rot90", "brightness 0.1", "contrast 0.8-1.2",
+                "saturation 0.8-1.2", "zoom 1-1.25x")
+"""What training does to each tile (``rs_cluster.model.augment_tile``), as the model card lists it."""

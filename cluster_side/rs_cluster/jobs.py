@@ -830,6 +830,29 @@ def _reserve_space(job_dir: Path) -> None:
         path.unlink(missing_ok=True)  # already full: run without it
 
 
+def apply_event(status: dict[str, Any], event: dict[str, Any], index: int, steps: int,
+                trained: dict[str, Any]) -> None:
+    """Adds one event of step ``index`` (of ``steps``) to ``status``: the job's progress, its
+    message (a preview's note does not take the place of the epoch's), the count of warnings and
+    restarts, and the quality fields of a train finish (into ``trained`` and the verdict)."""
+    kind = event.get("event")
+    if kind == "progress" and event.get("percent") is not None:
+        fraction = min(max(float(event["percent"]), 0.0), 100.0) / 100.0
+        status["progress"] = round(100.0 * (index + fraction) / steps, 1)
+    if kind in ("start", "progress", "info", "warning", "finish") and event.get("message") \
+            and not event.get("preview"):
+        status["message"] = str(event["message"])[:500]
+    if kind == "warning":
+        status["warnings"] = int(status.get("warnings") or 0) + 1
+        if isinstance(event.get("restart"), int):
+            # training restarted its workers from the last checkpoint after losing one
+            status["restarts"] = event["restart"]
+    if kind == "finish" and event.get("stage") == "train":
+        trained.clear()
+        trained.update(train_quality(event))
+        status["verdict"] = dict(trained) if trained["verdict"] else None
+
+
 def _follow_step(proc: subprocess.Popen[bytes], follower: _EventFollower, status: dict[str, Any],
                  job_dir: Path, index: int, steps: int, stop: threading.Event,
                  trained: dict[str, Any]) -> int:
@@ -843,21 +866,7 @@ def _follow_step(proc: subprocess.Popen[bytes], follower: _EventFollower, status
         except subprocess.TimeoutExpired:
             code = None
         for event in follower.new_events():
-            kind = event.get("event")
-            if kind == "progress" and event.get("percent") is not None:
-                fraction = min(max(float(event["percent"]), 0.0), 100.0) / 100.0
-                status["progress"] = round(100.0 * (index + fraction) / steps, 1)
-            if kind in ("start", "progress", "info", "warning", "finish") and event.get("message"):
-                status["message"] = str(event["message"])[:500]
-            if kind == "warning":
-                status["warnings"] = int(status.get("warnings") or 0) + 1
-                if isinstance(event.get("restart"), int):
-                    # training restarted its workers from the last checkpoint after losing one
-                    status["restarts"] = event["restart"]
-            if kind == "finish" and event.get("stage") == "train":
-                trained.clear()
-                trained.update(train_quality(event))
-                status["verdict"] = dict(trained) if trained["verdict"] else None
+            apply_event(status, event, index, steps, trained)
         if status != last_written:
             if not _runner_write(job_dir, status):
                 stop.set()  # the job was ended meanwhile: its steps stop too

@@ -29,8 +29,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from rs_cluster.archs import (ARCHS, DEFAULT_ARCH, FALLBACK_ARCH, LEGACY_ARCH, Arch,  # noqa: F401
-                              check_input, get_arch)
+from rs_cluster.archs import (ARCHS, AUGMENTATION, DEFAULT_ARCH, FALLBACK_ARCH,  # noqa: F401
+                              LEGACY_ARCH, Arch, check_input, get_arch)
 from rs_cluster.encoders import efficientnet_lite as lite
 from rs_cluster.errors import ConfigError
 
@@ -274,6 +274,9 @@ def to_model_input(image: Any, mask: Any) -> tuple[Any, Any]:
     return tf.cast(image, tf.float32) / INPUT_SCALE, tf.cast(mask, tf.float32)
 
 
+ZOOM_MIN_CROP = 0.8  # zoom in by up to 1.25x: a crop of 80-100 % of the tile, resized back
+
+
 def augment(image: Any, mask: Any) -> tuple[Any, Any]:
     """Random flips and 90-degree rotations, the same for a tile and its mask."""
     bands = image.shape[-1]
@@ -282,6 +285,34 @@ def augment(image: Any, mask: Any) -> tuple[Any, Any]:
     both = tf.image.random_flip_up_down(both)
     both = tf.image.rot90(both, k=tf.random.uniform((), 0, 4, dtype=tf.int32))
     return both[..., :bands], both[..., bands:]
+
+
+def augment_photometric(image: Any) -> Any:
+    """Random brightness (+-0.1), contrast and, for RGB, saturation (0.8-1.2x) of an image in
+    [0, 1], clipped back to [0, 1]: roofs under other light and other sensors."""
+    image = tf.image.random_brightness(image, 0.1)
+    image = tf.image.random_contrast(image, 0.8, 1.2)
+    if image.shape[-1] == 3:
+        image = tf.image.random_saturation(image, 0.8, 1.2)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def augment_zoom(image: Any, mask: Any) -> tuple[Any, Any]:
+    """Mild scale augmentation: the same random crop of 80-100 % of the side from a tile and its
+    mask, resized back to the tile's size (bilinear for the image, nearest for the mask)."""
+    size = image.shape[0]
+    side = tf.cast(tf.round(tf.random.uniform((), ZOOM_MIN_CROP, 1.0) * size), tf.int32)
+    top = tf.random.uniform((), 0, size - side + 1, dtype=tf.int32)
+    left = tf.random.uniform((), 0, size - side + 1, dtype=tf.int32)
+    image = tf.image.resize(image[top:top + side, left:left + side], (size, size), "bilinear")
+    mask = tf.image.resize(mask[top:top + side, left:left + side], (size, size), "nearest")
+    return image, mask
+
+
+def augment_tile(image: Any, mask: Any) -> tuple[Any, Any]:
+    """Everything in :data:`AUGMENTATION`: zoom, flips and rotations, then the colours."""
+    image, mask = augment(*augment_zoom(image, mask))
+    return augment_photometric(image), mask
 
 
 def tile_batches(reader: Any, batch_size: int, *, shard: tuple[int, int] | None = None,
@@ -300,7 +331,7 @@ def tile_batches(reader: Any, batch_size: int, *, shard: tuple[int, int] | None 
         ds = ds.shuffle(256, seed=seed)
     ds = ds.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE)
     if train and augment_tiles:
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(augment_tile, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=train).prefetch(tf.data.AUTOTUNE)
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from rs_cluster import __version__, archs, storage
+from rs_cluster import __version__, archs, builtin, storage
 from rs_cluster.atomic import replace_dir, write_json_atomic, write_text_atomic
 from rs_cluster.dataset import DatasetInfo, load_dataset
 from rs_cluster.config import check_keys
@@ -434,6 +434,9 @@ def _read_init_model(location: str, bands: list[str]) -> InitModel:
     checks a model (a confined ``.keras`` file of built-in layers), with its file's sha256."""
     from rs_cluster.keras_file import check_model_file, confined_model_file
 
+    named = builtin.name_of(location)  # the workers find their own copy by this name
+    ref, location = (f"{builtin.PREFIX}:{named}", builtin.resolve(location)) if named \
+        else (location, location)
     card_url = storage.join(location, MODEL_JSON)
     if not storage.is_file(card_url):
         raise ConfigError(f"{card_url}: not found; --init-model takes a model folder written by "
@@ -460,8 +463,8 @@ def _read_init_model(location: str, bands: list[str]) -> InitModel:
         check_model_file(path)  # the worker loads it in Keras's safe mode, as predict does
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-    return InitModel(location=str(Path(location).absolute()) if storage.is_local(location)
-                     else location, model_file=os.path.basename(path), model_sha256=digest,
+    return InitModel(location=ref if named else str(Path(location).absolute())
+                     if storage.is_local(location) else location, model_file=os.path.basename(path), model_sha256=digest,
                      arch=arch, base_filters=base_filters, bands=tuple(bands),
                      tile_size=tile_size, dataset=(card.get("dataset") or {}).get("path"))
 
@@ -822,7 +825,7 @@ def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state
             "lr_schedule": cfg.lr_schedule,
             "steps_per_epoch": spec["steps_per_epoch"],
             "validation_steps": spec["validation_steps"] or "whole val split",
-            "augmentation": ["flip_left_right", "flip_up_down", "rot90"] if cfg.augment else [],
+            "augmentation": list(archs.AUGMENTATION) if cfg.augment else [],
             "resumed_from_epoch": resumed_from or None,
             "restarts_after_lost_worker": restarts,  # epochs done at each restart
         },
@@ -1116,7 +1119,7 @@ def _start_from(net: Any, spec: dict[str, Any]) -> None:
     same layers and shapes whatever its tile size (both are fully convolutional)."""
     from rs_cluster.keras_file import load_model
 
-    with storage.local_input(spec["init_model"]) as folder:
+    with storage.local_input(builtin.resolve(spec["init_model"])) as folder:
         path = os.path.join(folder, spec["init_model_file"])
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()

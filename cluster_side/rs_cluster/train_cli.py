@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-model", metavar="DIR_OR_URL",
                    help="fine-tune: start from the weights of this model folder (model.json + "
                    "model.keras from rs-cluster train), keeping its network and width; its tile "
-                   "size may differ")
+                   "size may differ; 'builtin' fine-tunes the model that ships with rs-cluster")
     p.add_argument("--base-filters", type=int,
                    help="width: filters of the first U-Net level, or x4 those of the pretrained "
                    "network's first decoder level (default 64, as in 2019; with --init-model: "
@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nics", type=_nics, metavar="IF[,IF]",
                    help="network interfaces for Horovod (default: lo on a local master, else "
                    "$RS_HOROVOD_NICS or auto-detected)")
-    p.add_argument("--no-augment", action="store_true", help="no flips or rotations")
+    p.add_argument("--no-augment", action="store_true", help="no flips, rotations, zoom or colour changes")
     p.add_argument("--max-restarts", type=int, default=2, metavar="N",
                    help="when a worker process is killed, start all workers again from the last "
                    "checkpoint up to N times (default 2)")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from rs_cluster.jobs import success_message, train_quality
+from rs_cluster.jobs import apply_event, success_message, train_quality
 from rs_cluster.progress import EVENT_SCHEMA_VERSION, TerminalReporter, parse_event, render_event
 
 from tests import cluster_selftest
@@ -103,6 +103,20 @@ def test_success_message_parts():
     assert success_message(0, {"verdict": "weak", "reason": ""}) == "done; weak model"
     assert success_message(0, {"verdict": "ok", "best_val_iou": 0.9, "best_epoch": 2,
                                "reason": "ignored when ok"}) == "done; best validation IoU 0.900 at epoch 2"
+
+
+def test_a_preview_note_does_not_take_the_place_of_the_epochs_message():
+    """Found by the demo: "preview after epoch 8" hid "epoch 8/50 done" from the jobs panel."""
+    status: dict = {"message": "queued", "progress": 0.0}
+    trained: dict = {}
+    apply_event(status, {"event": "progress", "percent": 40.0, "message": "epoch 8/50 done"},
+                1, 2, trained)
+    assert (status["message"], status["progress"]) == ("epoch 8/50 done", 70.0)
+    apply_event(status, {"event": "info", "message": "preview after epoch 8",
+                         "preview": "previews/epoch-0008.png", "epoch": 8}, 1, 2, trained)
+    assert status["message"] == "epoch 8/50 done"
+    apply_event(status, {"event": "info", "message": "the val split is small"}, 1, 2, trained)
+    assert status["message"] == "the val split is small"
 
 
 # -- train steps get a previews folder ---------------------------------------------------------

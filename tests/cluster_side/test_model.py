@@ -73,11 +73,7 @@ def test_dice_loss_and_iou_metric():
 
 def test_augmentation_moves_image_and_mask_together():
     """A real Xiamen tile whose mask is drawn from the image stays aligned after flips/rotations."""
-    import rasterio
-
-    name = devdata.first_files("xiamen_robosat_z18", 1)[0]
-    with rasterio.open(devdata.subset("xiamen_robosat_z18") / "images" / name) as src:
-        image = np.moveaxis(src.read((1, 2, 3)), 0, -1)[:128, :128]
+    image = _xiamen_tile()
     mask = (image[..., :1] > 128).astype(np.uint8)  # a mask that is a function of the pixels
     x, y = unet.to_model_input(image, mask)
     assert float(tf.reduce_max(x)) <= 1.0
@@ -88,6 +84,46 @@ def test_augmentation_moves_image_and_mask_together():
         np.testing.assert_array_equal(ay.numpy(), (ax.numpy()[..., :1] > 128 / 255).astype(np.float32))
         seen.add(ax.numpy().tobytes())
     assert len(seen) > 2  # it does change the tile
+
+
+def _xiamen_tile() -> np.ndarray:
+    import rasterio
+
+    name = devdata.first_files("xiamen_robosat_z18", 1)[0]
+    with rasterio.open(devdata.subset("xiamen_robosat_z18") / "images" / name) as src:
+        return np.moveaxis(src.read((1, 2, 3)), 0, -1)[:128, :128]
+
+
+def test_colour_augmentation_changes_the_image_within_range_and_never_the_mask():
+    x, y = unet.to_model_input(_xiamen_tile(), np.ones((128, 128, 1), np.uint8))
+    tf.random.set_seed(2)
+    means = set()
+    for _ in range(8):
+        ax, ay = unet.augment_tile(x, y)
+        assert 0.0 <= float(tf.reduce_min(ax)) and float(tf.reduce_max(ax)) <= 1.0
+        np.testing.assert_array_equal(ay.numpy(), np.ones((128, 128, 1), np.float32))
+        means.add(round(float(tf.reduce_mean(ax)), 4))
+    assert len(means) == 8  # brightness and contrast differ from draw to draw
+    assert abs(float(tf.reduce_mean(unet.augment_photometric(x))) - float(tf.reduce_mean(x))) <= 0.2
+
+
+def test_zoom_keeps_the_mask_binary_and_on_its_buildings():
+    """The mask is drawn from the image; after a zoom (bilinear image, nearest mask) the two still
+    agree, the mask has only 0 and 1, and the tile is magnified (its top-left pixel moves)."""
+    image = _xiamen_tile()
+    mask = (image[..., :1] > 128).astype(np.uint8)
+    x, y = unet.to_model_input(image, mask)
+    tf.random.set_seed(3)
+    moved = 0
+    for _ in range(8):
+        ax, ay = unet.augment_zoom(x, y)
+        assert ax.shape == x.shape and ay.shape == y.shape
+        assert set(np.unique(ay.numpy())) <= {0.0, 1.0}
+        redrawn = ax.numpy()[..., :1] > 128 / 255
+        agree = np.mean(redrawn == (ay.numpy() > 0.5))
+        assert agree > 0.95, agree
+        moved += not np.array_equal(ax.numpy(), x.numpy())
+    assert moved >= 6
 
 
 # -- loading a model folder safely ----------------------------------------------------------------

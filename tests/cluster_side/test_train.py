@@ -531,7 +531,7 @@ def test_fine_tuning_another_network_or_width_or_no_model_is_refused(trained, sm
 
 @pytest.mark.spark
 @pytest.mark.horovod
-def test_default_recipe_is_bce_dice_with_a_cosine_lr_after_the_warm_up(trained):
+def test_default_recipe_is_bce_dice_augmented_with_a_cosine_lr_after_the_warm_up(trained):
     """The fixture names neither the loss nor the schedule. One worker has no warm-up: the LR
     starts at its peak and falls along half a cosine over the 4 x 5 steps; each epoch records
     the LR of its last step."""
@@ -543,6 +543,9 @@ def test_default_recipe_is_bce_dice_with_a_cosine_lr_after_the_warm_up(trained):
     card = json.loads((model_dir / "model.json").read_text())
     assert card["loss"] == "binary_crossentropy + dice"
     assert card["training"]["lr_schedule"] == "cosine" and card["training"]["warmup_epochs"] == 0
+    assert card["training"]["augmentation"] == ["flip_left_right", "flip_up_down", "rot90",
+                                                "brightness 0.1", "contrast 0.8-1.2",
+                                                "saturation 0.8-1.2", "zoom 1-1.25x"]
     lrs = [e["lr"] for e in card["epochs"]]
     expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * (5 * e - 1) / 20)) for e in (1, 2, 3, 4)]
     assert lrs == pytest.approx(expected, rel=1e-5)
