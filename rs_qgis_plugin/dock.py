@@ -59,6 +59,11 @@ from rs_qgis_plugin.pairing import split_counts
 from rs_qgis_plugin.tasks import SubmitJobTask
 
 
+# The model chooser's item for the model built into rs-cluster. Its other items hold "" (a model
+# folder on this computer) or a job id, which starts with a letter or digit (JOB_ID_PATTERN).
+BUILTIN_SOURCE = ":builtin"
+
+
 def tr(text: str) -> str:
     return QCoreApplication.translate("RunDock", text)
 
@@ -357,15 +362,19 @@ class RunDock(QgsDockWidget):
             settings.load_cluster_summary(self.profile.currentText()), self.master.text()))
 
     def refresh_models(self) -> None:
+        # The first refresh (an empty list) chooses the built-in model, as does a refresh that
+        # no longer lists the job chosen before; any choice still listed is kept.
         current = self.model_source.currentData()
         self.model_source.blockSignals(True)
         self.model_source.clear()
+        self.model_source.addItem(tr("Built-in model (ships with rs-cluster; no labels needed)"),
+                                  BUILTIN_SOURCE)
         self.model_source.addItem(tr("Model folder on this computer"), "")
         for r in self.controller.records():
             if r.state in ("succeeded",) and r.mode in TRAINING_MODES:
                 self.model_source.addItem(tr("Cluster: model of job {name} ({job})").format(
                     name=r.name, job=r.job_id), r.job_id)
-        index = self.model_source.findData(current) if current else 0
+        index = self.model_source.findData(current) if current is not None else 0
         self.model_source.setCurrentIndex(max(0, index))
         self.model_source.blockSignals(False)
 
@@ -407,7 +416,7 @@ class RunDock(QgsDockWidget):
         mode = self.mode.currentData()
         needs_model = mode in MODEL_MODES
         self.model_box.setEnabled(needs_model)
-        self.model_dir.setEnabled(needs_model and not self.model_source.currentData())
+        self.model_dir.setEnabled(needs_model and self.model_source.currentData() == "")
         trains = mode in TRAINING_MODES
         for w in (self.epochs, self.workers, self.learning_rate):
             w.setEnabled(trains)
@@ -503,7 +512,9 @@ class RunDock(QgsDockWidget):
 
     def run_params(self) -> RunParams:
         mode = self.mode.currentData()
-        model_job = self.model_source.currentData() or None
+        source = self.model_source.currentData()
+        builtin = source == BUILTIN_SOURCE
+        model_job = None if builtin else (source or None)
         tunes = mode == MODE_FINE_TUNE  # the model's own network and width, so neither is sent
         return RunParams(
             mode=mode, tile_size=self.tile_size.value(), overlap=self.overlap.value(),
@@ -511,8 +522,8 @@ class RunDock(QgsDockWidget):
             workers=self.workers.value(),
             threshold=round(self.threshold.value(), 4) if self.threshold.value() > 0 else None,
             polygons=self.polygons.isChecked(), tta=self.tta.isChecked(),
-            regularize=self.regularize.isChecked(), model_job=model_job,
-            model_dir=None if model_job else (self.model_dir.filePath() or None),
+            regularize=self.regularize.isChecked(), model_builtin=builtin, model_job=model_job,
+            model_dir=None if builtin or model_job else (self.model_dir.filePath() or None),
             base_filters=None if tunes else (self.base_filters.value() or None),
             arch=None if tunes else (self.arch.currentData() or None),
             learning_rate=round(self.learning_rate.value(), 6) or None,
@@ -594,7 +605,9 @@ class RunDock(QgsDockWidget):
             return True
         picks = self.picks()
         if mode == MODE_EVALUATE:
-            trained = set(trained_on(self.model_source.currentData() or ""))
+            source = self.model_source.currentData() or ""
+            # The built-in model was not trained here: this dock knows nothing it was trained on.
+            trained = set(trained_on(source) if source != BUILTIN_SOURCE else ())
             overlap = [p.image.name() for p in picks
                        if p.image.source() in trained or (p.mask and p.mask.source() in trained)]
             question = tr("The model was trained on {names}. Scores against rasters it was "

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from rs_qgis_plugin.core.errors import SpecError
 from rs_qgis_plugin.core.formats import is_raster, is_sidecar
-from rs_qgis_plugin.core.jobspec import JobSpec, JobSpecBuilder
+from rs_qgis_plugin.core.jobspec import BUILTIN_MODEL, JobSpec, JobSpecBuilder
 from rs_qgis_plugin.core.protocol import JobStatus
 from rs_qgis_plugin.pairing import check_split
 
@@ -32,7 +32,8 @@ MODE_EVALUATE = "evaluate"
 MODE_FINE_TUNE = "fine_tune"
 MODES = (MODE_TRAIN, MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE, MODE_FINE_TUNE)
 TRAINING_MODES = (MODE_TRAIN, MODE_TRAIN_PREDICT, MODE_FINE_TUNE)
-# The modes that start from a model the analyst chooses (a local folder or a cluster job).
+# The modes that start from a model the analyst chooses (the built-in one, a local folder or a
+# cluster job).
 MODEL_MODES = (MODE_PREDICT, MODE_EVALUATE, MODE_FINE_TUNE)
 
 # The networks `rs-cluster train --arch` builds, and the multiple of which a tile side must be (the
@@ -41,6 +42,9 @@ ARCH_TILE_MULTIPLE: dict[str, int] = {"effnet_lite0_unet": 32, "unet_bn": 16, "u
 ARCHS = tuple(ARCH_TILE_MULTIPLE)
 DEFAULT_ARCH = "effnet_lite0_unet"  # what the cluster builds when none is sent
 LEGACY_ARCH = "unet2019"  # what a model card without "arch" was trained as
+# The network of the model built into rs-cluster (the job spec's model "builtin"); fine-tuning it
+# checks the tile size against this network, as nothing of it is on this computer to read.
+BUILTIN_ARCH = "effnet_lite0_unet"
 # Fine-tuning moves pretrained weights a little, not from scratch: ten times below the cluster's
 # from-scratch default (1e-4), unless the analyst chooses a rate.
 FINE_TUNE_LR = 1e-5
@@ -101,8 +105,10 @@ class RunParams:
     polygons: bool = True
     tta: bool = False  # predict: average the 8 flips and rotations of each window (8x slower)
     regularize: bool = False  # polygons: square the outlines along each building's walls
-    # predict/evaluate/fine-tune: a model folder on this computer (uploaded), or the id of a
-    # finished training job on the cluster whose model is reused there.
+    # predict/evaluate/fine-tune: the model built into rs-cluster (nothing uploaded), a model
+    # folder on this computer (uploaded), or the id of a finished training job on the cluster
+    # whose model is reused there.
+    model_builtin: bool = False
     model_dir: str | None = None
     model_job: str | None = None
     # Overrides of the cluster's settings file (what `rs-cluster env` reports) for this job's
@@ -146,9 +152,13 @@ class RunParams:
             raise SpecError(f"threshold {self.threshold} must be between 0 and 1")
         if self.arch is not None and self.arch not in ARCHS:
             raise SpecError(f"unknown network {self.arch!r}; one of {', '.join(ARCHS)}")
-        if self.mode in MODEL_MODES and not (self.model_dir or self.model_job):
-            raise SpecError("choose a model: a model folder on this computer or a finished "
-                            "training job on the cluster")
+        if self.mode in MODEL_MODES and not (self.model_builtin or self.model_dir
+                                             or self.model_job):
+            raise SpecError("choose a model: the built-in model, a model folder on this "
+                            "computer or a finished training job on the cluster")
+        if self.model_builtin and (self.model_dir or self.model_job):
+            raise SpecError("choose one model: the built-in model, or a model folder or "
+                            "training job instead of it")
         if self.mode == MODE_FINE_TUNE and (self.arch or self.base_filters):
             # The cluster refuses a mismatch; saying it here saves an upload.
             raise SpecError("fine-tuning keeps the network and width of the model it starts "
@@ -262,7 +272,9 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
         raise SpecError("choose at least one imagery layer to predict")
     if mode in TRAINING_MODES:
         arch = params.arch or DEFAULT_ARCH
-        if mode == MODE_FINE_TUNE:
+        if mode == MODE_FINE_TUNE and params.model_builtin:
+            arch = BUILTIN_ARCH
+        elif mode == MODE_FINE_TUNE:
             arch = model_arch(params.model_dir) if params.model_dir else ""
         problem = tile_size_problem(arch, params.tile_size) if arch else None
         if problem:
@@ -275,6 +287,10 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
         _add_raster(inputs, folder, stem, path, sidecars)
 
     fetch: list[str] = []
+    # The model the predict step reads, or fine-tuning starts from, unless training makes it.
+    chosen_model = BUILTIN_MODEL if params.model_builtin else MODEL_INPUT
+    if mode in MODEL_MODES and params.model_dir and not (params.model_builtin or params.model_job):
+        inputs[MODEL_INPUT] = params.model_dir
     common = params.spark_overrides()  # evaluate runs no Spark: it takes none
     if mode in TRAINING_MODES:
         for stem, pick in paired:
@@ -284,9 +300,7 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
                   "patience": params.patience, "arch": params.arch}
         if mode == MODE_FINE_TUNE:
             # The network and width come from the model's card on the cluster, so none is sent.
-            chosen.update(init_model=MODEL_INPUT, lr=params.learning_rate or FINE_TUNE_LR)
-            if params.model_dir and not params.model_job:
-                inputs[MODEL_INPUT] = params.model_dir
+            chosen.update(init_model=chosen_model, lr=params.learning_rate or FINE_TUNE_LR)
         training = {k: v for k, v in chosen.items() if v is not None}
         if params.dice:
             training["dice"] = True
@@ -305,12 +319,7 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
     if mode in (MODE_PREDICT, MODE_TRAIN_PREDICT, MODE_EVALUATE):
         for stem, pick in to_predict:
             add(IMAGES, stem, pick.image)
-        if mode == MODE_TRAIN_PREDICT:
-            model = MODEL_OUTPUT
-        else:
-            model = MODEL_INPUT
-            if params.model_dir and not params.model_job:
-                inputs[MODEL_INPUT] = params.model_dir
+        model = MODEL_OUTPUT if mode == MODE_TRAIN_PREDICT else chosen_model
         # a threshold and TTA only when chosen: the model card's threshold otherwise
         chosen = {**({} if params.threshold is None else {"threshold": params.threshold}),
                   **({"tta": True} if params.tta else {}),
@@ -325,7 +334,8 @@ def plan_job(name: str, params: RunParams, picks: Sequence[RasterPick], *,
         builder.evaluate(pred=PREDICTIONS, truth=MASKS, json=REPORT)
         fetch.append(REPORT)
     return PlannedJob(spec=builder.build(), inputs=inputs, fetch=tuple(fetch),
-                      model_job=params.model_job if mode in MODEL_MODES else None,
+                      model_job=(params.model_job if mode in MODEL_MODES
+                                 and not params.model_builtin else None),
                       stems={s: p.image for s, p in to_predict})
 
 

@@ -274,6 +274,14 @@ class _ClusterAlgorithm(QgsProcessingAlgorithm):
             paths.append(path)
         return paths
 
+    def chosen_model(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                     folder_key: str, job_key: str) -> dict[str, Any]:
+        """The RunParams fields of the model chosen by a folder and a job id parameter; the
+        built-in model when both are left empty."""
+        folder = self.parameterAsString(parameters, folder_key, context) or None
+        job = self.parameterAsString(parameters, job_key, context).strip() or None
+        return {"model_dir": folder, "model_job": job, "model_builtin": not (folder or job)}
+
     def job_dir(self, parameters: dict[str, Any], context: QgsProcessingContext) -> Path:
         out = Path(self.parameterAsString(parameters, self.OUTPUT, context))
         out.mkdir(parents=True, exist_ok=True)
@@ -296,17 +304,21 @@ class PredictAlgorithm(_ClusterAlgorithm):
         return tr("Uploads the imagery to the cluster, predicts a building mask (255 building, "
                   "0 background, same CRS and grid as the image) per raster with a trained "
                   "model, and downloads masks and polygons. The model is a folder on this "
-                  "computer or the id of a finished training job on the cluster.")
+                  "computer or the id of a finished training job on the cluster; with both left "
+                  "empty, the building model built into rs-cluster (nothing is uploaded for "
+                  "it).")
 
     def initAlgorithm(self, config: Any = None) -> None:  # noqa: N802
         self.add_profile_parameter()
         self.addParameter(QgsProcessingParameterMultipleLayers(
             self.INPUT, tr("Imagery"), QgsProcessing.TypeRaster))
         self.addParameter(QgsProcessingParameterFile(
-            self.MODEL, tr("Model folder on this computer"),
+            self.MODEL, tr("Model folder on this computer (empty, and no job below: the "
+                           "built-in model)"),
             behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterString(
-            self.MODEL_JOB, tr("…or the training job on the cluster (job id)"), optional=True))
+            self.MODEL_JOB, tr("…or the training job on the cluster (job id; empty, and no "
+                               "folder above: the built-in model)"), optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.OVERLAP, tr("Overlap (px)"), defaultValue=32, minValue=0))
         self.addParameter(QgsProcessingParameterNumber(
@@ -339,8 +351,7 @@ class PredictAlgorithm(_ClusterAlgorithm):
                 polygons=self.parameterAsBool(parameters, self.POLYGONS, context),
                 tta=self.parameterAsBool(parameters, self.TTA, context),
                 regularize=self.parameterAsBool(parameters, self.REGULARIZE, context),
-                model_dir=self.parameterAsString(parameters, self.MODEL, context) or None,
-                model_job=self.parameterAsString(parameters, self.MODEL_JOB, context) or None,
+                **self.chosen_model(parameters, context, self.MODEL, self.MODEL_JOB),
                 **self.spark_params(parameters, context))
             return plan_job(layers[0].name() if layers else "predict", params,
                             [RasterPick(p) for p in images])
@@ -524,25 +535,27 @@ class FineTuneAlgorithm(TrainAlgorithm):
         return tr("Fine-tune a building model")
 
     def shortHelpString(self) -> str:  # noqa: N802
-        return tr("Like training, but starts from an existing model (a folder on this computer "
-                  "or the id of a finished training job on the cluster) and keeps its network "
-                  "and width: uploads imagery and reference masks (paired in the order given), "
-                  "trains on the cluster at a low learning rate ({rate:g} unless one is given) "
-                  "and downloads the new model folder.").format(rate=FINE_TUNE_LR)
+        return tr("Like training, but starts from an existing model (a folder on this computer, "
+                  "the id of a finished training job on the cluster or, with both left empty, "
+                  "the building model built into rs-cluster, whose network needs tiles a "
+                  "multiple of 32 px) and keeps its network and width: uploads imagery and "
+                  "reference masks (paired in the order given), trains on the cluster at a low "
+                  "learning rate ({rate:g} unless one is given) and downloads the new model "
+                  "folder.").format(rate=FINE_TUNE_LR)
 
     def add_model_parameters(self) -> None:
         self.addParameter(QgsProcessingParameterFile(
-            self.INIT_MODEL, tr("Model to start from: a folder on this computer"),
+            self.INIT_MODEL, tr("Model to start from: a folder on this computer (empty, and no "
+                                "job below: the built-in model)"),
             behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterString(
-            self.INIT_MODEL_JOB, tr("…or the training job on the cluster (job id)"),
+            self.INIT_MODEL_JOB, tr("…or the training job on the cluster (job id; empty, and no "
+                                    "folder above: the built-in model)"),
             optional=True))
 
     def model_params(self, parameters: dict[str, Any],
                      context: QgsProcessingContext) -> dict[str, Any]:
-        return {"model_dir": self.parameterAsString(parameters, self.INIT_MODEL, context) or None,
-                "model_job": self.parameterAsString(parameters, self.INIT_MODEL_JOB, context)
-                or None}
+        return self.chosen_model(parameters, context, self.INIT_MODEL, self.INIT_MODEL_JOB)
 
 
 class EvaluateAlgorithm(_ClusterAlgorithm):

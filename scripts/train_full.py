@@ -65,6 +65,7 @@ def main() -> int:
     parser.add_argument("--arch", help="the network (default: rs-cluster train's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", default="1e-3")
+    parser.add_argument("--time-limit", metavar="MIN", help="rs-cluster train --time-limit")
     args = parser.parse_args()
     data, out = args.data.resolve(), args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
@@ -81,7 +82,8 @@ def main() -> int:
           "--epochs", str(args.max_epochs), "--patience", str(args.patience),
           "--num-proc", str(args.workers), "--base-filters", str(args.base_filters),
           "--batch-size", str(args.batch_size), "--lr", args.lr, "--loss", "bce_dice",
-          *(["--arch", args.arch] if args.arch else [])])
+          *(["--arch", args.arch] if args.arch else []),
+          *(["--time-limit", args.time_limit] if args.time_limit else [])])
 
     meta = json.loads((out / "tiles" / "dataset.json").read_text())
     test = out / "test"

@@ -33,6 +33,10 @@ JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # object of extra Spark settings, {"spark.key": value}, each becoming one --spark-conf=KEY=VALUE).
 _PATH, _INT, _FLOAT, _STR, _FLAG, _SPLIT = "path", "int", "float", "str", "flag", "split"
 _CONF = "conf"
+# "model": a path like "path", or the name of a model built into rs-cluster ("builtin" or
+# "builtin:NAME", rs_cluster.builtin), which the stage itself resolves and checks.
+_MODEL = "model"
+_BUILTIN_REF = re.compile(r"^builtin(:[a-z0-9][a-z0-9.-]{0,63})?$")
 # What a job may override of the cluster settings file for each Spark stage (rs_cluster.settings).
 _SPARK_OVERRIDES = {"master": _STR, "executor_cores": _INT, "executor_memory": _STR,
                     "max_cores": _INT, "queue": _STR, "spark_conf": _CONF}
@@ -56,18 +60,20 @@ def _rules(**kinds: str) -> Mapping[str, ParamRule]:
 STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
     "prepare": ("prepare", _rules(
         images=_PATH, masks=_PATH, output=_PATH, tile_size=_INT, stride=_INT, split=_SPLIT,
-        seed=_INT, val_rasters=_STR, overwrite=_FLAG, skip_bad=_FLAG, **_SPARK_OVERRIDES)),
+        seed=_INT, val_rasters=_STR, overwrite=_FLAG, skip_bad=_FLAG, gsd=_FLOAT,
+        **_SPARK_OVERRIDES)),
     "train": ("train", _rules(
         data=_PATH, model_dir=_PATH, epochs=_INT, batch_size=_INT, num_proc=_INT,
         lr=_FLOAT, patience=_INT, resume=_FLAG, overwrite=_FLAG, base_filters=_INT, seed=_INT,
         dice=_FLAG, tile_size=_INT, steps_per_epoch=_INT, validation_steps=_INT,
         warmup_epochs=_INT, threads_per_worker=_INT, nics=_STR, no_augment=_FLAG,
-        max_restarts=_INT, arch=_STR, init_model=_PATH, loss=_STR, lr_schedule=_STR,
-        preview_every=_INT, **_SPARK_OVERRIDES)),
+        max_restarts=_INT, arch=_STR, init_model=_MODEL, loss=_STR, lr_schedule=_STR,
+        preview_every=_INT, time_limit=_FLOAT, **_SPARK_OVERRIDES)),
     "predict": ("predict", _rules(
-        model=_PATH, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
+        model=_MODEL, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
         probabilities=_FLAG, polygons=_FLAG, fail_fast=_FLAG, overwrite=_FLAG, tta=_FLAG,
-        regularize=_FLAG, min_building_m2=_FLOAT, **_SPARK_OVERRIDES)),
+        regularize=_FLAG, min_building_m2=_FLOAT, input_gsd=_FLOAT, no_resample=_FLAG,
+        **_SPARK_OVERRIDES)),
     "evaluate": ("evaluate", _rules(pred=_PATH, truth=_PATH, json=_PATH)),
 })
 
@@ -147,9 +153,14 @@ def parse_job_spec(data: Any, job_dir: str | os.PathLike[str] | None = None) -> 
     if job_dir is not None:
         for i, step in enumerate(spec.steps):
             for key, value in step.params.items():
-                if STAGES[step.stage][1][key].kind == _PATH:
+                if _is_path(STAGES[step.stage][1][key].kind, value):
                     resolve_in_job(job_dir, value, what=f"steps[{i}].params.{key}")
     return spec
+
+
+def _is_path(kind: str, value: Any) -> bool:
+    """Whether a parameter's value is a path in the job folder (a built-in model's name is not)."""
+    return kind == _PATH or (kind == _MODEL and not _BUILTIN_REF.match(value))
 
 
 def _parse_step(index: int, raw: Any) -> Step:
@@ -201,7 +212,7 @@ def _check_value(where: str, kind: str, value: Any) -> Any:
         return _check_conf(where, value)
     if not isinstance(value, str) or not value or "\x00" in value:
         raise ConfigError(f"{where} must be a non-empty string")
-    if kind == _PATH:
+    if _is_path(kind, value):
         _check_relative(where, value)
     elif value.startswith("-"):
         # An option value that looks like an option would be read as one by argparse.
@@ -257,7 +268,7 @@ def step_argv(step: Step, job_dir: str | os.PathLike[str], *,
         if rule.kind == _FLAG:
             if value:
                 argv.append(rule.option)
-        elif rule.kind == _PATH:
+        elif _is_path(rule.kind, value):
             local = resolve_in_job(job_dir, value, what=key)
             argv += [rule.option, str(local) if root_url is None else
                      f"{root_url.rstrip('/')}/{PurePosixPath(value).as_posix()}"]

@@ -22,6 +22,14 @@ into place when complete; the input is only ever opened read-only):
   :mod:`rs_cluster.polygons`), optionally squared (``regularize``) and with buildings and holes
   under ``min_building_m2`` square metres dropped.
 * ``predict.json``: what was written and what failed, for the plugin.
+
+When the model card states the GSD the model was trained at (``gsd_m``) and an input's GSD is
+known (from its georeferencing, or ``input_gsd`` for one without), an input more than 10 % away
+from it is seen on a grid at the model's GSD (bilinear, read window by window through a GDAL
+warped VRT), predicted there into a temporary probability raster in this host's $TMPDIR, and that
+is resampled back (bilinear) onto the input's own grid before the threshold: the outputs always
+have the input's CRS, transform, width and height. ``predict.json`` says per raster which GSD
+the model saw.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from rs_cluster import __version__, archs, storage
+from rs_cluster import __version__, archs, builtin, storage
 from rs_cluster.atomic import write_json_atomic
 from rs_cluster.config import check_keys
 from rs_cluster.keras_file import check_model_file, confined_model_file
@@ -53,7 +61,8 @@ from rs_cluster.errors import (ClusterError, ConfigError, DiskFullError, InputEr
                                OutputWriteError, RasterReadError, RsClusterError, disk_full_error,
                                is_disk_full)
 from rs_cluster.progress import Reporter
-from rs_cluster.rasters import RASTER_SUFFIXES, _open, _short, input_stretch, list_rasters
+from rs_cluster.rasters import (RASTER_SUFFIXES, InputStretch, _open, _short, ground_gsd, input_stretch,
+                                list_rasters, resampled_grid, same_gsd)
 from rs_cluster.settings import SparkResources
 from rs_cluster.spark import Poller, resolve_master, spark_session
 from rs_cluster.windows import window_starts
@@ -95,6 +104,7 @@ class ModelCard:
     threshold: float
     architecture: str = ""
     arch: str = archs.LEGACY_ARCH  # which network (rs_cluster.archs); cards before it: 2019's
+    gsd_m: float | None = None  # ground metres per pixel it was trained at; None: not known
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str]) -> "ModelCard":
@@ -145,9 +155,15 @@ class ModelCard:
             # Another network may want its input scaled otherwise than input_scaling says.
             raise ConfigError(f"{path}: network {arch!r} is not one this rs-cluster knows "
                               f"({', '.join(archs.ARCHS)}); update rs-cluster on the cluster")
+        gsd = card.get("gsd_m")
+        if gsd is not None and (isinstance(gsd, bool) or not isinstance(gsd, (int, float))
+                                or not gsd > 0):
+            raise ConfigError(f"{path}: gsd_m {gsd!r} is not a positive number of metres per "
+                              "pixel (nor null)")
         return cls(model_dir=model_dir, model_file=model_file, tile_size=tile_size, bands=bands,
                    scaling=method, scale_value=value, threshold=threshold,
-                   architecture=str(card.get("architecture", "")), arch=arch)
+                   architecture=str(card.get("architecture", "")), arch=arch,
+                   gsd_m=None if gsd is None else float(gsd))
 
     def scale(self, pixels: np.ndarray) -> np.ndarray:
         x = pixels.astype(np.float32)
@@ -177,8 +193,15 @@ class PredictConfig:
     tta: bool = False  # average the model over the 8 flips and rotations of each window
     regularize: bool = False  # square the polygons' outlines
     min_building_m2: float | None = None  # None: drop polygons by min_polygon_px instead
+    # Ground metres per pixel of inputs without georeferencing (georeferenced ones say their own).
+    input_gsd: float | None = None
+    no_resample: bool = False  # predict every input at its own GSD, whatever the model's
 
     def __post_init__(self) -> None:
+        if self.input_gsd is not None and not (isinstance(self.input_gsd, (int, float))
+                                               and self.input_gsd > 0):
+            raise ConfigError(f"input_gsd must be a positive number of metres per pixel "
+                              f"(got {self.input_gsd})")
         if self.overlap < 0:
             raise ConfigError(f"overlap must be 0 or more pixels (got {self.overlap})")
         if self.batch_size < 1:
@@ -248,6 +271,7 @@ class RasterStats:
     valid_pixels: int
     warnings: list[str] = field(default_factory=list)
     input_stretch: dict[str, Any] | None = None
+    gsd: dict[str, Any] | None = None  # which GSD the model saw, and whether the input was resampled
 
 
 def _band_indexes(src: Any, card: ModelCard, path: str) -> tuple[list[int], int | None]:
@@ -453,7 +477,8 @@ class _RowWriter:
         else:
             self.valid_pixels += head.size
         self.building += int(np.count_nonzero(mask))
-        self.sinks["mask"].write(mask, self.row, valid_head)
+        if "mask" in self.sinks:
+            self.sinks["mask"].write(mask, self.row, valid_head)
         if "probabilities" in self.sinks:
             self.sinks["probabilities"].write(np.ascontiguousarray(head), self.row, valid_head)
         self.row += rows
@@ -513,8 +538,13 @@ class _RowSource:
 def predict_raster(path: str, card: ModelCard, predict_fn: Callable[[np.ndarray], np.ndarray],
                    outputs: dict[str, str], *, overlap: int, batch_size: int, threshold: float,
                    token: str | None = None,
-                   on_progress: Callable[[int, int], None] | None = None) -> RasterStats:
+                   on_progress: Callable[[int, int], None] | None = None,
+                   input_gsd: float | None = None, resample: bool = True) -> RasterStats:
     """Predicts one raster into the GeoTIFFs named in ``outputs`` (``mask``, ``probabilities``).
+
+    With ``resample`` and a card that has ``gsd_m``, a raster whose GSD (its georeferencing's, or
+    ``input_gsd`` when it has none) is more than 10 % away is predicted at the model's GSD and
+    the result put back on its own grid (see the module's docstring).
 
     ``predict_fn`` maps a batch of raw pixels (N, T, T, bands), in the raster's data type, to
     probabilities (N, T, T[, 1]); scaling them as the model card says is its job
@@ -537,25 +567,182 @@ def predict_raster(path: str, card: ModelCard, predict_fn: Callable[[np.ndarray]
         block_rows = max(BLOCK, src.block_shapes[0][0])
         cache_mb = 16 + math.ceil(width * block_rows * (src.count * np.dtype(src.dtypes[0]).itemsize + 5)
                                   / 2**20)
+        plan = _gsd_plan(src, path, card.gsd_m, input_gsd, resample)
         with rasterio.Env(GDAL_CACHEMAX=cache_mb):
-            return _predict_open(src, path, card, predict_fn, outputs, bands, alpha, stride,
-                                 batch_size, threshold, token, on_progress, height, width)
+            if plan.grid is None:
+                stats = _predict_open(src, path, card, predict_fn, outputs, bands, alpha, stride,
+                                      batch_size, threshold, token, on_progress, height, width)
+            else:
+                stats = _predict_resampled(src, path, card, predict_fn, outputs, bands, alpha,
+                                           stride, batch_size, threshold, token, on_progress, plan)
+    stats.warnings.extend(plan.notes)
+    stats.gsd = plan.record
+    return stats
+
+
+# A frame to resample a raster without georeferencing in, at its stated GSD: any projected CRS
+# serves, since the raster is only ever resampled within it, never reprojected.
+_PIXEL_FRAME_CRS = "EPSG:3857"
+
+
+@dataclass(frozen=True)
+class _GsdPlan:
+    """How one raster meets the model's GSD: the record for predict.json, notes for the analyst
+    and, when it is resampled, ``frame`` (the CRS and transform the raster is read in) and
+    ``grid`` (transform, width, height at the model's GSD, in that frame)."""
+
+    record: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    frame: tuple[Any, Any] | None = None
+    grid: tuple[Any, int, int] | None = None
+
+
+def _gsd_plan(src: Any, path: str, model_gsd: float | None, input_gsd: float | None,
+              resample: bool) -> _GsdPlan:
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    try:
+        found = ground_gsd(src.crs, src.transform, src.width, src.height, path)
+    except InputError:
+        if model_gsd is not None and resample:
+            raise
+        found = None  # nothing is resampled, so a CRS it cannot measure does not matter
+    notes: list[str] = []
+    origin = "georeferencing" if found else None
+    frame = (src.crs, src.transform) if found else None
+    if found is None and input_gsd is not None:
+        found, origin = (input_gsd, input_gsd), "input_gsd"
+        frame = (CRS.from_user_input(_PIXEL_FRAME_CRS), Affine(input_gsd, 0, 0, 0, -input_gsd, 0))
+    elif found is not None and input_gsd is not None and not same_gsd(sum(found) / 2, input_gsd):
+        notes.append(f"{path}: input_gsd {input_gsd:g} m/px is not used for it: its "
+                     f"georeferencing says {sum(found) / 2:.3g} m/px")
+    source = None if found is None else round(sum(found) / 2, 6)
+    record: dict[str, Any] = {"input_gsd_m": source, "input_gsd_from": origin,
+                              "model_gsd_m": model_gsd, "resample": resample,
+                              "resampled": False, "gsd_m": source}
+    if model_gsd is None or not resample:
+        return _GsdPlan(record, tuple(notes))
+    if found is None or frame is None:
+        notes.append(f"{path}: its ground sampling distance is unknown (no georeferencing), so it "
+                     f"is predicted as it is, not resampled to the model's {model_gsd:g} m/px; "
+                     "state it with input_gsd (--input-gsd) if it differs")
+        return _GsdPlan(record, tuple(notes))
+    grid = resampled_grid(frame[1], src.width, src.height, found, model_gsd)
+    if grid is None:  # within 10 % of the model's GSD: predicted on its own pixels
+        return _GsdPlan(record, tuple(notes))
+    _, width, height = grid
+    seen = (found[0] * src.width / width + found[1] * src.height / height) / 2
+    record.update(resampled=True, gsd_m=round(seen, 6), resampled_width=width,
+                  resampled_height=height)
+    return _GsdPlan(record, tuple(notes), frame, grid)
+
+
+def _no_georeferencing_note(path: str) -> str:
+    return (f"{path}: has no georeferencing; its mask is on the same pixel grid, "
+            "without coordinates")
+
+
+def _valid_rows(src: Any, path: str, alpha: int | None, window: Any) -> np.ndarray:
+    """The raster's valid-pixel mask (0 = no data) over ``window``, alpha 0 included."""
+    try:
+        valid = src.dataset_mask(window=window)
+        if alpha is not None:
+            valid = np.where(src.read(alpha, window=window) == 0, np.uint8(0), valid)
+    except Exception as e:  # rasterio raises several types for undecodable data
+        raise RasterReadError(f"{path}: corrupt or truncated raster; cannot read rows "
+                              f"{window.row_off}-{window.row_off + window.height} "
+                              f"({_short(e.__cause__ or e)})") from e
+    return valid
+
+
+def _predict_resampled(src: Any, path: str, card: ModelCard,
+                       predict_fn: Callable[[np.ndarray], np.ndarray], outputs: dict[str, str],
+                       bands: list[int], alpha: int | None, stride: int, batch_size: int,
+                       threshold: float, token: str,
+                       on_progress: Callable[[int, int], None] | None, plan: _GsdPlan) -> RasterStats:
+    """Predicts ``src`` on ``plan.grid`` into a temporary probability raster ($TMPDIR, deleted
+    afterwards), then resamples it back onto the source grid (bilinear) and thresholds it there.
+    The outputs are written under hidden names and renamed into place together once complete,
+    as :func:`_predict_open` does: a half-written output never looks complete."""
+    import shutil
+
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+    from rasterio.windows import Window as RioWindow
+
+    assert plan.frame is not None and plan.grid is not None
+    frame_crs, frame_transform = plan.frame
+    grid_transform, grid_width, grid_height = plan.grid
+    # The stretch is the source's own, as prepare takes it, not that of the resampled pixels.
+    stretch = input_stretch(src, path, bands)
+    georeferenced = _is_georeferenced(src)
+    scratch = storage.temp_dir()
+    try:
+        prob_path = os.path.join(scratch, "probabilities.tif")
+        with WarpedVRT(src, src_crs=frame_crs, src_transform=frame_transform, crs=frame_crs,
+                       transform=grid_transform, width=grid_width, height=grid_height,
+                       resampling=Resampling.bilinear) as vrt:
+            inner = _predict_open(vrt, path, card, predict_fn, {"probabilities": prob_path}, bands,
+                                  alpha, stride, batch_size, threshold, token, on_progress,
+                                  grid_height, grid_width, stretch=stretch)
+        notes = list(inner.warnings)
+        if not georeferenced:
+            notes.append(_no_georeferencing_note(path))
+        with_valid = _needs_valid_mask(src, alpha)
+        gcps = src.gcps if src.gcps[0] and src.crs is None else None
+        sinks: dict[str, _GeoTiffSink] = {}
+        try:
+            for kind in ("mask", "probabilities"):
+                if kind in outputs:
+                    profile = _output_profile(src, "uint8" if kind == "mask" else "float32",
+                                              georeferenced)
+                    sinks[kind] = _GeoTiffSink(outputs[kind], profile, gcps, token)
+                    if not stretch.identity:
+                        sinks[kind].dst.update_tags(RS_INPUT_STRETCH=json.dumps(stretch.to_dict()))
+            writer = _RowWriter(sinks, threshold, with_valid)
+            with rasterio.open(prob_path) as prob_src, \
+                    WarpedVRT(prob_src, src_crs=frame_crs, src_transform=grid_transform,
+                              crs=frame_crs, transform=frame_transform, width=src.width,
+                              height=src.height, resampling=Resampling.bilinear) as back:
+                for top in range(0, src.height, BLOCK):
+                    window = RioWindow(0, top, src.width, min(BLOCK, src.height - top))
+                    prob = back.read(1, window=window)
+                    valid = _valid_rows(src, path, alpha, window) if with_valid else None
+                    writer.add(prob, valid)
+            writer.close()
+            for sink in sinks.values():
+                sink.finish()
+            for sink in sinks.values():
+                sink.commit()
+        except BaseException:
+            for sink in sinks.values():
+                sink.discard()
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return RasterStats(width=src.width, height=src.height, georeferenced=georeferenced,
+                       crs=src.crs.to_string() if src.crs else "", windows=inner.windows,
+                       building_pixels=writer.building, valid_pixels=writer.valid_pixels,
+                       warnings=notes, input_stretch=stretch.to_dict())
 
 
 def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np.ndarray], np.ndarray],
                   outputs: dict[str, str], bands: list[int], alpha: int | None, stride: int,
                   batch_size: int, threshold: float, token: str,
-                  on_progress: Callable[[int, int], None] | None, height: int, width: int) -> RasterStats:
+                  on_progress: Callable[[int, int], None] | None, height: int, width: int,
+                  stretch: InputStretch | None = None) -> RasterStats:
 
     tile = card.tile_size
     notes: list[str] = []
-    stretch = input_stretch(src, path, bands)  # the same rule as prepare's tiles
+    if stretch is None:
+        stretch = input_stretch(src, path, bands)  # the same rule as prepare's tiles
     if not stretch.identity:
         notes.append(stretch.describe(path))
     georeferenced = _is_georeferenced(src)
     if not georeferenced:
-        notes.append(f"{path}: has no georeferencing; its mask is on the same pixel grid, "
-                     "without coordinates")
+        notes.append(_no_georeferencing_note(path))
     # A raster smaller than the tile is padded by mirroring; the padding is never written.
     vh, vw = max(height, tile), max(width, tile)
     row_starts = window_starts(vh, tile, stride)
@@ -654,9 +841,12 @@ class _RasterJob:
     threads: int
     fail_fast: bool
     model_url: str | None = None  # a model folder in a store: each executor downloads it once
+    builtin: str | None = None  # a built-in model: each executor loads its own installation's
     tta: bool = False
     regularize: bool = False
     min_building_m2: float | None = None
+    input_gsd: float | None = None
+    resample: bool = True
 
     @property
     def remote(self) -> bool:
@@ -752,6 +942,11 @@ def _run_job(job: _RasterJob) -> dict[str, Any]:
 def _executor_predict_fn(job: _RasterJob) -> Callable[[np.ndarray], np.ndarray]:
     """The job's model: from the card's folder, or, for a model in a store, from a copy in this
     host's $TMPDIR that is deleted once loaded (kept in memory for the run's next rasters)."""
+    if job.builtin is not None:
+        folder = builtin.resolve(f"{builtin.PREFIX}:{job.builtin}")
+        card = dataclasses.replace(job.card, model_dir=folder, model_file=os.path.join(
+            folder, os.path.basename(job.card.model_file)))
+        return load_predict_fn(card, job.threads)
     if job.model_url is None:
         return load_predict_fn(job.card, job.threads)
     key = (job.model_url, job.token)
@@ -825,7 +1020,8 @@ def _predict_local_job(job: _RasterJob, started: float,
         loaded, cpu = time.monotonic(), time.process_time()
         stats = predict_raster(job.input, job.card, predict_fn, job.outputs, overlap=job.overlap,
                                batch_size=job.batch_size, threshold=job.threshold, token=job.token,
-                               on_progress=progress)
+                               on_progress=progress, input_gsd=job.input_gsd,
+                               resample=job.resample)
         summary: dict[str, Any] = {"input": job.input, **job.outputs, **asdict(stats),
                                    "model_load_seconds": round(loaded - started, 3),
                                    "predict_seconds": round(time.monotonic() - loaded, 3),
@@ -911,14 +1107,19 @@ def _list_inputs(path: str) -> list[str]:
     return [path]
 
 
-def _raster_size(path: str) -> tuple[int, int] | str:
-    """(height, width) from the header, or the error message when the raster cannot be opened."""
+def _raster_size(path: str, model_gsd: float | None = None, input_gsd: float | None = None,
+                 resample: bool = True) -> tuple[int, int] | str:
+    """(height, width) the model will see (from the header, at ``model_gsd`` when the raster is
+    resampled to it), or the error message when the raster cannot be opened or measured."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with storage.gdal_path(path) as readable:
                 try:
                     with _open(readable) as src:
+                        grid = _gsd_plan(src, readable, model_gsd, input_gsd, resample).grid
+                        if grid is not None:
+                            return grid[2], grid[1]
                         return src.height, src.width
                 except RsClusterError as e:
                     return str(e).replace(readable, path)
@@ -935,9 +1136,11 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
     """Predicts building masks for ``cfg.input`` (a raster or a folder of rasters) into ``cfg.output``."""
     reporter = reporter or Reporter()
     started = time.monotonic()
-    model_url = None if storage.is_local(cfg.model) else cfg.model.rstrip("/")
+    named = builtin.name_of(cfg.model)  # each executor finds its own copy of a built-in model
+    model = builtin.resolve(cfg.model)
+    model_url = None if storage.is_local(model) else model.rstrip("/")
     # A model in a store is checked here on a copy; each executor downloads its own.
-    with storage.local_input(cfg.model) as model_dir:
+    with storage.local_input(model) as model_dir:
         card = ModelCard.load(storage.local_path(model_dir) or model_dir)
     if cfg.overlap >= card.tile_size:
         raise ConfigError(f"overlap {cfg.overlap} must be smaller than the model's tile size "
@@ -968,7 +1171,7 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
     failures: list[dict[str, str]] = []
     sizes: dict[str, tuple[int, int]] = {}
     for path in inputs:
-        size = _raster_size(path)
+        size = _raster_size(path, card.gsd_m, cfg.input_gsd, not cfg.no_resample)
         if isinstance(size, str):
             if cfg.fail_fast:
                 raise RasterReadError(size)
@@ -1015,8 +1218,10 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                     polygons=planned[p].get("polygons"), min_polygon_px=cfg.min_polygon_px,
                     simplify_px=cfg.simplify_px,
                     progress_file=os.path.join(progress_dir, f"{i}.done"), token=token,
-                    threads=threads, fail_fast=cfg.fail_fast, model_url=model_url, tta=cfg.tta,
-                    regularize=cfg.regularize, min_building_m2=cfg.min_building_m2)
+                    threads=threads, fail_fast=cfg.fail_fast, model_url=model_url, builtin=named,
+                    tta=cfg.tta,
+                    regularize=cfg.regularize, min_building_m2=cfg.min_building_m2,
+                    input_gsd=cfg.input_gsd, resample=not cfg.no_resample)
                     for i, p in enumerate(order)]
 
                 def report() -> None:
@@ -1067,6 +1272,9 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
         "overlap": cfg.overlap,
         "threshold": threshold,
         "tta": cfg.tta,
+        "model_gsd_m": card.gsd_m,
+        "input_gsd": cfg.input_gsd,
+        "resample": not cfg.no_resample,
         **({"polygon_options": {"min_polygon_px": cfg.min_polygon_px, "simplify_px": cfg.simplify_px,
                                 "regularize": cfg.regularize, "min_building_m2": cfg.min_building_m2}}
            if cfg.polygons else {}),

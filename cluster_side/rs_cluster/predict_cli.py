@@ -20,8 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "<stem>_mask.tif (uint8, 255 building, 0 background; the source CRS and transform) per input, "
         "optionally <stem>_prob.tif and <stem>_buildings.gpkg, plus predict.json listing outputs "
         "and failures. One Spark task per raster.")
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="model folder (model.json and the Keras file it names)")
+    p.add_argument("--model", required=True, metavar="DIR_OR_URL",
+                   help="model folder (model.json and the Keras file it names), or 'builtin' "
+                   "for the model that ships with rs-cluster ('builtin:NAME' for another)")
     p.add_argument("--input", required=True, metavar="FILE_OR_DIR",
                    help="a raster, or a folder of rasters (any format GDAL reads)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the masks")
@@ -45,6 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the 8 flips and rotations of every "
                    "window (8x the model time)")
+    p.add_argument("--input-gsd", type=float, metavar="M",
+                   help="ground metres per pixel of inputs without georeferencing, so that they "
+                   "too are resampled to the model's GSD (georeferenced inputs use their own)")
+    p.add_argument("--no-resample", action="store_true",
+                   help="predict every input at its own GSD, even when the model card states "
+                   "another (by default an input more than 10 %% off is resampled to the model's "
+                   "GSD and the mask put back on the input's grid)")
     p.add_argument("--master", metavar="URL",
                    help="Spark master (default: the cluster settings file's, else local[*]; "
                    "e.g. spark://host:7077, yarn)")
@@ -76,6 +84,7 @@ def _run_predict(args: argparse.Namespace, reporter: Reporter) -> int:
                         probabilities=args.probabilities, polygons=args.polygons, master=args.master,
                         fail_fast=args.fail_fast, overwrite=args.overwrite, tta=args.tta,
                         regularize=args.regularize, min_building_m2=args.min_building_m2,
+                        input_gsd=args.input_gsd, no_resample=args.no_resample,
                         resources=resources_from_args(args))
     result = run_predict(cfg, reporter=reporter)
     if args.json:

@@ -2,7 +2,10 @@
 
 The driver only pairs file names, plans windows and assigns splits; opening, checking and reading
 rasters happen on the executors, one task per group of raster strips. The dataset is built in a
-hidden staging folder beside the output and renamed into place when complete.
+hidden staging folder beside the output and renamed into place when complete. With ``gsd``,
+each georeferenced pair is tiled from a grid at that many ground metres per pixel (its files are
+resampled as they are read: bilinear for the imagery, nearest for the mask); dataset.json says
+which were resampled and from what GSD.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from rs_cluster.dataset import (DATASET_FORMAT, DATASET_FORMAT_VERSION, DATASET_
 from rs_cluster.config import check_keys
 from rs_cluster.errors import ConfigError, InputError, OutputExistsError, RsClusterError
 from rs_cluster.progress import Reporter
-from rs_cluster.rasters import PairInfo, RasterPair, inspect_pair, pair_rasters, read_tiles, window_transform
+from rs_cluster.rasters import (PairInfo, RasterPair, at_gsd, inspect_pair, pair_rasters, read_tiles,
+                                window_transform)
 from rs_cluster.settings import SparkResources
 from rs_cluster.spark import Poller, resolve_master, spark_session
 from rs_cluster.windows import Window, tile_windows, window_rows
@@ -57,8 +61,12 @@ class PrepareConfig:
     skip_bad: bool = False
     resources: SparkResources | None = None  # overrides of the cluster settings file
     rowgroup_size_mb: int = 8
+    # Ground metres per pixel to resample georeferenced rasters to before tiling; None: as they are.
+    gsd: float | None = None
 
     def __post_init__(self) -> None:
+        if self.gsd is not None and not (isinstance(self.gsd, (int, float)) and self.gsd > 0):
+            raise ConfigError(f"gsd must be a positive number of metres per pixel (got {self.gsd})")
         if self.tile_size < 8:
             raise ConfigError(f"tile size must be at least 8 px (got {self.tile_size})")
         if self.stride is not None and not 0 < self.stride <= self.tile_size:
@@ -196,16 +204,22 @@ def _temp_folder() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _inspect(pair: RasterPair, tile_size: int) -> tuple[PairInfo | None, str | None]:
-    """Executor side: check one pair; returns (info, None) or (None, the user-facing error)."""
+def _inspect(pair: RasterPair, tile_size: int,
+             gsd: float | None = None) -> tuple[PairInfo | None, str | None]:
+    """Executor side: check one pair, and plan its grid at ``gsd`` m/px when given; returns
+    (info, None) or (None, the user-facing error)."""
     try:
         with _local_pair(pair) as (local, named):
             try:
                 info = replace(inspect_pair(local), pair=pair)
             except RsClusterError as e:
                 raise type(e)(named(str(e))) from None
+        if gsd is not None:
+            info = at_gsd(info, gsd)
         if min(info.width, info.height) < tile_size:
-            raise InputError(f"{pair.image}: is {info.width}x{info.height} px, smaller than the "
+            at = (f" once resampled from {info.source_gsd_m:.3g} to {gsd:g} m/px"
+                  if info.resampled and info.source_gsd_m else "")
+            raise InputError(f"{pair.image}: is {info.width}x{info.height} px{at}, smaller than the "
                              f"{tile_size} px tile")
         return info, None
     except RsClusterError as e:
@@ -406,7 +420,7 @@ def run_prepare(cfg: PrepareConfig, *, reporter: Reporter | None = None, spark: 
                        resources=cfg.resources) as session:
         sc = session.sparkContext
         checked = sc.parallelize(pairs, max(1, min(len(pairs), sc.defaultParallelism * 4))) \
-            .map(lambda p, t=cfg.tile_size: _inspect(p, t)).collect()
+            .map(lambda p, t=cfg.tile_size, g=cfg.gsd: _inspect(p, t, g)).collect()
         infos = [info for info, _ in checked if info is not None]
         errors = [err for _, err in checked if err is not None]
         if errors and not cfg.skip_bad:
@@ -420,6 +434,10 @@ def run_prepare(cfg: PrepareConfig, *, reporter: Reporter | None = None, spark: 
         for info in infos:
             if not info.stretch.identity:  # the rule applied is said, and kept in dataset.json
                 reporter.warning(info.stretch.describe(info.pair.image))
+            if cfg.gsd is not None and info.source_gsd_m is None:
+                reporter.warning(f"{info.pair.image}: has no georeferencing, so its ground sampling "
+                                 f"distance is unknown; it is tiled as it is, not resampled to "
+                                 f"{cfg.gsd:g} m/px")
 
         ids = [i.pair.raster_id for i in infos]
         unknown = sorted(set(cfg.val_rasters) - set(ids))
@@ -552,6 +570,7 @@ def _dataset_meta(cfg: PrepareConfig, stride: int, infos: list[PairInfo], split_
         "split": split_of[i.pair.raster_id],
         "tiles": stats.get(i.pair.raster_id, (0, 0))[0],
         "input_stretch": i.stretch.to_dict(),
+        **(_gsd_record(i) if cfg.gsd is not None else {}),
     } for i in sorted(infos, key=lambda i: i.pair.raster_id)]
     return {
         "format": DATASET_FORMAT,
@@ -560,6 +579,9 @@ def _dataset_meta(cfg: PrepareConfig, stride: int, infos: list[PairInfo], split_
         "rs_cluster_version": __version__,
         "tile_size": cfg.tile_size,
         "stride": stride,
+        # Ground metres per pixel the georeferenced rasters were tiled at; None: as they came
+        # (each source says whether it was resampled, and from what GSD).
+        "gsd_m": cfg.gsd,
         "bands": ["red", "green", "blue"],
         "image_dtype": "uint8",
         "mask_encoding": "uint8, 1 = building, 0 = background",
@@ -570,3 +592,15 @@ def _dataset_meta(cfg: PrepareConfig, stride: int, infos: list[PairInfo], split_
         "skipped": bad,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "resources")},
     }
+
+
+def _gsd_record(info: PairInfo) -> dict[str, Any]:
+    """What a source's entry in dataset.json says of its GSD when prepare was asked for one."""
+    record: dict[str, Any] = {
+        "source_gsd_m": None if info.source_gsd_m is None else round(info.source_gsd_m, 6),
+        "resampled": info.resampled,
+    }
+    if info.source_grid is not None:
+        width, height, transform = info.source_grid
+        record.update(source_width=width, source_height=height, source_transform=list(transform))
+    return record

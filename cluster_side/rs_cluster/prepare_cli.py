@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-rasters", default="", metavar="NAMES",
                    help="comma-separated image file names that form the validation split; the "
                    "others are split train/test by the TRAIN and TEST fractions")
+    p.add_argument("--gsd", type=float, metavar="M",
+                   help="resample georeferenced rasters to M ground metres per pixel before "
+                   "tiling (bilinear for imagery, nearest for masks; Web Mercator and degrees are "
+                   "converted with the latitude); rasters without georeferencing are tiled as "
+                   "they are, with a warning")
     p.add_argument("--master", metavar="URL",
                    help="Spark master (default: the cluster settings file's, else local[*]; "
                    "e.g. spark://host:7077, yarn)")
@@ -60,7 +65,8 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
                             seed=args.seed,
                             val_rasters=tuple(v for v in args.val_rasters.split(",") if v),
                             master=args.master, overwrite=args.overwrite,
-                            skip_bad=args.skip_bad, resources=resources_from_args(args))
+                            skip_bad=args.skip_bad, resources=resources_from_args(args),
+                            gsd=args.gsd)
     except TypeError as e:  # pragma: no cover - argparse already typed everything
         raise ConfigError(str(e)) from None
     result = run_prepare(cfg, reporter=reporter)

@@ -7,12 +7,17 @@ is any non-zero mask value. Files are only ever opened read-only.
 
 Imagery that is not 8-bit becomes the model's 0..255 by one rule, :func:`input_stretch`, which
 prepare's tiles and predict's windows both use: per band, linearly from its 2nd..98th percentile.
+
+A raster's ground sampling distance (GSD, ground metres per pixel) comes from its CRS and
+transform (:func:`ground_gsd`); :func:`resampled_grid` is the grid, in the same CRS, at which it
+is seen at another GSD. Prepare (``--gsd``) and predict (the model card's ``gsd_m``) both use them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
@@ -26,6 +31,13 @@ STRETCH_PERCENTILES = (2.0, 98.0)
 # Long side, in pixels, of the decimated read the percentiles come from (GDAL serves it from the
 # overviews where the raster has them): a few hundred thousand pixels per band are plenty.
 STRETCH_SAMPLE_PX = 1024
+# GSDs within 10 % of each other count as equal and the raster is not resampled: resampling by
+# so little would cost two interpolations (blur) for a change of scale a model tolerates anyway.
+GSD_TOLERANCE = 0.10
+EARTH_RADIUS_M = 6371008.8  # mean radius: ground metres per radian, for a CRS in degrees
+_WEB_MERCATOR_EPSG = frozenset({3857, 3785, 900913, 102100, 102113})
+_WEB_MERCATOR_NAMES = ("Pseudo-Mercator", "Pseudo_Mercator", "Mercator_Auxiliary_Sphere",
+                       "Popular Visualisation")
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,16 @@ class PairInfo:
     crs_wkt: str
     transform: tuple[float, float, float, float, float, float]
     stretch: InputStretch = InputStretch("uint8")
+    # Ground metres per pixel of the files (mean of the two sides); None when not georeferenced.
+    # Only looked up when prepare is asked for a GSD.
+    source_gsd_m: float | None = None
+    # (width, height, transform) of the files when the tiles are cut from a resampled grid: then
+    # width, height and transform above are that grid's, in the same CRS.
+    source_grid: tuple[int, int, tuple[float, ...]] | None = None
+
+    @property
+    def resampled(self) -> bool:
+        return self.source_grid is not None
 
 
 def list_rasters(folder: str | os.PathLike[str], *, refuse_unknown: bool = False) -> list[Path]:
@@ -254,15 +276,144 @@ def inspect_pair(pair: RasterPair) -> PairInfo:
                     stretch=stretch)
 
 
+def is_georeferenced_grid(crs: Any, transform: Any) -> bool:
+    """Whether a CRS and an affine transform place the pixels on the ground (GCPs do not count)."""
+    from affine import Affine
+
+    return bool(crs) and tuple(transform)[:6] != tuple(Affine.identity())[:6]
+
+
+def ground_gsd(crs: Any, transform: Any, width: int, height: int,
+               path: str = "raster") -> tuple[float, float] | None:
+    """Ground metres per pixel (along a row, along a column) at the raster's centre; None when
+    the raster is not georeferenced.
+
+    A projected CRS counts in its linear unit, except Web Mercator, whose metres are ground
+    metres only at the equator: its pixel sides are scaled by cos(latitude). A CRS in degrees
+    is converted with the latitude too (a degree of longitude is cos(latitude) times shorter).
+    Raises InputError, naming ``path``, for a CRS it cannot measure.
+    """
+    from affine import Affine
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    if not is_georeferenced_grid(crs, transform):
+        return None
+    try:
+        return _ground_gsd(crs if isinstance(crs, CRS) else CRS.from_user_input(crs),
+                           Affine(*tuple(transform)[:6]), width, height, path)
+    except CRSError as e:
+        raise InputError(f"{path}: its CRS cannot be measured in metres ({_short(e)}), so its "
+                         "ground sampling distance cannot be told; reproject it to a CRS in "
+                         "metres") from None
+
+
+def _ground_gsd(crs: Any, t: Any, width: int, height: int, path: str) -> tuple[float, float]:
+    import math
+
+    along_row = math.hypot(t.a, t.d)
+    along_col = math.hypot(t.b, t.e)
+    cx, cy = t @ (width / 2.0, height / 2.0)
+    if crs.is_geographic:
+        _, radians = crs.units_factor
+        if not radians:
+            raise InputError(f"{path}: the angular unit of its CRS is unknown, so its ground "
+                             "sampling distance cannot be told; reproject it to a CRS in metres")
+        lat = cy * radians
+        return along_row * radians * EARTH_RADIUS_M * math.cos(lat), along_col * radians * EARTH_RADIUS_M
+    if not crs.is_projected:
+        raise InputError(f"{path}: its CRS is neither projected nor geographic, so its ground "
+                         "sampling distance cannot be told; reproject it to a CRS in metres")
+    _, metres = crs.linear_units_factor
+    gx, gy = along_row * metres, along_col * metres
+    if _is_web_mercator(crs):
+        from rasterio.warp import transform as transform_points
+
+        _, (lat,) = transform_points(crs, "EPSG:4326", [cx], [cy])
+        scale = math.cos(math.radians(lat))
+        gx, gy = gx * scale, gy * scale
+    return gx, gy
+
+
+def _is_web_mercator(crs: Any) -> bool:
+    if crs.to_epsg() in _WEB_MERCATOR_EPSG:
+        return True
+    wkt = crs.to_wkt()
+    return any(name in wkt for name in _WEB_MERCATOR_NAMES)
+
+
+def same_gsd(a: float, b: float) -> bool:
+    """Whether GSD ``b`` is within :data:`GSD_TOLERANCE` of ``a`` (their ratio, the scale a
+    resampling from ``a`` to ``b`` would apply, is within 10 % of 1)."""
+    return abs(b / a - 1.0) <= GSD_TOLERANCE
+
+
+def resampled_grid(transform: Any, width: int, height: int, gsd_xy: tuple[float, float],
+                   target: float) -> tuple[Any, int, int] | None:
+    """(transform, width, height) of the grid over the same bounds, in the same CRS, whose pixels
+    are ``target`` ground metres on each side; None when the raster is within
+    :data:`GSD_TOLERANCE` of that already. The sizes are rounded to whole pixels, so the grid's
+    GSD differs from ``target`` by under one pixel over the raster's width or height."""
+    from affine import Affine
+
+    gx, gy = gsd_xy
+    if same_gsd(gx, target) and same_gsd(gy, target):
+        return None
+    new_width = max(1, round(width * gx / target))
+    new_height = max(1, round(height * gy / target))
+    t = Affine(*tuple(transform)[:6]) @ Affine.scale(width / new_width, height / new_height)
+    return t, new_width, new_height
+
+
+def at_gsd(info: PairInfo, gsd: float) -> PairInfo:
+    """``info`` with its ground GSD and, when the raster is to be resampled to ``gsd`` m/px, the
+    grid its tiles are cut from; unchanged when it is not georeferenced."""
+    found = ground_gsd(info.crs_wkt or None, info.transform, info.width, info.height,
+                       info.pair.image)
+    if found is None:
+        return info
+    source_gsd = (found[0] + found[1]) / 2.0
+    grid = resampled_grid(info.transform, info.width, info.height, found, gsd)
+    if grid is None:
+        return replace(info, source_gsd_m=source_gsd)
+    transform, width, height = grid
+    return replace(info, width=width, height=height, transform=tuple(transform)[:6],
+                   source_gsd_m=source_gsd,
+                   source_grid=(info.width, info.height, tuple(info.transform)[:6]))
+
+
+@contextlib.contextmanager
+def _on_grid(src: Any, info: PairInfo, resampling: Any) -> Iterator[Any]:
+    """``src`` itself, or, for a resampled pair, ``src`` seen on the pair's grid (a WarpedVRT
+    that resamples as it is read, window by window). A mask is taken on its image's grid: the
+    pair check proved they are the same size, and a mask need not be georeferenced."""
+    if info.source_grid is None:
+        yield src
+        return
+    from affine import Affine
+    from rasterio.crs import CRS
+    from rasterio.vrt import WarpedVRT
+
+    crs = CRS.from_wkt(info.crs_wkt)
+    with WarpedVRT(src, src_crs=crs, src_transform=Affine(*info.source_grid[2]), crs=crs,
+                   transform=Affine(*info.transform), width=info.width, height=info.height,
+                   resampling=resampling) as vrt:
+        yield vrt
+
+
 def read_tiles(info: PairInfo, windows: Iterable[Window]) -> Iterator[tuple[Window, np.ndarray, np.ndarray]]:
     """Yields (window, image HxWx3, mask HxWx1 of 0/1) for ``windows``, reading strip by strip.
 
     Both files are opened once and read top to bottom one strip of windows at a time: formats
     that cannot seek (PNG) then decode each row once, and memory holds one strip, not the raster.
     """
+    from rasterio.enums import Resampling
     from rasterio.windows import Window as RioWindow
 
-    with _open(info.pair.image) as img, _open(info.pair.mask) as msk:
+    # A resampled pair: bilinear for the imagery, nearest for the mask (its values stay crisp).
+    with _open(info.pair.image) as img_file, _open(info.pair.mask) as msk_file, \
+            _on_grid(img_file, info, Resampling.bilinear) as img, \
+            _on_grid(msk_file, info, Resampling.nearest) as msk:
         for strip_windows in window_rows(sorted(windows)):
             top = strip_windows[0].row_off
             bottom = max(w.row_stop for w in strip_windows)

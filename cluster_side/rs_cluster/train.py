@@ -109,6 +109,9 @@ class TrainConfig:
     # (a folder on the driver's host; no previews without it): rs_cluster.previews.
     preview_every: int = 1
     previews: str | None = None
+    # Stop after the first epoch that ends this many minutes of training in (None: no limit);
+    # for a fixed budget, e.g. comparing networks at equal time (benchmarks/bench_quality.py).
+    time_limit_min: float | None = None
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "num_proc": self.num_proc,
@@ -123,6 +126,8 @@ class TrainConfig:
         if self.patience < 0 or self.warmup_epochs < 0 or self.min_delta < 0 or self.max_restarts < 0:
             raise ConfigError("train: patience, min_delta, warmup_epochs and max_restarts must not "
                               "be negative")
+        if self.time_limit_min is not None and not self.time_limit_min > 0:
+            raise ConfigError(f"train: time_limit_min must be above 0 (got {self.time_limit_min})")
         if not isinstance(self.preview_every, int) or self.preview_every < 0:
             raise ConfigError(f"train: preview_every must be a whole number, 0 for no previews "
                               f"(got {self.preview_every!r})")
@@ -245,6 +250,7 @@ def run_train(cfg: TrainConfig, *, reporter: Reporter | None = None, spark: Any 
         "steps_per_epoch": steps, "validation_steps": cfg.validation_steps, "threads": cfg.threads,
         # Rank 0 draws previews only for a driver that copies them somewhere.
         "preview_every": cfg.preview_every if cfg.previews else 0,
+        "time_limit_s": cfg.time_limit_min * 60 if cfg.time_limit_min else None,
     }
     storage.make_dirs(work)
     relay = _EventRelay(storage.join(work, EVENTS_FILE), reporter, cfg.epochs * steps, work=work,
@@ -789,6 +795,9 @@ def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state
         "network": network,  # rs_cluster.model.arch_info: encoder, its weights' sha256, size
         "init_model": init.to_card() if init else None,
         "tile_size": spec["tile_size"],
+        # Ground metres per pixel of the training tiles (prepare --gsd); None: not known.
+        # Predict resamples georeferenced input to it.
+        "gsd_m": meta.get("gsd_m"),
         "bands": list(meta.get("bands", BANDS)),
         # Every network takes [0, 1]; the pretrained encoder normalises further inside the model.
         "input_scaling": {"method": "divide", "value": INPUT_SCALE},
@@ -819,6 +828,7 @@ def _model_card(info: DatasetInfo, cfg: TrainConfig, spec: dict[str, Any], state
         "training": {
             "epochs_requested": cfg.epochs, "epochs_run": len(state["history"]),
             "stopped_early": bool(state.get("stopped")), "patience": cfg.patience,
+            "stopped_by": state.get("stopped_by"), "time_limit_min": cfg.time_limit_min,
             "min_delta": cfg.min_delta,
             "batch_size_per_worker": cfg.batch_size, "lr": cfg.lr, "lr_scaled": cfg.lr * cfg.num_proc,
             "warmup_epochs": _warmup_epochs(spec, cfg.num_proc), "seed": cfg.seed,
@@ -1217,8 +1227,12 @@ def _make_epoch_keeper() -> type:
                     self.model.save_weights(str(self.work / self.best_file))
             else:
                 self.wait += 1
-            patience = self.spec["patience"]
-            stop = bool(self.engine.broadcast_object(patience > 0 and self.wait >= patience))
+            patience, limit = self.spec["patience"], self.spec.get("time_limit_s")
+            out_of_time = bool(limit) and self.prior_wall + now - self.started >= limit
+            stop_by = "patience" if patience > 0 and self.wait >= patience else \
+                "time limit" if out_of_time else None
+            stop_by = self.engine.broadcast_object(stop_by)  # rank 0's clock decides for all
+            stop = stop_by is not None
             row.update(epochs=self.spec["epochs"], best_epoch=self.best_epoch or None,
                        best_val_iou=self.best_val if math.isfinite(self.best_val) else None)
             self.history.append(row)
@@ -1229,6 +1243,7 @@ def _make_epoch_keeper() -> type:
                     "checkpoint": os.path.relpath(saved, self.work), "history": self.history,
                     "best_epoch": self.best_epoch, "best_val_iou": self.best_val,
                     "best_weights": self.best_file, "wait": self.wait, "stopped": stop,
+                    "stopped_by": stop_by,
                     "world_size": self.size,
                     "wall_time_s": round(self.prior_wall + now - self.started, 3),
                 }
@@ -1243,7 +1258,8 @@ def _make_epoch_keeper() -> type:
                 self.log.write(event="metrics", **row)
                 self.log.write(event="progress", done=(epoch + 1) * self.spec["steps_per_epoch"],
                                message=f"epoch {epoch + 1}/{self.spec['epochs']} done"
-                               + (" (early stop)" if stop else ""), epoch=epoch + 1,
+                               + {"patience": " (early stop)", "time limit": " (time limit)"}.get(
+                                   stop_by or "", ""), epoch=epoch + 1,
                                step=self.spec["steps_per_epoch"], checkpoint=True)
                 preview = self._preview(epoch + 1, stop)
                 if preview is not None:

@@ -80,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-restarts", type=int, default=2, metavar="N",
                    help="when a worker process is killed, start all workers again from the last "
                    "checkpoint up to N times (default 2)")
+    p.add_argument("--time-limit", type=float, metavar="MIN", dest="time_limit_min",
+                   help="stop after the first epoch that ends this many minutes in (default: none)")
     p.add_argument("--preview-every", type=int, default=1, metavar="N",
                    help="with --previews: a preview image every N epochs and after the last "
                    "(default 1; 0: none)")
@@ -106,7 +108,8 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
         threads=args.threads_per_worker, nics=args.nics, augment=not args.no_augment,
         max_restarts=args.max_restarts, resources=resources_from_args(args), arch=args.arch,
         init_model=args.init_model, loss=args.loss, lr_schedule=args.lr_schedule,
-        preview_every=args.preview_every, previews=args.previews)
+        preview_every=args.preview_every, previews=args.previews,
+        time_limit_min=args.time_limit_min)
     result = run_train(cfg, reporter=reporter)
     if args.json:
         print(json.dumps(asdict(result), indent=2))

@@ -26,23 +26,29 @@ SPARK_OVERRIDE_PARAMS: dict[str, str] = {"master": "str", "executor_cores": "int
                                          "queue": "str", "spark_conf": "conf"}
 _SPARK_KEY = re.compile(r"spark\.[A-Za-z0-9_.\-]+")
 
+# A "model" is a path like "path", or a model built into rs-cluster: "builtin" (its default one) or
+# "builtin:NAME".
+BUILTIN_MODEL = "builtin"
+_BUILTIN_REF = re.compile(r"builtin(:[a-z0-9][a-z0-9.-]{0,63})?")
+
 # stage -> parameter -> kind; mirrors the cluster's whitelist.
 STAGE_PARAMS: dict[str, dict[str, str]] = {
     "prepare": {"images": "path", "masks": "path", "output": "path", "tile_size": "int",
                 "stride": "int", "split": "split", "seed": "int", "val_rasters": "str",
-                "overwrite": "flag", "skip_bad": "flag", **SPARK_OVERRIDE_PARAMS},
+                "overwrite": "flag", "skip_bad": "flag", "gsd": "float", **SPARK_OVERRIDE_PARAMS},
     "train": {"data": "path", "model_dir": "path", "epochs": "int", "batch_size": "int",
               "num_proc": "int", "lr": "float", "patience": "int",
               "resume": "flag", "overwrite": "flag", "base_filters": "int", "seed": "int",
               "dice": "flag", "tile_size": "int", "steps_per_epoch": "int",
               "validation_steps": "int", "warmup_epochs": "int", "threads_per_worker": "int",
               "nics": "str", "no_augment": "flag", "max_restarts": "int",
-              "preview_every": "int", "arch": "str", "init_model": "path", "loss": "str", "lr_schedule": "str",
+              "preview_every": "int", "time_limit": "float", "arch": "str", "init_model": "model", "loss": "str", "lr_schedule": "str",
               **SPARK_OVERRIDE_PARAMS},
-    "predict": {"model": "path", "input": "path", "output": "path", "overlap": "int",
+    "predict": {"model": "model", "input": "path", "output": "path", "overlap": "int",
                 "batch_size": "int", "threshold": "float", "probabilities": "flag",
                 "polygons": "flag", "fail_fast": "flag", "overwrite": "flag", "tta": "flag",
-                "regularize": "flag", "min_building_m2": "float", **SPARK_OVERRIDE_PARAMS},
+                "regularize": "flag", "min_building_m2": "float", "input_gsd": "float",
+                "no_resample": "flag", **SPARK_OVERRIDE_PARAMS},
     "evaluate": {"pred": "path", "truth": "path", "json": "path"},
 }
 OUTPUT_PARAMS = ("json", "model_dir", "output")
@@ -144,7 +150,8 @@ class JobStep:
                 raise SpecError(f"{what} must be an integer")
             if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise SpecError(f"{what} must be a number")
-            if kind == "path":
+            if kind == "path" or (kind == "model" and not (isinstance(value, str)
+                                                         and _BUILTIN_REF.fullmatch(value))):
                 check_relative_path(value, what)
             if kind == "str" and (not isinstance(value, str) or not value or value.startswith("-")):
                 raise SpecError(f"{what} must be a non-empty text not starting with '-'")

@@ -69,6 +69,10 @@ def status_of(workspace: Path, job_id: str) -> dict:
     ({"steps": [{"stage": "prepare", "params": {"tile_size": "128; rm -rf /"}}]}, "integer"),
     ({"steps": [{"stage": "prepare", "params": {"master": "--conf=x"}}]}, "must not start with '-'"),
     ({"steps": [{"stage": "prepare", "params": {"overwrite": "yes"}}]}, "true or false"),
+    # a model is a path in the job folder or a built-in model's name, nothing else
+    ({"steps": [{"stage": "predict", "params": {"model": "/srv/models/m"}}]}, "relative to the job folder"),
+    ({"steps": [{"stage": "predict", "params": {"model": "models/../../x"}}]}, "'..' is not allowed"),
+    ({"steps": [{"stage": "train", "params": {"init_model": "~/builtin"}}]}, "relative to the job folder"),
 ])
 def test_bad_specs_are_refused_naming_the_problem(tmp_path, change, message):
     spec = {**sleep_spec("bad"), **change}
@@ -98,6 +102,19 @@ def test_step_becomes_an_argument_list_of_whitelisted_options(tmp_path):
         "--output", str(root / "outputs/ds"), "--tile-size=128", "--split=0.8,0.1,0.1", "--overwrite"]
     assert spec.outputs() == ["outputs/ds"]
     assert resolve_in_job(tmp_path, "outputs") == root / "outputs"
+
+
+def test_a_built_in_model_is_passed_by_name_and_a_model_folder_as_a_path(tmp_path):
+    spec = parse_job_spec({"schema_version": 1, "job_id": "j", "steps": [
+        {"stage": "predict", "params": {"model": "builtin", "input": "inputs/images",
+                                        "output": "outputs/masks"}},
+        {"stage": "train", "params": {"data": "d", "model_dir": "m", "init_model": "builtin:v2"}},
+        {"stage": "predict", "params": {"model": "inputs/builtin", "input": "i", "output": "o"}}]},
+        tmp_path)
+    root = tmp_path.resolve()
+    assert step_argv(spec.steps[0], tmp_path)[:2] == ["predict", "--model=builtin"]
+    assert step_argv(spec.steps[1], tmp_path, root_url="s3://b/j")[-1] == "--init-model=builtin:v2"
+    assert step_argv(spec.steps[2], tmp_path)[1:3] == ["--model", str(root / "inputs/builtin")]
 
 
 def test_every_whitelisted_parameter_is_an_option_of_its_stage_command():

@@ -140,6 +140,26 @@ def test_training_stops_early_when_val_iou_stops_improving(small_dataset, tmp_pa
     assert result.epochs[0]["val_loss"] == pytest.approx(result.epochs[1]["val_loss"], abs=1e-4)
     card = json.loads((tmp_path / "m" / "model.json").read_text())
     assert card["training"]["stopped_early"] and card["best_epoch"] == 1
+    assert card["training"]["stopped_by"] == "patience"
+
+
+@pytest.mark.spark
+@pytest.mark.horovod
+def test_a_time_limit_stops_after_the_epoch_that_reaches_it(small_dataset, tmp_path):
+    """A budget of 0.6 s: the first epoch (a real one takes longer) reaches it, so training stops
+    there with a complete model; patience (10) would have gone on."""
+    stream = io.StringIO()
+    result = run_train(TrainConfig(data=str(small_dataset), model_dir=str(tmp_path / "m"), epochs=5,
+                                   batch_size=4, steps_per_epoch=1, validation_steps=1,
+                                   base_filters=4, lr=1e-3, patience=10, arch="unet2019",
+                                   time_limit_min=0.01), reporter=JsonLinesReporter(stream))
+    assert [e["epoch"] for e in result.epochs] == [1] and result.stopped_early
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert (card["training"]["stopped_by"], card["training"]["time_limit_min"]) == ("time limit", 0.01)
+    messages = [parse_event(x).get("message") for x in stream.getvalue().splitlines()]
+    assert "epoch 1/5 done (time limit)" in messages
+    with pytest.raises(ConfigError, match="time_limit_min must be above 0"):
+        TrainConfig(data="d", model_dir="m", time_limit_min=0)
 
 
 @pytest.mark.spark

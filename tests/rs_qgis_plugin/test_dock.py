@@ -13,7 +13,7 @@ from qgis.core import QgsProject, QgsRasterLayer, QgsRectangle
 
 from rs_qgis_plugin.controller import JobController
 from rs_qgis_plugin.core.errors import RsPluginError
-from rs_qgis_plugin.dock import RunDock
+from rs_qgis_plugin.dock import BUILTIN_SOURCE, RunDock
 from rs_qgis_plugin.logic import local_raster_path
 from tests.rs_qgis_plugin.conftest import dev_image, dev_mask
 
@@ -36,6 +36,12 @@ def dock(qgis_iface):
     widget.deleteLater()
 
 
+def use_model_folder(dock, path) -> None:
+    """Chooses "Model folder on this computer" (the built-in model is the default) and a folder."""
+    dock.model_source.setCurrentIndex(dock.model_source.findData(""))
+    dock.model_dir.setFilePath(str(path))
+
+
 def test_dock_builds_the_job_from_the_chosen_layers_and_parameters(dock, tiny_model, results_root):
     image = add_raster(dev_image(0), "Xiamen tile")
     other = add_raster(dev_image(1), "unchecked tile")
@@ -43,7 +49,7 @@ def test_dock_builds_the_job_from_the_chosen_layers_and_parameters(dock, tiny_mo
     assert dock.layers.rowCount() == 2  # every imagery layer is offered, the mask is not
     dock.mode.setCurrentIndex(dock.mode.findData("evaluate"))
     dock.set_imagery(image, mask=truth)
-    dock.model_dir.setFilePath(str(tiny_model))
+    use_model_folder(dock, str(tiny_model))
     dock.overlap.setValue(16)
     dock.threshold.setValue(0.35)
     dock.name.setText("Xiamen check")
@@ -85,7 +91,7 @@ def test_predict_mode_hides_masks_and_a_missing_model_is_reported(dock, qgis_ifa
     dock.set_imagery(image, mask=truth)
     dock.mode.setCurrentIndex(dock.mode.findData("predict"))
     assert dock.layers.isColumnHidden(1) and dock.picks()[0].mask is None
-    assert dock.run() is None  # no profile, no model: nothing starts
+    assert dock.run() is None  # no profile: nothing starts
     assert "connection" in dock.status.text()
 
 
@@ -96,7 +102,7 @@ def test_a_vrt_layer_is_exported_to_geotiff_before_upload(dock, tmp_path, result
     assert local_raster_path(layer.providerType(), layer.source()) is None
     dock.set_imagery(layer)
     dock.mode.setCurrentIndex(dock.mode.findData("predict"))
-    dock.model_dir.setFilePath(str(tmp_path))
+    use_model_folder(dock, str(tmp_path))
 
     run = dock.prepare_run()
     assert len(run.exports) == 1
@@ -117,7 +123,7 @@ def test_tta_and_the_models_threshold_by_default_reach_the_predict_step(dock, re
     add_raster(dev_image(0), "tile")
     dock.set_imagery(next(iter(QgsProject.instance().mapLayersByName("tile"))))
     dock.mode.setCurrentIndex(dock.mode.findData("predict"))
-    dock.model_dir.setFilePath("/models/m")
+    use_model_folder(dock, "/models/m")
     assert dock.tta.isEnabled() and not dock.tta.isChecked()
     params = dock.prepare_run().planned.spec.steps[0].params
     # by default the model's own threshold (tuned when it was trained) is used: none is sent
@@ -146,7 +152,7 @@ def test_a_web_map_layer_is_exported_only_with_a_clip(dock, qgis_iface, results_
     QgsProject.instance().addMapLayer(xyz)
     dock.set_imagery(xyz)
     dock.mode.setCurrentIndex(dock.mode.findData("predict"))
-    dock.model_dir.setFilePath("/models/m")
+    use_model_folder(dock, "/models/m")
     with pytest.raises(RsPluginError, match="web tiles is a web map layer .*Clip to the current "
                                             "map extent"):
         dock.prepare_run()
@@ -168,7 +174,7 @@ def test_clipping_to_the_map_extent_exports_only_that_part(dock, qgis_iface, res
     qgis_iface.mapCanvas().setExtent(half)
     dock.set_imagery(image)
     dock.mode.setCurrentIndex(dock.mode.findData("predict"))
-    dock.model_dir.setFilePath("/models/m")
+    use_model_folder(dock, "/models/m")
     dock.clip.setChecked(True)
     run = dock.prepare_run()
     assert len(run.exports) == 1  # even a GeoTIFF is cut to the extent
@@ -195,7 +201,7 @@ def test_clipping_to_a_polygon_layers_extent(dock, qgis_iface, results_root):
     QgsProject.instance().addMapLayer(area)
     dock.set_imagery(image)
     dock.mode.setCurrentIndex(dock.mode.findData("predict"))
-    dock.model_dir.setFilePath("/models/m")
+    use_model_folder(dock, "/models/m")
     dock.clip_layer.setLayer(area)
     export = dock.prepare_run().exports[0]
     assert export.run()
@@ -210,7 +216,7 @@ def test_a_cancelled_export_leaves_no_file(dock, tmp_path, results_root):
     subprocess.run(["gdalbuildvrt", "-q", str(vrt), str(dev_image(0))], check=True)
     dock.set_imagery(add_raster(vrt, "VRT"))
     dock.mode.setCurrentIndex(dock.mode.findData("predict"))
-    dock.model_dir.setFilePath("/models/m")
+    use_model_folder(dock, "/models/m")
     export = dock.prepare_run().exports[0]
     export.cancel()
     assert export.run() is False
@@ -565,7 +571,7 @@ def test_fine_tune_mode_starts_from_a_model_and_keeps_its_network(dock, tiny_mod
     dock.base_filters.setValue(16)
     dock.mode.setCurrentIndex(dock.mode.findData("fine_tune"))
     assert dock.mode.currentText() == "Fine-tune an existing model"
-    assert dock.model_box.isEnabled() and dock.model_dir.isEnabled()
+    assert dock.model_box.isEnabled() and not dock.model_dir.isEnabled()  # the built-in model
     for w in (dock.epochs, dock.workers, dock.learning_rate, dock.split_train,
               dock.early_stopping, dock.tile_size):
         assert w.isEnabled(), w
@@ -576,7 +582,11 @@ def test_fine_tune_mode_starts_from_a_model_and_keeps_its_network(dock, tiny_mod
     dock.set_imagery(images[0], keep_mask=True)
     dock.set_imagery(images[1], keep_mask=True)
     dock.set_validated(images[1])
-    dock.model_dir.setFilePath(str(tiny_model))
+    builtin = dock.prepare_run().planned
+    assert builtin.spec.steps[1].params["init_model"] == "builtin"
+    assert "inputs/model" not in builtin.inputs and builtin.model_job is None
+    use_model_folder(dock, str(tiny_model))
+    assert dock.model_dir.isEnabled()
     planned = dock.prepare_run().planned
     assert [s.stage for s in planned.spec.steps] == ["prepare", "train"]
     train = planned.spec.steps[1].params
@@ -608,6 +618,30 @@ def test_fine_tune_from_a_training_job_on_the_cluster(dock, tmp_path, results_ro
     planned = dock.prepare_run().planned
     assert planned.model_job == job and "inputs/model" not in planned.inputs
     assert planned.spec.steps[1].params["init_model"] == "inputs/model"
+
+
+def test_the_built_in_model_is_the_default_and_a_model_folder_can_still_be_chosen(dock,
+                                                                                  results_root):
+    """A fresh dock predicts with the model built into rs-cluster, and nothing of a model goes
+    up; "Model folder on this computer" uploads the folder, and stays chosen over a refresh."""
+    assert dock.model_source.itemData(0) == BUILTIN_SOURCE
+    assert dock.model_source.currentData() == BUILTIN_SOURCE
+    assert dock.model_source.currentText().startswith("Built-in model")
+    dock.mode.setCurrentIndex(dock.mode.findData("predict"))
+    dock.set_imagery(add_raster(dev_image(0), "tile"))
+    assert dock.model_box.isEnabled() and not dock.model_dir.isEnabled()
+    planned = dock.prepare_run().planned
+    assert planned.spec.steps[0].params["model"] == "builtin"
+    assert "inputs/model" not in planned.inputs and planned.model_job is None
+    dock.refresh_models()
+    assert dock.model_source.currentData() == BUILTIN_SOURCE
+    use_model_folder(dock, "/models/m")
+    assert dock.model_dir.isEnabled()
+    dock.refresh_models()  # as when a job's state changes
+    assert dock.model_source.currentData() == "" and dock.model_dir.isEnabled()
+    planned = dock.prepare_run().planned
+    assert planned.spec.steps[0].params["model"] == "inputs/model"
+    assert planned.inputs["inputs/model"] == "/models/m" and planned.model_job is None
 
 
 def test_the_chosen_network_reaches_the_job_and_a_tile_it_cannot_take_is_refused(

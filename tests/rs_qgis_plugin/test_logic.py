@@ -117,6 +117,17 @@ def test_predict_uploads_a_local_model_or_reuses_a_cluster_job():
     assert "inputs/model" not in remote.inputs and remote.model_job == "20260101-000000-aaaaaa"
 
 
+@pytest.mark.parametrize("mode, picks", [
+    ("predict", [RasterPick("/d/x.tif")]),
+    ("evaluate", [RasterPick("/d/x.tif", "/g/x.tif")]),
+])
+def test_predict_and_evaluate_with_the_built_in_model_upload_no_model(mode, picks):
+    planned = plan_job("b", RunParams(mode=mode, model_builtin=True), picks)
+    assert planned.spec.to_dict()["steps"][0]["params"]["model"] == "builtin"
+    assert not any(k.startswith("inputs/model") for k in planned.inputs)
+    assert planned.model_job is None
+
+
 def test_evaluate_predicts_then_scores_against_the_reference_masks():
     planned = plan_job("e", RunParams(mode="evaluate", model_dir="/m"),
                        [RasterPick("/d/x.tif", "/g/x.tif")])
@@ -139,7 +150,11 @@ def test_impossible_runs_are_refused_with_the_reason(params, picks, message):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"mode": "predict"}, "choose a model"),
+    ({"mode": "predict"}, "choose a model: the built-in model, a model folder on this "
+                          "computer or a finished training job on the cluster"),
+    ({"mode": "predict", "model_builtin": True, "model_dir": "/m"}, "choose one model"),
+    ({"mode": "evaluate", "model_builtin": True, "model_job": "20260101-000000-aaaaaa"},
+     "choose one model"),
     ({"overlap": 128, "model_dir": "/m"}, "overlap"),
     ({"threshold": 1.0, "model_dir": "/m"}, "threshold"),
     ({"mode": "paint"}, "unknown mode"),
@@ -383,6 +398,20 @@ def test_fine_tune_from_a_cluster_job_links_its_model_there():
     # tasks.submit_planned hard-links that job's outputs/model to inputs/model on the cluster
     assert planned.model_job == "20260101-000000-aaaaaa" and "inputs/model" not in planned.inputs
     assert planned.spec.steps[1].params["init_model"] == "inputs/model"
+
+
+def test_fine_tune_of_the_built_in_model_uploads_no_model_and_checks_its_networks_tiles():
+    """The built-in model is an effnet_lite0_unet: tiles a multiple of 32 px."""
+    picks = [RasterPick("/d/a.tif", "/g/a.tif")]
+    planned = plan_job("ft", RunParams(mode="fine_tune", model_builtin=True, tile_size=96), picks)
+    train = planned.spec.to_dict()["steps"][1]["params"]
+    assert (train["init_model"], train["lr"], train["tile_size"]) == ("builtin", 1e-5, 96)
+    assert "arch" not in train
+    assert set(planned.inputs) == {"inputs/train/images/a.tif", "inputs/train/masks/a.tif"}
+    assert planned.model_job is None
+    with pytest.raises(SpecError, match="tile size 80 px is not a multiple of 32.*"
+                                        "effnet_lite0_unet.*choose 64 or 96 px"):
+        plan_job("ft", RunParams(mode="fine_tune", model_builtin=True, tile_size=80), picks)
 
 
 @pytest.mark.parametrize("params, message", [

@@ -211,9 +211,29 @@ def test_fine_tune_is_in_the_toolbox_and_starts_from_the_chosen_model(provider, 
                          "LEARNING_RATE": 2e-5}, context, QgsProcessingFeedback(), tmp_path)
     assert planned.inputs["inputs/model"] == str(model)
     assert planned.spec.steps[1].params["lr"] == 2e-5
-    with pytest.raises(QgsProcessingException, match="choose a model"):
-        tune.plan({**parameters, "INIT_MODEL_JOB": ""}, context, QgsProcessingFeedback(),
-                  tmp_path)
+
+
+def test_predict_and_fine_tune_use_the_built_in_model_when_no_model_is_given(provider,
+                                                                             tmp_path):
+    """Left empty, the folder and the job id parameters mean the model built into rs-cluster:
+    nothing of a model is uploaded or linked, and the parameters say so."""
+    from qgis.core import QgsProcessingFeedback
+
+    registry = QgsApplication.processingRegistry()
+    image, truth, context = _dev_pair_context()
+    cases = (("rs_buildings:predict", ("MODEL", "MODEL_JOB"), {}, 0, "model"),
+             ("rs_buildings:fine_tune", ("INIT_MODEL", "INIT_MODEL_JOB"), {"MASKS": [truth]}, 1,
+              "init_model"))
+    for alg_id, keys, more, index, param in cases:
+        alg = registry.algorithmById(alg_id)
+        for key in keys:
+            assert "built-in model" in alg.parameterDefinition(key).description(), key
+        assert "built into rs-cluster" in alg.shortHelpString()
+        parameters = {"PROFILE": "x", "INPUT": [image], **more, keys[0]: "", keys[1]: "",
+                      "OUTPUT": str(tmp_path)}
+        planned = alg.plan(parameters, context, QgsProcessingFeedback(), tmp_path)
+        assert planned.spec.steps[index].params[param] == "builtin", alg_id
+        assert "inputs/model" not in planned.inputs and planned.model_job is None
 
 
 def test_spark_master_and_resources_are_advanced_optional_and_reach_the_job(provider, tmp_path):

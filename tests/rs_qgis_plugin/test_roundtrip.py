@@ -35,6 +35,10 @@ def choose(dock, profile, image, mode, model, mask=None):
     dock.profile.setCurrentText(profile.name)
     dock.mode.setCurrentIndex(dock.mode.findData(mode))
     dock.set_imagery(image, mask=mask)
+    if model is None:  # the dock's default: the model built into rs-cluster
+        assert dock.model_source.currentIndex() == 0 and not dock.model_dir.isEnabled()
+        return
+    dock.model_source.setCurrentIndex(dock.model_source.findData(""))  # a folder, not the built-in
     dock.model_dir.setFilePath(str(model))
 
 
@@ -78,12 +82,15 @@ def test_predict_survives_a_plugin_reload_and_the_mask_lands_on_the_imagery(
         again.unload()
 
 
+@pytest.mark.parametrize("builtin", [False, True], ids=["model-folder", "built-in-model"])
 def test_evaluate_reports_the_scores_in_the_message_bar(plugin, qgis_iface, qtbot, profile,
-                                                         tiny_model):
+                                                         tiny_model, builtin):
+    """With a model folder (uploaded) and with the dock's default, the built-in model (the
+    cluster's own copy, which the planner tests show is never uploaded)."""
     image = QgsRasterLayer(str(dev_image(0)), "imagery", "gdal")
     truth = QgsRasterLayer(str(dev_mask(0)), "reference", "gdal")
     QgsProject.instance().addMapLayers([image, truth])
-    choose(plugin.dock, profile, image, "evaluate", tiny_model, mask=truth)
+    choose(plugin.dock, profile, image, "evaluate", None if builtin else tiny_model, mask=truth)
     job = plugin.dock.run().job_id
     wait_for(qtbot, lambda: plugin.controller.record(job).loaded, 240)
     success = qgis_iface.messageBar().get_messages(Qgis.Success)
