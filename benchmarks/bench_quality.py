@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from train_full import link_all, pooled  # noqa: E402 - the same inputs and scoring as train-full
+from train_full import link_all, link_test_split, pooled  # noqa: E402 - the same inputs and scoring as train-full
 
 RS_CLUSTER = [sys.executable, "-m", "rs_cluster"]
 BASELINE = "unet2019"
@@ -73,10 +73,7 @@ def main() -> int:
          str(out / "tiles"), "--split", "0.7,0.15,0.15"])
     meta = json.loads((out / "tiles" / "dataset.json").read_text())
     test = out / "test"
-    for kind, source in (("images", images), ("masks", masks)):
-        (test / kind).mkdir(parents=True)
-        for raster_id in meta["splits"]["test"]["raster_ids"]:
-            (test / kind / raster_id).symlink_to((source / raster_id).resolve())
+    link_test_split(meta, images, masks, test)
 
     rows = {}
     for arch in args.archs.split(","):

@@ -46,6 +46,15 @@ def link_all(data: Path, out: Path) -> tuple[Path, Path]:
     return images, masks
 
 
+def link_test_split(meta: dict, images: Path, masks: Path, test: Path) -> None:
+    """Links the rasters of the dataset's test split (``meta``: its dataset.json) and their masks
+    into ``test/images`` and ``test/masks``, to be predicted whole and scored."""
+    for kind, source in (("images", images), ("masks", masks)):
+        (test / kind).mkdir(parents=True)
+        for raster_id in meta["splits"]["test"]["raster_ids"]:
+            (test / kind / raster_id).symlink_to((source / raster_id).resolve())
+
+
 def pooled(rows: list[dict]) -> dict[str, float]:
     tp, fp, fn = (sum(r[k] for r in rows) for k in ("tp", "fp", "fn"))
     return {"iou": tp / (tp + fp + fn) if tp + fp + fn else float("nan"),
@@ -87,10 +96,7 @@ def main() -> int:
 
     meta = json.loads((out / "tiles" / "dataset.json").read_text())
     test = out / "test"
-    for kind, source in (("images", images), ("masks", masks)):
-        (test / kind).mkdir(parents=True)
-        for raster_id in meta["splits"]["test"]["raster_ids"]:
-            (test / kind / raster_id).symlink_to((source / raster_id).resolve())
+    link_test_split(meta, images, masks, test)
     step("predict: the test split's rasters, whole",
          [*RS_CLUSTER, "predict", "--model", str(out / "model"), "--input", str(test / "images"),
           "--output", str(out / "test-masks")])

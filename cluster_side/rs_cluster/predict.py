@@ -656,6 +656,22 @@ def _valid_rows(src: Any, path: str, alpha: int | None, window: Any) -> np.ndarr
     return valid
 
 
+@contextlib.contextmanager
+def _all_or_nothing(sinks: dict[str, _GeoTiffSink]) -> Iterator[None]:
+    """Commits the sinks (filled in the block) only when the block ends well, all finished before
+    any is renamed, so a raster's outputs appear together or not at all; otherwise discards them."""
+    try:
+        yield
+        for sink in sinks.values():
+            sink.finish()
+        for sink in sinks.values():
+            sink.commit()
+    except BaseException:
+        for sink in sinks.values():
+            sink.discard()
+        raise
+
+
 def _predict_resampled(src: Any, path: str, card: ModelCard,
                        predict_fn: Callable[[np.ndarray], np.ndarray], outputs: dict[str, str],
                        bands: list[int], alpha: int | None, stride: int, batch_size: int,
@@ -693,7 +709,7 @@ def _predict_resampled(src: Any, path: str, card: ModelCard,
         with_valid = _needs_valid_mask(src, alpha)
         gcps = src.gcps if src.gcps[0] and src.crs is None else None
         sinks: dict[str, _GeoTiffSink] = {}
-        try:
+        with _all_or_nothing(sinks):
             for kind in ("mask", "probabilities"):
                 if kind in outputs:
                     profile = _output_profile(src, "uint8" if kind == "mask" else "float32",
@@ -712,14 +728,6 @@ def _predict_resampled(src: Any, path: str, card: ModelCard,
                     valid = _valid_rows(src, path, alpha, window) if with_valid else None
                     writer.add(prob, valid)
             writer.close()
-            for sink in sinks.values():
-                sink.finish()
-            for sink in sinks.values():
-                sink.commit()
-        except BaseException:
-            for sink in sinks.values():
-                sink.discard()
-            raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return RasterStats(width=src.width, height=src.height, georeferenced=georeferenced,
@@ -765,7 +773,7 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
         return x, valid
 
     sinks: dict[str, _GeoTiffSink] = {}
-    try:
+    with _all_or_nothing(sinks):
         for kind in ("mask", "probabilities"):
             if kind in outputs:
                 profile = _output_profile(src, "uint8" if kind == "mask" else "float32", georeferenced)
@@ -807,15 +815,6 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
             if writing is not None:
                 writing.result()
         writer.close()
-        # All finished before any is renamed: a raster's outputs appear together or not at all.
-        for sink in sinks.values():
-            sink.finish()
-        for sink in sinks.values():
-            sink.commit()
-    except BaseException:
-        for sink in sinks.values():
-            sink.discard()
-        raise
     return RasterStats(width=width, height=height, georeferenced=georeferenced,
                        crs=src.crs.to_string() if src.crs else "", windows=total,
                        building_pixels=writer.building, valid_pixels=writer.valid_pixels,

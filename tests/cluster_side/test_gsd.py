@@ -28,6 +28,7 @@ from rs_cluster.rasters import ground_gsd, resampled_grid
 from rs_cluster.windows import count_windows
 from tests import devdata
 from tests.cluster_side.test_predict import build_channel_model
+from tests.cluster_side.test_prepare import _Events
 
 GEOREF = devdata.subset("deeposlandia_georef_samples")
 AUSTIN = GEOREF / "images" / "inria_austin_sample.tif"  # EPSG:26914, 0.3 m, 1000x1000
@@ -57,25 +58,6 @@ def _gsd_of(path: Path) -> tuple[float, float] | None:
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a > 0, b > 0
     return float((a & b).sum() / (a | b).sum())
-
-
-class _Events:
-    """A reporter that keeps the events, as the job's events.jsonl would."""
-
-    def __init__(self) -> None:
-        from rs_cluster.progress import Reporter
-
-        self.events: list[dict] = []
-        outer = self
-
-        class Keep(Reporter):
-            def emit(self, event: dict) -> None:
-                outer.events.append(event)
-
-        self.reporter = Keep()
-
-    def warnings(self) -> list[str]:
-        return [e["message"] for e in self.events if e["event"] == "warning"]
 
 
 # -- ground sampling distance of the dev CRSs -----------------------------------------------------
