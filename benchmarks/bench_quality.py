@@ -5,7 +5,8 @@ Every dev subset is tiled once (128 px, split by raster 70/15/15, seed 0, as ``m
 Each network then trains on the train split with the same settings (width 16, batch 16, one
 worker, BCE + Dice, constant learning rate 1e-3 so that a cut-off run is not favoured by a
 finished cosine) until ``rs-cluster train --time-limit`` stops it after the epoch that reaches the
-budget. Its model (the epoch of the best validation IoU) predicts the test split's rasters whole,
+budget (epochs of 40 steps and 10 validation batches, so that the last one ends near the
+budget). Its model (the epoch of the best validation IoU) predicts the test split's rasters whole,
 and the masks are scored pooled over them. The default network's test rasters are then predicted
 again with ``--tta``.
 
@@ -81,7 +82,9 @@ def main() -> int:
         run([*RS_CLUSTER, "train", "--data", str(out / "tiles"), "--model-dir", str(model),
              "--arch", arch, "--base-filters", "16", "--batch-size", "16", "--lr", "1e-3",
              "--lr-schedule", "constant", "--epochs", "1000", "--patience", "0",
-             "--time-limit", str(args.minutes), "--preview-every", "0"])
+             "--time-limit", str(args.minutes), "--preview-every", "0",
+             # short epochs (40 steps, 10 validation batches), so the budget ends near its mark
+             "--steps-per-epoch", "40", "--validation-steps", "10"])
         card = json.loads((model / "model.json").read_text())
         test_score, predict_s = score(out, model, test, arch)
         rows[arch] = {"epochs": len(card["epochs"]), "train_s": card["wall_time_s"],
