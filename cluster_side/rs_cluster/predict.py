@@ -522,16 +522,12 @@ class _RowSource:
         window = RioWindow(0, start, self.src.width, rows)
         try:
             pixels = self.src.read(self.bands, window=window)
-            if self.with_valid:
-                valid = self.src.dataset_mask(window=window)
-                if self.alpha is not None:
-                    valid = np.where(self.src.read(self.alpha, window=window) == 0, np.uint8(0), valid)
         except Exception as e:  # rasterio raises several types for undecodable data
-            raise RasterReadError(f"{self.path}: corrupt or truncated raster; cannot read rows "
-                                  f"{start}-{start + rows} ({_short(e.__cause__ or e)})") from e
+            raise _unreadable_rows(self.path, window, e) from e
         self.pixels = np.concatenate([self.pixels, pixels], axis=1)
         if self.valid is not None:
-            self.valid = np.concatenate([self.valid, valid])
+            self.valid = np.concatenate([self.valid,
+                                         _valid_rows(self.src, self.path, self.alpha, window)])
         self.bottom = start + rows
 
 
@@ -643,6 +639,12 @@ def _no_georeferencing_note(path: str) -> str:
             "without coordinates")
 
 
+def _unreadable_rows(path: str, window: Any, e: BaseException) -> RasterReadError:
+    return RasterReadError(f"{path}: corrupt or truncated raster; cannot read rows "
+                           f"{window.row_off}-{window.row_off + window.height} "
+                           f"({_short(e.__cause__ or e)})")
+
+
 def _valid_rows(src: Any, path: str, alpha: int | None, window: Any) -> np.ndarray:
     """The raster's valid-pixel mask (0 = no data) over ``window``, alpha 0 included."""
     try:
@@ -650,10 +652,21 @@ def _valid_rows(src: Any, path: str, alpha: int | None, window: Any) -> np.ndarr
         if alpha is not None:
             valid = np.where(src.read(alpha, window=window) == 0, np.uint8(0), valid)
     except Exception as e:  # rasterio raises several types for undecodable data
-        raise RasterReadError(f"{path}: corrupt or truncated raster; cannot read rows "
-                              f"{window.row_off}-{window.row_off + window.height} "
-                              f"({_short(e.__cause__ or e)})") from e
+        raise _unreadable_rows(path, window, e) from e
     return valid
+
+
+def _open_sinks(sinks: dict[str, _GeoTiffSink], src: Any, outputs: dict[str, str],
+                georeferenced: bool, token: str, stretch: InputStretch) -> None:
+    """Opens into ``sinks`` (so that a failure part-way leaves them to be discarded) the mask and
+    probability GeoTIFFs named in ``outputs``, on ``src``'s grid, tagged with its stretch."""
+    gcps = src.gcps if src.gcps[0] and src.crs is None else None
+    for kind in ("mask", "probabilities"):
+        if kind in outputs:
+            profile = _output_profile(src, "uint8" if kind == "mask" else "float32", georeferenced)
+            sinks[kind] = _GeoTiffSink(outputs[kind], profile, gcps, token)
+            if not stretch.identity:
+                sinks[kind].dst.update_tags(RS_INPUT_STRETCH=json.dumps(stretch.to_dict()))
 
 
 @contextlib.contextmanager
@@ -707,16 +720,9 @@ def _predict_resampled(src: Any, path: str, card: ModelCard,
         if not georeferenced:
             notes.append(_no_georeferencing_note(path))
         with_valid = _needs_valid_mask(src, alpha)
-        gcps = src.gcps if src.gcps[0] and src.crs is None else None
         sinks: dict[str, _GeoTiffSink] = {}
         with _all_or_nothing(sinks):
-            for kind in ("mask", "probabilities"):
-                if kind in outputs:
-                    profile = _output_profile(src, "uint8" if kind == "mask" else "float32",
-                                              georeferenced)
-                    sinks[kind] = _GeoTiffSink(outputs[kind], profile, gcps, token)
-                    if not stretch.identity:
-                        sinks[kind].dst.update_tags(RS_INPUT_STRETCH=json.dumps(stretch.to_dict()))
+            _open_sinks(sinks, src, outputs, georeferenced, token, stretch)
             writer = _RowWriter(sinks, threshold, with_valid)
             with rasterio.open(prob_path) as prob_src, \
                     WarpedVRT(prob_src, src_crs=frame_crs, src_transform=grid_transform,
@@ -761,7 +767,6 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
     row_norm = _inverse_coverage(vh, row_starts, w1)
     col_norm = _inverse_coverage(vw, col_starts, w1)
     with_valid = _needs_valid_mask(src, alpha)
-    gcps = src.gcps if src.gcps[0] and src.crs is None else None
 
     source = _RowSource(src, path, bands, alpha if with_valid else None, with_valid)
 
@@ -774,12 +779,7 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
 
     sinks: dict[str, _GeoTiffSink] = {}
     with _all_or_nothing(sinks):
-        for kind in ("mask", "probabilities"):
-            if kind in outputs:
-                profile = _output_profile(src, "uint8" if kind == "mask" else "float32", georeferenced)
-                sinks[kind] = _GeoTiffSink(outputs[kind], profile, gcps, token)
-                if not stretch.identity:
-                    sinks[kind].dst.update_tags(RS_INPUT_STRETCH=json.dumps(stretch.to_dict()))
+        _open_sinks(sinks, src, outputs, georeferenced, token, stretch)
         writer = _RowWriter(sinks, threshold, with_valid)
         acc = np.zeros((tile, vw), dtype=np.float32)
         done = 0

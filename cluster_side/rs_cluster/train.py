@@ -440,9 +440,12 @@ def _read_init_model(location: str, bands: list[str]) -> InitModel:
     checks a model (a confined ``.keras`` file of built-in layers), with its file's sha256."""
     from rs_cluster.keras_file import check_model_file, confined_model_file
 
-    named = builtin.name_of(location)  # the workers find their own copy by this name
-    ref, location = (f"{builtin.PREFIX}:{named}", builtin.resolve(location)) if named \
-        else (location, location)
+    # What the card and the workers get: a built-in model by its name (each worker finds its own
+    # copy), a folder as an absolute path, a URL as it is.
+    named = builtin.name_of(location)
+    ref = f"{builtin.PREFIX}:{named}" if named else \
+        str(Path(location).absolute()) if storage.is_local(location) else location
+    location = builtin.resolve(location)
     card_url = storage.join(location, MODEL_JSON)
     if not storage.is_file(card_url):
         raise ConfigError(f"{card_url}: not found; --init-model takes a model folder written by "
@@ -469,8 +472,7 @@ def _read_init_model(location: str, bands: list[str]) -> InitModel:
         check_model_file(path)  # the worker loads it in Keras's safe mode, as predict does
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-    return InitModel(location=ref if named else str(Path(location).absolute())
-                     if storage.is_local(location) else location, model_file=os.path.basename(path), model_sha256=digest,
+    return InitModel(location=ref, model_file=os.path.basename(path), model_sha256=digest,
                      arch=arch, base_filters=base_filters, bands=tuple(bands),
                      tile_size=tile_size, dataset=(card.get("dataset") or {}).get("path"))
 
