@@ -15,7 +15,7 @@ DATA        ?= $(abspath ../shared/data/dev)
 BUILD       := build
 EPOCHS      ?= 10
 WORKERS     ?= 2
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 export RS_DEV_DATA := $(DATA)
 export PYTHONDONTWRITEBYTECODE := 1

@@ -409,13 +409,28 @@ class _GeoTiffSink:
 
 @contextlib.contextmanager
 def _naming_a_full_disk(path: str, doing: str) -> Iterator[None]:
-    """GDAL says "Write failed"; when ENOSPC lies underneath, raise the error naming the output."""
+    """GDAL says "Write failed"; when ENOSPC lies underneath, raise the error naming the output.
+
+    The ENOSPC may be in the exception, in what GDAL logged before it (libtiff's strerror), or
+    nowhere: a dirty block GDAL's cache flushes in the middle of a write fails as "An error
+    occurred while writing a dirty block". Then the output's disk itself is asked."""
+    with _gdal_errors() as logged:
+        try:
+            yield
+        except Exception as e:
+            if is_disk_full(e) or any(is_disk_full(OSError(m)) for m in logged) or \
+                    _out_of_space(path):
+                raise disk_full_error(e, path, doing) from e
+            raise
+
+
+def _out_of_space(path: str, spare: int = 1 << 20) -> bool:
+    """Whether the disk that holds ``path`` has under ``spare`` bytes left for this user."""
     try:
-        yield
-    except Exception as e:
-        if is_disk_full(e):
-            raise disk_full_error(e, path, doing) from e
-        raise
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < spare
 
 
 @contextlib.contextmanager

@@ -200,7 +200,10 @@ def judge(best_val_iou: float | None, truth_fraction: float | None = None,
     reference's by :data:`MAX_EXCESS_FRACTION` of all pixels or more: the all-building collapse,
     whose IoU alone can look fair.
     """
-    iou = best_val_iou if best_val_iou is not None and math.isfinite(best_val_iou) else None
+    # Rounded as the model card stores it, so judging the raw value (rank 0) and the card's
+    # value (the driver, a reader) gives the same words even at a rounding edge.
+    iou = round(float(best_val_iou), 5) \
+        if best_val_iou is not None and math.isfinite(best_val_iou) else None
     reason = ""
     if iou is None:
         reason = "no validation IoU was measured: the model could not be judged"

@@ -25,7 +25,7 @@ import rasterio
 
 from rs_cluster import jobs
 from rs_cluster.errors import DiskFullError
-from rs_cluster.predict import _GeoTiffSink
+from rs_cluster.predict import _GeoTiffSink, _naming_a_full_disk
 from rs_cluster.progress import parse_event
 from tests import cluster_selftest, devdata
 from tests.cluster_side.test_predict import build_channel_model
@@ -187,3 +187,22 @@ def test_a_geotiff_the_disk_cannot_finish_is_never_renamed_into_place(small_disk
         sink.finish()
     sink.discard()
     assert list(disk.iterdir()) == []
+
+
+def test_a_write_that_fails_without_saying_why_on_a_full_disk_is_a_disk_full_error(small_disk):
+    """GDAL's block cache may flush a dirty block in the middle of a write; the error then says
+    only "An error occurred while writing a dirty block". On a disk with no room left that is
+    the full disk, named with the output; on a disk with room it stays the error it was."""
+    full, roomy = small_disk(64 * 1024), small_disk(4 << 20)
+    with pytest.raises(OSError):  # fill it up
+        (full / "filler").write_bytes(b"\0" * (128 * 1024))
+    final = full / "mask.tif"
+    dirty = rasterio.errors.RasterioIOError("Read or write failed. An error occurred while "
+                                            "writing a dirty block from GDALRasterBand::IRasterIO")
+    with pytest.raises(DiskFullError, match=rf"{re.escape(str(final))}: no space left on device "
+                                            "\\(disk full\\) while writing it"):
+        with _naming_a_full_disk(str(final), "writing it"):
+            raise dirty
+    with pytest.raises(rasterio.errors.RasterioIOError, match="dirty block"):
+        with _naming_a_full_disk(str(roomy / "mask.tif"), "writing it"):
+            raise dirty

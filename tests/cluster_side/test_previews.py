@@ -168,6 +168,16 @@ def test_a_model_that_learned_nothing_is_weak_and_says_why():
     assert previews.judge(0.45, 0.445, 0.993, 8)["verdict"] == "weak"  # seen on Xiamen tiles
 
 
+def test_the_raw_and_the_stored_val_iou_get_the_same_words_at_a_rounding_edge():
+    # Rank 0 judges the raw IoU; the card stores it rounded to 5 places (seen in CI: 0.0024999...
+    # read "0.002" on one side and "0.003" on the other).
+    raw = 0.0024999993
+    stored = round(raw, 5)
+    assert f"{raw:.3f}" != f"{stored:.3f}"
+    assert previews.judge(raw) == previews.judge(stored)
+    assert "validation IoU 0.003 " in previews.judge(raw)["verdict_reason"]
+
+
 def test_the_threshold_is_the_one_with_the_best_iou_and_stays_half_unless_it_gains():
     masks = np.zeros((2, 8, 8), np.uint8)
     masks[:, 2:6, 2:6] = 255  # 25 % building
