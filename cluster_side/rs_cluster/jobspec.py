@@ -73,7 +73,7 @@ STAGES: Mapping[str, tuple[str, Mapping[str, ParamRule]]] = MappingProxyType({
         model=_MODEL, input=_PATH, output=_PATH, overlap=_INT, batch_size=_INT, threshold=_FLOAT,
         probabilities=_FLAG, polygons=_FLAG, fail_fast=_FLAG, overwrite=_FLAG, tta=_FLAG,
         regularize=_FLAG, min_building_m2=_FLOAT, input_gsd=_FLOAT, no_resample=_FLAG,
-        **_SPARK_OVERRIDES)),
+        band_rows=_INT, **_SPARK_OVERRIDES)),
     "evaluate": ("evaluate", _rules(pred=_PATH, truth=_PATH, json=_PATH)),
 })
 

@@ -1,6 +1,12 @@
 """The predict stage: a trained model over whole rasters -> georeferenced building masks, with Spark.
 
-Each input raster is one Spark task. The task slides the model's tile over the raster with overlap
+Each input raster is one Spark task, unless it is large (``band_rows``, :func:`band_plan`): then
+it is cut into bands of rows, each band a task that computes every window strip reaching its rows
+on the whole raster's window grid and blend weights (so its pixels are exactly those one task
+would give) and writes them into a hidden part; once all of a raster's bands are done, one more
+task joins the parts into its outputs (:func:`assemble_raster`) and its polygons. A retried band
+rewrites its own part; a raster whose band failed gets no output, and its parts are deleted.
+A task slides the model's tile over the raster with overlap
 (edge windows shifted back inside, as prepare does) and blends overlapping predictions with a
 separable weight that is highest at a window's centre, so window borders leave no seam. It works
 one strip of windows at a time: only the overlap band between two strips is carried over, and
@@ -30,6 +36,11 @@ warped VRT), predicted there into a temporary probability raster in this host's 
 is resampled back (bilinear) onto the input's own grid before the threshold: the outputs always
 have the input's CRS, transform, width and height. ``predict.json`` says per raster which GSD
 the model saw.
+
+The stage in four modules: this one (rasters in; the executor's tasks, bands and joining; the
+driver), :mod:`rs_cluster.windows` (the window grid, blend weights, a band's strips),
+:mod:`rs_cluster.geotiff_out` (outputs that appear whole or not at all) and
+:mod:`rs_cluster.model_card` (the card, and the model as a compiled function).
 """
 
 from __future__ import annotations
@@ -37,8 +48,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
-import logging
 import math
 import os
 import re
@@ -48,128 +57,33 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
-from rs_cluster import __version__, archs, builtin, storage
+from rs_cluster import __version__, builtin, storage
 from rs_cluster.atomic import write_json_atomic
 from rs_cluster.config import check_keys
-from rs_cluster.keras_file import check_model_file, confined_model_file
-from rs_cluster.keras_file import load_model as load_keras_model
 from rs_cluster.errors import (ClusterError, ConfigError, DiskFullError, InputError, OutputExistsError,
                                OutputWriteError, RasterReadError, RsClusterError, disk_full_error,
                                is_disk_full)
+from rs_cluster.geotiff_out import (BLOCK, GeoTiffSink, RowWriter, all_or_nothing, open_sinks)
+from rs_cluster.model_card import (BAND_NAMES, ModelCard, ModelError, d4_average,
+                                   load_predict_fn)
 from rs_cluster.progress import Reporter
 from rs_cluster.rasters import (RASTER_SUFFIXES, InputStretch, _open, _short, ground_gsd, input_stretch,
                                 list_rasters, resampled_grid, same_gsd)
 from rs_cluster.settings import SparkResources
 from rs_cluster.spark import Poller, resolve_master, spark_session
-from rs_cluster.windows import window_starts
+from rs_cluster.windows import band_strips, blend_weights, inverse_coverage, window_starts
 
-MODEL_CARD = "model.json"
-MODEL_FORMAT = "rs-cluster-model"
-MODEL_FORMAT_VERSIONS = (1,)
 PREDICTIONS_JSON = "predict.json"
 PREDICTIONS_FORMAT = "rs-cluster-predictions"
 MASK_SUFFIX = "_mask"
 PROB_SUFFIX = "_prob"
 POLYGONS_SUFFIX = "_buildings"
-BLOCK = 256  # GeoTIFF tile side; finished rows are written in whole block rows
-# Deflate level 1: masks come out about 1.5x larger than at the default level 6, written 3x faster.
-ZLEVEL = 1
-WEIGHT_FLOOR = 0.01  # blend weight at a window's very edge: >0 so raster edges still count
-BAND_NAMES = ("red", "green", "blue")
-SCALINGS = ("divide", "none")
 
 _MARK = "<<RS-CLUSTER-ERROR>>"
-
-
-# -- the model card ------------------------------------------------------------------------------
-
-class ModelError(ConfigError):
-    """The model cannot be loaded or gives the wrong shape: no raster can be predicted with it."""
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What predict needs from ``model.json``, checked when loaded."""
-
-    model_dir: str
-    model_file: str
-    tile_size: int
-    bands: tuple[str, ...]
-    scaling: str
-    scale_value: float
-    threshold: float
-    architecture: str = ""
-    arch: str = archs.LEGACY_ARCH  # which network (rs_cluster.archs); cards before it: 2019's
-    gsd_m: float | None = None  # ground metres per pixel it was trained at; None: not known
-
-    @classmethod
-    def load(cls, model_dir: str | os.PathLike[str]) -> "ModelCard":
-        model_dir = os.path.abspath(model_dir)  # executors may run in another working folder
-        path = os.path.join(model_dir, MODEL_CARD)
-        if not os.path.isdir(model_dir):
-            raise ConfigError(f"{model_dir}: model folder not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                card = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found; a model folder holds model.json and the model file "
-                              "written by 'rs-cluster train'") from None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({_short(e)})") from None
-        if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT:
-            raise ConfigError(f"{path}: not an rs-cluster model card (format should be {MODEL_FORMAT!r})")
-        if card.get("format_version") not in MODEL_FORMAT_VERSIONS:
-            raise ConfigError(f"{path}: model card format_version {card.get('format_version')!r} is not "
-                              f"supported; this rs-cluster reads {MODEL_FORMAT_VERSIONS}")
-
-        def need(key: str, kind: type | tuple[type, ...]) -> Any:
-            value = card.get(key)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise ConfigError(f"{path}: {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
-            return value
-
-        model_file = confined_model_file(model_dir, need("model_file", str), path)
-        check_model_file(model_file)  # on the driver, before any executor loads it
-        tile_size = need("tile_size", int)
-        if tile_size < 8:
-            raise ConfigError(f"{path}: tile_size {tile_size} is too small")
-        bands = tuple(need("bands", list))
-        if not bands or any(b not in BAND_NAMES for b in bands):
-            raise ConfigError(f"{path}: bands {list(bands)} are not supported; use names from "
-                              f"{', '.join(BAND_NAMES)}")
-        scaling = card.get("input_scaling") or {"method": "none"}
-        method = scaling.get("method") if isinstance(scaling, dict) else None
-        if method not in SCALINGS:
-            raise ConfigError(f"{path}: input_scaling {scaling!r} is not supported; expected "
-                              "{'method': 'divide', 'value': 255.0}")
-        value = float(scaling.get("value", 1.0)) if method == "divide" else 1.0
-        if value == 0:
-            raise ConfigError(f"{path}: input_scaling divides by 0")
-        threshold = float(card.get("threshold", 0.5))
-        arch = card.get("arch", archs.LEGACY_ARCH)
-        if arch not in archs.ARCHS:
-            # Another network may want its input scaled otherwise than input_scaling says.
-            raise ConfigError(f"{path}: network {arch!r} is not one this rs-cluster knows "
-                              f"({', '.join(archs.ARCHS)}); update rs-cluster on the cluster")
-        gsd = card.get("gsd_m")
-        if gsd is not None and (isinstance(gsd, bool) or not isinstance(gsd, (int, float))
-                                or not gsd > 0):
-            raise ConfigError(f"{path}: gsd_m {gsd!r} is not a positive number of metres per "
-                              "pixel (nor null)")
-        return cls(model_dir=model_dir, model_file=model_file, tile_size=tile_size, bands=bands,
-                   scaling=method, scale_value=value, threshold=threshold,
-                   architecture=str(card.get("architecture", "")), arch=arch,
-                   gsd_m=None if gsd is None else float(gsd))
-
-    def scale(self, pixels: np.ndarray) -> np.ndarray:
-        x = pixels.astype(np.float32)
-        if self.scaling == "divide":
-            np.divide(x, np.float32(self.scale_value), out=x)
-        return x
 
 
 # -- configuration and result --------------------------------------------------------------------
@@ -196,8 +110,15 @@ class PredictConfig:
     # Ground metres per pixel of inputs without georeferencing (georeferenced ones say their own).
     input_gsd: float | None = None
     no_resample: bool = False  # predict every input at its own GSD, whatever the model's
+    # Rows per band of a raster cut into bands, each a Spark task (a multiple of 256); 0: every
+    # raster in one task; None: large rasters only (see band_plan).
+    band_rows: int | None = None
 
     def __post_init__(self) -> None:
+        if self.band_rows is not None and (isinstance(self.band_rows, bool) or not isinstance(
+                self.band_rows, int) or self.band_rows < 0 or self.band_rows % BLOCK):
+            raise ConfigError(f"band_rows must be 0 (one task per raster) or a multiple of {BLOCK} "
+                              f"rows (got {self.band_rows})")
         if self.input_gsd is not None and not (isinstance(self.input_gsd, (int, float))
                                                and self.input_gsd > 0):
             raise ConfigError(f"input_gsd must be a positive number of metres per pixel "
@@ -236,26 +157,6 @@ def output_names(input_path: str | os.PathLike[str]) -> dict[str, str]:
     stem = Path(input_path).stem
     return {"mask": f"{stem}{MASK_SUFFIX}.tif", "probabilities": f"{stem}{PROB_SUFFIX}.tif",
             "polygons": f"{stem}{POLYGONS_SUFFIX}.gpkg"}
-
-
-# -- blending ------------------------------------------------------------------------------------
-
-def blend_weights(size: int, floor: float = WEIGHT_FLOOR) -> np.ndarray:
-    """1-D window weight: a Hann bump from ``floor`` at the edges to 1 at the centre."""
-    i = np.arange(size, dtype=np.float64)
-    return (floor + (1.0 - floor) * np.sin(np.pi * (i + 0.5) / size) ** 2).astype(np.float32)
-
-
-def _inverse_coverage(length: int, starts: list[int], weight: np.ndarray) -> np.ndarray:
-    """1 / (sum of the weights of every window over each pixel) along one axis.
-
-    The 2-D weight is the outer product of 1-D weights and the windows form a full grid, so the sum
-    of 2-D weights over a pixel is the product of these two 1-D sums: no weight raster is needed.
-    """
-    total = np.zeros(length, dtype=np.float64)
-    for s in starts:
-        total[s:s + len(weight)] += weight
-    return (1.0 / total).astype(np.float32)
 
 
 # -- one raster ----------------------------------------------------------------------------------
@@ -307,200 +208,6 @@ def _is_georeferenced(src: Any) -> bool:
     return src.crs is not None or src.transform != Affine.identity() or bool(src.gcps[0])
 
 
-def _output_profile(src: Any, dtype: str, georeferenced: bool) -> dict[str, Any]:
-    # BIGTIFF=IF_SAFER: a classic TIFF stops at 4 GB, and what compression saves is only known
-    # at the end; GDAL switches to BigTIFF whenever the uncompressed raster could pass that
-    # (a 33000 px square float32 probability map does), instead of failing as the last tiles go.
-    profile: dict[str, Any] = {"driver": "GTiff", "width": src.width, "height": src.height, "count": 1,
-                               "dtype": dtype, "nodata": None, "tiled": True, "blockxsize": BLOCK,
-                               "blockysize": BLOCK, "compress": "deflate", "zlevel": ZLEVEL,
-                               "bigtiff": "IF_SAFER"}
-    if dtype == "float32":
-        profile["predictor"] = 3
-    if georeferenced and (src.crs is not None or src.transform != _identity()):
-        profile.update(crs=src.crs, transform=src.transform)
-    return profile
-
-
-def overview_levels(width: int, height: int, block: int = BLOCK) -> list[int]:
-    """2, 4, 8, ... while the level above is still larger than one block: the smallest overview
-    fits in one ``block`` px tile (none for a raster that already does)."""
-    levels, level = [], 2
-    while max(width, height) / (level // 2) > block:
-        levels.append(level)
-        level *= 2
-    return levels
-
-
-def _identity() -> Any:
-    from affine import Affine
-
-    return Affine.identity()
-
-
-class _GeoTiffSink:
-    """One single-band output GeoTIFF under a hidden name: :meth:`finish` closes it, checking that
-    GDAL wrote all of it, :meth:`commit` renames it into place."""
-
-    def __init__(self, final: str, profile: dict[str, Any], gcps: Any, token: str) -> None:
-        import rasterio
-
-        self.final = final
-        self.width, self.height, self.dtype = profile["width"], profile["height"], profile["dtype"]
-        self.tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial-{token}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # NotGeoreferencedWarning: intended for pixel-grid input
-            with _naming_a_full_disk(self.final, "creating it"):
-                self.dst = rasterio.open(self.tmp, "w", **profile)
-        if gcps is not None:
-            self.dst.gcps = gcps
-
-    def write(self, array: np.ndarray, row: int, valid: np.ndarray | None) -> None:
-        from rasterio.windows import Window as RioWindow
-
-        window = RioWindow(0, row, array.shape[1], array.shape[0])
-        with _naming_a_full_disk(self.final, "writing it"):
-            self.dst.write(array, 1, window=window)
-            if valid is not None:
-                self.dst.write_mask(valid, window=window)
-
-    def finish(self) -> None:
-        import rasterio
-
-        # rasterio's close() does not raise when GDAL fails to write the last blocks or the TIFF
-        # directory (rasterio 1.4, GDAL 3.9): it logs the errors and returns, and the broken file
-        # would be renamed into place as if complete.
-        with rasterio.Env(), _gdal_errors() as errors:
-            self.dst.close()
-            if not errors:
-                self._add_overviews()
-        if errors:
-            failure = OSError("; ".join(errors))
-            if is_disk_full(failure):
-                raise disk_full_error(failure, self.final, "writing it")
-            raise OutputWriteError(f"{self.final}: could not finish writing it ({errors[0]})")
-
-    def _add_overviews(self) -> None:
-        """Internal overviews (2x, 4x, ... until one fits a 256 px block), so QGIS draws a large
-        mask zoomed out from a few blocks instead of reading every pixel: the most common value
-        for a mask (crisp 0/255), the mean for probabilities. Before the rename, so an output in
-        place always has them."""
-        import rasterio
-        from rasterio.enums import Resampling
-
-        levels = overview_levels(self.width, self.height)
-        if not levels:
-            return
-        resampling = Resampling.mode if self.dtype == "uint8" else Resampling.average
-        with _naming_a_full_disk(self.final, "adding its overviews"), \
-                rasterio.open(self.tmp, "r+") as dst:
-            dst.build_overviews(levels, resampling)
-            dst.update_tags(ns="rio_overview", resampling=resampling.name)
-
-    def commit(self) -> None:
-        os.replace(self.tmp, self.final)
-
-    def discard(self) -> None:
-        if not self.dst.closed:
-            self.dst.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
-@contextlib.contextmanager
-def _naming_a_full_disk(path: str, doing: str) -> Iterator[None]:
-    """GDAL says "Write failed"; when ENOSPC lies underneath, raise the error naming the output.
-
-    The ENOSPC may be in the exception, in what GDAL logged before it (libtiff's strerror), or
-    nowhere: a dirty block GDAL's cache flushes in the middle of a write fails as "An error
-    occurred while writing a dirty block". Then the output's disk itself is asked."""
-    with _gdal_errors() as logged:
-        try:
-            yield
-        except Exception as e:
-            if is_disk_full(e) or any(is_disk_full(OSError(m)) for m in logged) or \
-                    _out_of_space(path):
-                raise disk_full_error(e, path, doing) from e
-            raise
-
-
-def _out_of_space(path: str, spare: int = 1 << 20) -> bool:
-    """Whether the disk that holds ``path`` has under ``spare`` bytes left for this user."""
-    try:
-        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < spare
-
-
-@contextlib.contextmanager
-def _gdal_errors() -> Iterator[list[str]]:
-    """Collects the errors GDAL signals meanwhile, which rasterio logs (at INFO) instead of raising."""
-    found: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            message = record.getMessage()
-            if "GDAL signalled an error" in message:
-                found.append(message)
-
-    logger = logging.getLogger("rasterio")
-    handler, level = Collect(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-    try:
-        yield found
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-class _RowWriter:
-    """Collects finished rows and writes them in whole 256-row blocks (each tile compressed once)."""
-
-    def __init__(self, sinks: dict[str, _GeoTiffSink], threshold: float, with_valid: bool) -> None:
-        self.sinks = sinks
-        self.threshold = np.float32(threshold)
-        self.with_valid = with_valid
-        self.pending: list[tuple[np.ndarray, np.ndarray | None]] = []
-        self.pending_rows = 0
-        self.row = 0
-        self.building = 0
-        self.valid_pixels = 0
-
-    def add(self, prob: np.ndarray, valid: np.ndarray | None) -> None:
-        self.pending.append((prob, valid))
-        self.pending_rows += prob.shape[0]
-        if self.pending_rows >= BLOCK:
-            self._flush(self.pending_rows - self.pending_rows % BLOCK)
-
-    def close(self) -> None:
-        if self.pending_rows:
-            self._flush(self.pending_rows)
-
-    def _flush(self, rows: int) -> None:
-        prob = np.concatenate([p for p, _ in self.pending])
-        valid = np.concatenate([v for _, v in self.pending]) if self.with_valid else None
-        head, tail = prob[:rows], prob[rows:]
-        mask = np.where(head > self.threshold, np.uint8(255), np.uint8(0))
-        valid_head = None
-        if valid is not None:
-            valid_head = valid[:rows]
-            mask[valid_head == 0] = 0
-            head = np.where(valid_head == 0, np.float32(0), head)
-            self.valid_pixels += int(np.count_nonzero(valid_head))
-        else:
-            self.valid_pixels += head.size
-        self.building += int(np.count_nonzero(mask))
-        if "mask" in self.sinks:
-            self.sinks["mask"].write(mask, self.row, valid_head)
-        if "probabilities" in self.sinks:
-            self.sinks["probabilities"].write(np.ascontiguousarray(head), self.row, valid_head)
-        self.row += rows
-        self.pending = [(tail, valid[rows:] if valid is not None else None)] if len(tail) else []
-        self.pending_rows = len(tail)
-
-
 class _RowSource:
     """Serves row ranges of a raster that only move down, reading whole block rows.
 
@@ -509,11 +216,12 @@ class _RowSource:
     until no later strip needs them.
     """
 
-    def __init__(self, src: Any, path: str, bands: list[int], alpha: int | None, with_valid: bool) -> None:
+    def __init__(self, src: Any, path: str, bands: list[int], alpha: int | None, with_valid: bool,
+                 start: int = 0) -> None:
         self.src, self.path, self.bands, self.alpha, self.with_valid = src, path, bands, alpha, with_valid
         block_rows = max(1, src.block_shapes[0][0])
         self.chunk = block_rows * max(1, math.ceil(BLOCK / block_rows))
-        self.top = self.bottom = 0
+        self.top = self.bottom = start - start % block_rows  # the first rows asked for: ``start``
         self.pixels = np.zeros((len(bands), 0, src.width), dtype=src.dtypes[0])
         self.valid = np.zeros((0, src.width), dtype=np.uint8) if with_valid else None
 
@@ -550,7 +258,8 @@ def predict_raster(path: str, card: ModelCard, predict_fn: Callable[[np.ndarray]
                    outputs: dict[str, str], *, overlap: int, batch_size: int, threshold: float,
                    token: str | None = None,
                    on_progress: Callable[[int, int], None] | None = None,
-                   input_gsd: float | None = None, resample: bool = True) -> RasterStats:
+                   input_gsd: float | None = None, resample: bool = True,
+                   rows: tuple[int, int] | None = None) -> RasterStats:
     """Predicts one raster into the GeoTIFFs named in ``outputs`` (``mask``, ``probabilities``).
 
     With ``resample`` and a card that has ``gsd_m``, a raster whose GSD (its georeferencing's, or
@@ -561,6 +270,9 @@ def predict_raster(path: str, card: ModelCard, predict_fn: Callable[[np.ndarray]
     probabilities (N, T, T[, 1]); scaling them as the model card says is its job
     (:func:`load_predict_fn` does it inside the compiled graph, :meth:`ModelCard.scale` in numpy).
     ``on_progress(windows done, windows total)`` is called after each strip.
+
+    ``rows`` (top, bottom) predicts only those rows, into outputs of that height (a band's
+    parts, which :func:`assemble_raster` joins); a raster predicted at another GSD is not cut.
     """
     import rasterio
 
@@ -582,7 +294,11 @@ def predict_raster(path: str, card: ModelCard, predict_fn: Callable[[np.ndarray]
         with rasterio.Env(GDAL_CACHEMAX=cache_mb):
             if plan.grid is None:
                 stats = _predict_open(src, path, card, predict_fn, outputs, bands, alpha, stride,
-                                      batch_size, threshold, token, on_progress, height, width)
+                                      batch_size, threshold, token, on_progress, height, width,
+                                      rows=rows)
+            elif rows is not None:
+                raise ConfigError(f"{path}: a raster resampled to the model's GSD is predicted "
+                                  "whole, not in bands")
             else:
                 stats = _predict_resampled(src, path, card, predict_fn, outputs, bands, alpha,
                                            stride, batch_size, threshold, token, on_progress, plan)
@@ -671,35 +387,6 @@ def _valid_rows(src: Any, path: str, alpha: int | None, window: Any) -> np.ndarr
     return valid
 
 
-def _open_sinks(sinks: dict[str, _GeoTiffSink], src: Any, outputs: dict[str, str],
-                georeferenced: bool, token: str, stretch: InputStretch) -> None:
-    """Opens into ``sinks`` (so that a failure part-way leaves them to be discarded) the mask and
-    probability GeoTIFFs named in ``outputs``, on ``src``'s grid, tagged with its stretch."""
-    gcps = src.gcps if src.gcps[0] and src.crs is None else None
-    for kind in ("mask", "probabilities"):
-        if kind in outputs:
-            profile = _output_profile(src, "uint8" if kind == "mask" else "float32", georeferenced)
-            sinks[kind] = _GeoTiffSink(outputs[kind], profile, gcps, token)
-            if not stretch.identity:
-                sinks[kind].dst.update_tags(RS_INPUT_STRETCH=json.dumps(stretch.to_dict()))
-
-
-@contextlib.contextmanager
-def _all_or_nothing(sinks: dict[str, _GeoTiffSink]) -> Iterator[None]:
-    """Commits the sinks (filled in the block) only when the block ends well, all finished before
-    any is renamed, so a raster's outputs appear together or not at all; otherwise discards them."""
-    try:
-        yield
-        for sink in sinks.values():
-            sink.finish()
-        for sink in sinks.values():
-            sink.commit()
-    except BaseException:
-        for sink in sinks.values():
-            sink.discard()
-        raise
-
-
 def _predict_resampled(src: Any, path: str, card: ModelCard,
                        predict_fn: Callable[[np.ndarray], np.ndarray], outputs: dict[str, str],
                        bands: list[int], alpha: int | None, stride: int, batch_size: int,
@@ -735,10 +422,10 @@ def _predict_resampled(src: Any, path: str, card: ModelCard,
         if not georeferenced:
             notes.append(_no_georeferencing_note(path))
         with_valid = _needs_valid_mask(src, alpha)
-        sinks: dict[str, _GeoTiffSink] = {}
-        with _all_or_nothing(sinks):
-            _open_sinks(sinks, src, outputs, georeferenced, token, stretch)
-            writer = _RowWriter(sinks, threshold, with_valid)
+        sinks: dict[str, GeoTiffSink] = {}
+        with all_or_nothing(sinks):
+            open_sinks(sinks, src, outputs, georeferenced, token, stretch)
+            writer = RowWriter(sinks, threshold, with_valid)
             with rasterio.open(prob_path) as prob_src, \
                     WarpedVRT(prob_src, src_crs=frame_crs, src_transform=grid_transform,
                               crs=frame_crs, transform=frame_transform, width=src.width,
@@ -761,8 +448,11 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
                   outputs: dict[str, str], bands: list[int], alpha: int | None, stride: int,
                   batch_size: int, threshold: float, token: str,
                   on_progress: Callable[[int, int], None] | None, height: int, width: int,
-                  stretch: InputStretch | None = None) -> RasterStats:
-
+                  stretch: InputStretch | None = None,
+                  rows: tuple[int, int] | None = None) -> RasterStats:
+    """Predicts ``src`` into ``outputs`` strip by strip of windows; with ``rows`` (top, bottom),
+    only those rows, into a band's part: the strips whose windows reach them, on the whole
+    raster's window grid and blend weights, so the part holds exactly those rows of the whole."""
     tile = card.tile_size
     notes: list[str] = []
     if stretch is None:
@@ -776,14 +466,17 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
     vh, vw = max(height, tile), max(width, tile)
     row_starts = window_starts(vh, tile, stride)
     col_starts = window_starts(vw, tile, stride)
-    total = len(row_starts) * len(col_starts)
+    first, last = (0, height) if rows is None else rows
+    strips = band_strips(row_starts, tile, first, last)
+    total = len(strips) * len(col_starts)
     w1 = blend_weights(tile)
     w2 = np.outer(w1, w1)
-    row_norm = _inverse_coverage(vh, row_starts, w1)
-    col_norm = _inverse_coverage(vw, col_starts, w1)
+    row_norm = inverse_coverage(vh, row_starts, w1)
+    col_norm = inverse_coverage(vw, col_starts, w1)
     with_valid = _needs_valid_mask(src, alpha)
 
-    source = _RowSource(src, path, bands, alpha if with_valid else None, with_valid)
+    source = _RowSource(src, path, bands, alpha if with_valid else None, with_valid,
+                        start=row_starts[strips[0]])
 
     def read_strip(top: int) -> tuple[np.ndarray, np.ndarray | None]:
         pixels, valid = source.rows(top, min(top + tile, height))
@@ -792,18 +485,19 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
             x = np.pad(x, ((0, tile - x.shape[0]), (0, vw - x.shape[1]), (0, 0)), mode="symmetric")
         return x, valid
 
-    sinks: dict[str, _GeoTiffSink] = {}
-    with _all_or_nothing(sinks):
-        _open_sinks(sinks, src, outputs, georeferenced, token, stretch)
-        writer = _RowWriter(sinks, threshold, with_valid)
+    sinks: dict[str, GeoTiffSink] = {}
+    with all_or_nothing(sinks):
+        open_sinks(sinks, src, outputs, georeferenced, token, stretch, rows)
+        writer = RowWriter(sinks, threshold, with_valid)
         acc = np.zeros((tile, vw), dtype=np.float32)
         done = 0
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rs-predict-io") as io:
-            next_strip = io.submit(read_strip, row_starts[0])
+            next_strip = io.submit(read_strip, row_starts[strips[0]])
             writing: concurrent.futures.Future | None = None
-            for k, top in enumerate(row_starts):
+            for k in strips:
+                top = row_starts[k]
                 x, valid = next_strip.result()
-                if k + 1 < len(row_starts):
+                if k + 1 in strips:
                     next_strip = io.submit(read_strip, row_starts[k + 1])
                 for b in range(0, len(col_starts), batch_size):
                     cols = col_starts[b:b + batch_size]
@@ -818,22 +512,63 @@ def _predict_open(src: Any, path: str, card: ModelCard, predict_fn: Callable[[np
                     done += len(cols)
                 bottom = row_starts[k + 1] if k + 1 < len(row_starts) else vh
                 n = bottom - top
-                rows = min(bottom, height) - top
-                final = acc[:rows, :width] * row_norm[top:top + rows, None] * col_norm[None, :width]
+                # the rows this strip completes, [top, bottom), cut to the rows asked for
+                keep_top, keep_bottom = max(top, first), min(bottom, last)
+                final = None
+                if keep_bottom > keep_top:
+                    a, b = keep_top - top, keep_bottom - top
+                    final = (acc[a:b, :width] * row_norm[keep_top:keep_bottom, None]
+                             * col_norm[None, :width])
                 acc[:tile - n] = acc[n:]
                 acc[tile - n:] = 0
-                if writing is not None:
-                    writing.result()
-                writing = io.submit(writer.add, final, None if valid is None else valid[:rows])
+                if final is not None:
+                    if writing is not None:
+                        writing.result()
+                    writing = io.submit(writer.add, final, None if valid is None else valid[a:b])
                 if on_progress is not None:
                     on_progress(done, total)
             if writing is not None:
                 writing.result()
         writer.close()
-    return RasterStats(width=width, height=height, georeferenced=georeferenced,
+    return RasterStats(width=width, height=last - first, georeferenced=georeferenced,
                        crs=src.crs.to_string() if src.crs else "", windows=total,
                        building_pixels=writer.building, valid_pixels=writer.valid_pixels,
                        warnings=notes, input_stretch=stretch.to_dict())
+
+
+def assemble_raster(path: str, card: ModelCard, parts: list[dict[str, str]],
+                    outputs: dict[str, str], token: str,
+                    fetch: Callable[[str], Any] = storage.local_input) -> None:
+    """Joins the band parts of ``path`` (top to bottom, each naming its GeoTIFF per output kind,
+    made local one at a time by ``fetch``) into the raster's outputs, one block row at a time,
+    with the profile, tags, mask and overviews that one task's outputs have. All of them
+    appear, or none."""
+    import rasterio
+    from rasterio.windows import Window as RioWindow
+
+    with _open(path) as src:
+        bands, alpha = _band_indexes(src, card, path)
+        with_valid = _needs_valid_mask(src, alpha)
+        stretch = input_stretch(src, path, bands)
+        cache_mb = 16 + math.ceil(src.width * BLOCK * 10 / 2**20)
+        sinks: dict[str, GeoTiffSink] = {}
+        with rasterio.Env(GDAL_CACHEMAX=cache_mb), all_or_nothing(sinks):
+            open_sinks(sinks, src, outputs, _is_georeferenced(src), token, stretch)
+            for kind, sink in sinks.items():
+                row = 0
+                for part in parts:
+                    with fetch(part[kind]) as local, rasterio.open(local) as band:
+                        if band.width != src.width or row + band.height > src.height:
+                            raise OutputWriteError(f"{part[kind]}: a band of {band.width} x "
+                                                   f"{band.height} px does not fit {path} at row {row}")
+                        for top in range(0, band.height, BLOCK):
+                            window = RioWindow(0, top, band.width, min(BLOCK, band.height - top))
+                            sink.write(band.read(1, window=window), row + top,
+                                       band.dataset_mask(window=window) if with_valid else None)
+                        row += band.height
+                if row != src.height:
+                    raise OutputWriteError(f"{outputs[kind]}: its bands hold {row} rows; {path} "
+                                           f"has {src.height}")
 
 
 # -- executor side -------------------------------------------------------------------------------
@@ -861,78 +596,13 @@ class _RasterJob:
     min_building_m2: float | None = None
     input_gsd: float | None = None
     resample: bool = True
+    rows: tuple[int, int] | None = None  # a band of the raster: its outputs are parts
 
     @property
     def remote(self) -> bool:
         """Whether an input or output is in a store: the task then works on local copies."""
         locations = [self.input, *self.outputs.values(), *([self.polygons] if self.polygons else [])]
         return not all(storage.is_local(x) for x in locations)
-
-
-_MODELS: dict[tuple[str, int], Callable[[np.ndarray], np.ndarray]] = {}
-
-
-def d4_average(predict_fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """Test-time augmentation: ``predict_fn`` averaged over the 8 symmetries of the square (4
-    rotations, each also mirrored), each prediction turned back before it is added. A building
-    seen at a slant the model learned less well is then also seen as it learned it; the cost is
-    8 model calls per window."""
-
-    def averaged(batch: np.ndarray) -> np.ndarray:
-        total: np.ndarray | None = None
-        for flip in (False, True):
-            view = batch[:, :, ::-1] if flip else batch
-            for k in range(4):
-                turned = np.ascontiguousarray(np.rot90(view, k, axes=(1, 2)))
-                back = np.rot90(np.asarray(predict_fn(turned), np.float32), -k, axes=(1, 2))
-                if flip:
-                    back = back[:, :, ::-1]
-                total = back.copy() if total is None else total + back
-        assert total is not None
-        return total / np.float32(8.0)
-
-    return averaged
-
-
-def load_predict_fn(card: ModelCard, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
-    """The model as a compiled function of a batch of raw pixels; cached per worker process."""
-    key = (card.model_file, os.stat(card.model_file).st_mtime_ns)
-    if key in _MODELS:
-        return _MODELS[key]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    if threads:
-        try:  # only possible before TensorFlow's first op in this process
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-        except RuntimeError:
-            pass
-    try:
-        model = load_keras_model(card.model_file)  # checked again: no Lambda layers, safe mode
-    except Exception as e:
-        raise ModelError(f"{card.model_file}: cannot load the Keras model ({_short(e)})") from None
-    shape = [None, card.tile_size, card.tile_size, len(card.bands)]
-
-    def scaled(x: Any) -> Any:
-        x = tf.cast(x, tf.float32)
-        return x / tf.constant(card.scale_value, tf.float32) if card.scaling == "divide" else x
-
-    # 8-bit windows go to TensorFlow as they are and are scaled there: a quarter of the bytes to
-    # copy, and the scaling runs on TensorFlow's threads.
-    infer_u8 = tf.function(lambda x: model(scaled(x), training=False),
-                           input_signature=[tf.TensorSpec(shape, tf.uint8)])
-    infer_f32 = tf.function(lambda x: model(scaled(x), training=False),
-                            input_signature=[tf.TensorSpec(shape, tf.float32)])
-
-    def predict_fn(batch: np.ndarray) -> np.ndarray:
-        if batch.dtype == np.uint8:
-            return infer_u8(batch).numpy()
-        return infer_f32(batch.astype(np.float32)).numpy()
-
-    _MODELS.clear()
-    _MODELS[key] = predict_fn
-    return predict_fn
 
 
 def _run_job(job: _RasterJob) -> dict[str, Any]:
@@ -1035,19 +705,13 @@ def _predict_local_job(job: _RasterJob, started: float,
         stats = predict_raster(job.input, job.card, predict_fn, job.outputs, overlap=job.overlap,
                                batch_size=job.batch_size, threshold=job.threshold, token=job.token,
                                on_progress=progress, input_gsd=job.input_gsd,
-                               resample=job.resample)
+                               resample=job.resample, rows=job.rows)
         summary: dict[str, Any] = {"input": job.input, **job.outputs, **asdict(stats),
                                    "model_load_seconds": round(loaded - started, 3),
                                    "predict_seconds": round(time.monotonic() - loaded, 3),
                                    "predict_cpu_seconds": round(time.process_time() - cpu, 3)}
         if job.polygons:
-            from rs_cluster.polygons import polygonize_mask
-
-            summary["polygons"] = job.polygons
-            summary["polygon_count"] = polygonize_mask(
-                job.outputs["mask"], job.polygons, min_area_px=job.min_polygon_px,
-                simplify_px=job.simplify_px, token=job.token, regularize=job.regularize,
-                min_building_m2=job.min_building_m2, warn=summary["warnings"].append)
+            _polygonize(job, summary)
         summary["seconds"] = round(time.monotonic() - started, 3)
         return summary
     except ModelError as e:
@@ -1066,6 +730,83 @@ def _predict_local_job(job: _RasterJob, started: float,
         if job.fail_fast:
             raise RuntimeError(f"{_MARK}{message}{_MARK}") from None
         return {"input": job.input, "error": message}
+
+
+def _polygonize(job: Any, summary: dict[str, Any]) -> None:
+    """The building polygons of ``job``'s mask into ``job.polygons``, counted in ``summary``."""
+    from rs_cluster.polygons import polygonize_mask
+
+    summary["polygons"] = job.polygons
+    summary["polygon_count"] = polygonize_mask(
+        job.outputs["mask"], job.polygons, min_area_px=job.min_polygon_px,
+        simplify_px=job.simplify_px, token=job.token, regularize=job.regularize,
+        min_building_m2=job.min_building_m2, warn=summary["warnings"].append)
+
+
+@dataclass(frozen=True)
+class _AssembleJob:
+    """Joins the bands of one raster, predicted as separate tasks, into its outputs."""
+
+    index: int
+    input: str
+    parts: tuple[dict[str, str], ...]  # top to bottom: output kind -> the band's part
+    outputs: dict[str, str]
+    card: ModelCard
+    polygons: str | None
+    min_polygon_px: int
+    simplify_px: float
+    regularize: bool
+    min_building_m2: float | None
+    progress_file: str
+    token: str
+    fail_fast: bool
+
+
+def _run_assemble(job: _AssembleJob) -> dict[str, Any]:
+    """Executor side: one raster's outputs from its bands' parts, then its polygons; returns what
+    was written (or the error, unless fail-fast). The parts are deleted once it is complete."""
+    started = time.monotonic()
+    scratch = storage.temp_dir()
+    try:
+        local = {k: storage.local_path(v) or os.path.join(scratch, storage.basename(v))
+                 for k, v in job.outputs.items()}
+        polygons = job.polygons and (storage.local_path(job.polygons)
+                                     or os.path.join(scratch, storage.basename(job.polygons)))
+        with storage.gdal_path(job.input) as readable:
+            assemble_raster(readable, job.card, list(job.parts), local, job.token)
+        summary: dict[str, Any] = {"input": job.input, **job.outputs, "warnings": [],
+                                   "assemble_seconds": round(time.monotonic() - started, 3)}
+        if polygons:
+            _polygonize(dataclasses.replace(job, outputs=local, polygons=polygons), summary)
+            summary["polygons"] = job.polygons
+        for kind, url in [*job.outputs.items(), *([("polygons", job.polygons)] if polygons else [])]:
+            if not storage.is_local(url):
+                storage.upload(local.get(kind, polygons), url)
+        for part in job.parts:
+            for url in part.values():
+                with contextlib.suppress(Exception):  # a part left over is hidden, and cleaned
+                    storage.delete_file(url)
+        return summary
+    except DiskFullError as e:
+        return {"input": job.input, "error": str(e), "fatal": "disk"}
+    except RsClusterError as e:
+        if job.fail_fast:
+            raise RuntimeError(f"{_MARK}{e}{_MARK}") from None
+        return {"input": job.input, "error": str(e)}
+    except Exception as e:
+        if is_disk_full(e):
+            return {"input": job.input, "fatal": "disk",
+                    "error": str(disk_full_error(e, doing=f"assembling {job.input}"))}
+        message = f"{job.input}: joining its bands failed ({type(e).__name__}: {_short(e)})"
+        if job.fail_fast:
+            raise RuntimeError(f"{_MARK}{message}{_MARK}") from None
+        return {"input": job.input, "error": message}
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError), open(job.progress_file + ".end", "w", encoding="utf-8"):
+            pass
 
 
 def _write_progress(path: str, done: int) -> None:
@@ -1096,6 +837,85 @@ def _read_progress(folder: str) -> int:
 
 # -- driver side ---------------------------------------------------------------------------------
 
+SPLIT_PIXELS = 64_000_000  # rasters this large are predicted in bands when --band-rows is not given
+MIN_BAND_ROWS = 2048
+
+
+def band_plan(height: int, width: int, band_rows: int | None, slots: int) -> list[tuple[int, int]] | None:
+    """The bands of rows [top, bottom) one raster is predicted in, as separate tasks; None for one
+    task. ``band_rows`` None decides: rasters of :data:`SPLIT_PIXELS` or more, with two Spark
+    slots or more, in about two bands per slot (at least :data:`MIN_BAND_ROWS` rows, whole GeoTIFF
+    blocks), so the slots stay busy and a retried task redoes a band, not the raster; 0 never."""
+    if band_rows is None:
+        if height * width < SPLIT_PIXELS or slots < 2:
+            return None
+        band_rows = max(MIN_BAND_ROWS, math.ceil(height / (2 * slots) / BLOCK) * BLOCK)
+    if band_rows == 0 or height <= band_rows:
+        return None
+    return [(top, min(top + band_rows, height)) for top in range(0, height, band_rows)]
+
+
+def _band_windows(height: int, width: int, tile: int, stride: int, rows: tuple[int, int]) -> int:
+    """Windows the band ``rows`` of a ``height`` x ``width`` raster computes (with its margin)."""
+    strips = band_strips(window_starts(max(height, tile), tile, stride), tile, *rows)
+    return len(strips) * len(window_starts(max(width, tile), tile, stride))
+
+
+def _part_name(stem: str, token: str, band: int, kind: str) -> str:
+    """A band's part of one output: hidden, and named as partial with the run's token, so that a
+    run that ends badly cleans it like any partial file."""
+    suffix = MASK_SUFFIX if kind == "mask" else PROB_SUFFIX
+    return f".{stem}.partial-{token}.band{band:04d}{suffix}.tif"
+
+
+def _join_bands(results: list[dict[str, Any]], jobs: list[_RasterJob], whole: list[_RasterJob],
+                run_tasks: Callable[..., list[dict[str, Any]]],
+                windows_of: Callable[[int, int], int],
+                sizes: dict[str, tuple[int, int, bool]]) -> list[dict[str, Any]]:
+    """The per-raster results: those of whole rasters as they are; for a raster predicted in bands,
+    its outputs joined from the parts (in tasks, when every band succeeded) and one summary."""
+    out: list[dict[str, Any]] = []
+    banded: dict[int, list[dict[str, Any]]] = {}
+    for job, r in zip(jobs, results):
+        if job.rows is None:
+            out.append(r)
+        else:
+            banded.setdefault(job.index, []).append(r)
+    assemble: list[_AssembleJob] = []
+    for index, bands in banded.items():
+        job = whole[index]
+        bad = next((r for r in bands if r.get("fatal")), None) or \
+            next((r for r in bands if "error" in r), None)
+        if bad is not None:
+            out.append({"input": job.input, "error": bad["error"],
+                        **({"fatal": bad["fatal"]} if bad.get("fatal") else {})})
+            continue
+        parts = tuple({kind: r[kind] for kind in job.outputs} for r in bands)
+        assemble.append(_AssembleJob(
+            index=index, input=job.input, parts=parts, outputs=job.outputs, card=job.card,
+            polygons=job.polygons, min_polygon_px=job.min_polygon_px, simplify_px=job.simplify_px,
+            regularize=job.regularize, min_building_m2=job.min_building_m2,
+            progress_file=job.progress_file, token=job.token, fail_fast=job.fail_fast))
+    joined = run_tasks(assemble, _run_assemble) if assemble else []
+    for task, r in zip(assemble, joined):
+        if "error" in r:
+            out.append(r)
+            continue
+        bands = banded[task.index]
+        h, w, _ = sizes[task.input]
+        warnings_seen = list(dict.fromkeys(w_ for b in bands for w_ in b.get("warnings", [])))
+        summary = {**bands[0], **r, "height": h, "windows": windows_of(h, w),
+                   "windows_computed": sum(b["windows"] for b in bands), "bands": len(bands),
+                   "building_pixels": sum(b["building_pixels"] for b in bands),
+                   "valid_pixels": sum(b["valid_pixels"] for b in bands),
+                   "predict_seconds": round(sum(b["predict_seconds"] for b in bands), 3),
+                   "predict_cpu_seconds": round(sum(b["predict_cpu_seconds"] for b in bands), 3),
+                   "seconds": round(sum(b["seconds"] for b in bands) + r["assemble_seconds"], 3),
+                   "warnings": [*warnings_seen, *r.get("warnings", [])]}
+        out.append(summary)
+    return out
+
+
 def _list_inputs(path: str) -> list[str]:
     """Absolute paths (or URLs) of the input rasters: executors may run in another folder."""
     if not storage.is_local(path):
@@ -1122,9 +942,10 @@ def _list_inputs(path: str) -> list[str]:
 
 
 def _raster_size(path: str, model_gsd: float | None = None, input_gsd: float | None = None,
-                 resample: bool = True) -> tuple[int, int] | str:
-    """(height, width) the model will see (from the header, at ``model_gsd`` when the raster is
-    resampled to it), or the error message when the raster cannot be opened or measured."""
+                 resample: bool = True) -> tuple[int, int, bool] | str:
+    """(height, width, resampled): the size the model will see (from the header, at
+    ``model_gsd`` when the raster is resampled to it), or the error message when the raster
+    cannot be opened or measured."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -1133,8 +954,8 @@ def _raster_size(path: str, model_gsd: float | None = None, input_gsd: float | N
                     with _open(readable) as src:
                         grid = _gsd_plan(src, readable, model_gsd, input_gsd, resample).grid
                         if grid is not None:
-                            return grid[2], grid[1]
-                        return src.height, src.width
+                            return grid[2], grid[1], True
+                        return src.height, src.width, False
                 except RsClusterError as e:
                     return str(e).replace(readable, path)
     except RsClusterError as e:
@@ -1183,7 +1004,7 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
     storage.make_dirs(output)
 
     failures: list[dict[str, str]] = []
-    sizes: dict[str, tuple[int, int]] = {}
+    sizes: dict[str, tuple[int, int, bool]] = {}
     for path in inputs:
         size = _raster_size(path, card.gsd_m, cfg.input_gsd, not cfg.no_resample)
         if isinstance(size, str):
@@ -1200,7 +1021,7 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
         t = card.tile_size
         return len(window_starts(max(h, t), t, stride)) * len(window_starts(max(w, t), t, stride))
 
-    total_windows = sum(windows_of(h, w) for h, w in sizes.values())
+    total_windows = sum(windows_of(h, w) for h, w, _ in sizes.values())
     token = f"{os.getpid()}-{secrets.token_hex(3)}"
     # Executors on this host count their windows in files here; elsewhere (a store) there is
     # no shared folder, and the count moves one raster at a time instead.
@@ -1218,15 +1039,10 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                                resources=cfg.resources) as session:
                 sc = session.sparkContext
                 slots = max(1, sc.defaultParallelism)
-                concurrent_tasks = max(1, min(len(sizes), slots))
-                # In-process tasks share this host's cores; a cluster task gets the cores Spark
-                # gives each task (spark.task.cpus), not every core of its node.
-                threads = (max(1, (os.cpu_count() or 1) // concurrent_tasks)
-                           if master.startswith("local")
-                           else max(1, int(sc.getConf().get("spark.task.cpus", "1"))))
+                threads = 0  # decided below, once the bands are known
                 # Largest rasters first, so a big one does not start last and run alone.
                 order = sorted(sizes, key=lambda p: -sizes[p][0] * sizes[p][1])
-                jobs = [_RasterJob(
+                whole = [_RasterJob(
                     index=i, input=p, outputs={k: v for k, v in planned[p].items() if k != "polygons"},
                     card=card, overlap=cfg.overlap, batch_size=cfg.batch_size, threshold=threshold,
                     polygons=planned[p].get("polygons"), min_polygon_px=cfg.min_polygon_px,
@@ -1237,22 +1053,52 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                     regularize=cfg.regularize, min_building_m2=cfg.min_building_m2,
                     input_gsd=cfg.input_gsd, resample=not cfg.no_resample)
                     for i, p in enumerate(order)]
+                # A large raster is cut into bands of rows, each a task of its own; a task per
+                # raster joins its bands' parts once they are all there (_run_assemble).
+                jobs: list[_RasterJob] = []
+                for job in whole:
+                    h, w, resampled = sizes[job.input]
+                    bands = None if resampled else band_plan(h, w, cfg.band_rows, slots)
+                    if bands is None:
+                        jobs.append(job)
+                        continue
+                    total_windows += sum(_band_windows(h, w, card.tile_size, stride, rows)
+                                         for rows in bands) - windows_of(h, w)
+                    stem = Path(storage.basename(job.input)).stem
+                    jobs.extend(dataclasses.replace(
+                        job, rows=rows, polygons=None,
+                        outputs={kind: storage.join(output, _part_name(stem, token, k, kind))
+                                 for kind in job.outputs},
+                        progress_file=os.path.join(progress_dir, f"{job.index}.b{k}.done"))
+                        for k, rows in enumerate(bands))
+                # In-process tasks share this host's cores; a cluster task gets the cores Spark
+                # gives each task (spark.task.cpus), not every core of its node.
+                concurrent_tasks = max(1, min(len(jobs), slots))
+                threads = (max(1, (os.cpu_count() or 1) // concurrent_tasks)
+                           if master.startswith("local")
+                           else max(1, int(sc.getConf().get("spark.task.cpus", "1"))))
+                jobs = [dataclasses.replace(job, threads=threads) for job in jobs]
 
                 def report() -> None:
                     done = _read_progress(progress_dir)
-                    finished = sum(1 for name in os.listdir(progress_dir) if name.endswith(".end"))
-                    reporter.progress(done, total_windows, f"{finished}/{len(jobs)} rasters",
-                                      rasters_done=finished, rasters_total=len(jobs))
+                    finished = sum(1 for name in os.listdir(progress_dir)
+                                   if name.endswith(".end") and ".b" not in name)
+                    reporter.progress(done, total_windows, f"{finished}/{len(whole)} rasters",
+                                      rasters_done=finished, rasters_total=len(whole))
 
-                try:
-                    with Poller(report):
-                        results = sc.parallelize(jobs, len(jobs)).map(_run_job).collect()
-                except Exception as e:
-                    message = _user_error(e)
-                    if message is None:
-                        raise ClusterError(f"the Spark job failed ({_short(e)}); see the Spark logs "
-                                           f"of {master}") from e
-                    raise InputError(message) from None
+                def run_tasks(tasks: list[Any], fn: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+                    try:
+                        with Poller(report):
+                            return sc.parallelize(tasks, len(tasks)).map(fn).collect()
+                    except Exception as e:
+                        message = _user_error(e)
+                        if message is None:
+                            raise ClusterError(f"the Spark job failed ({_short(e)}); see the Spark "
+                                               f"logs of {master}") from e
+                        raise InputError(message) from None
+
+                results = _join_bands(run_tasks(jobs, _run_job), jobs, whole, run_tasks,
+                                      windows_of, sizes)
             for r in results:
                 if r.get("fatal"):
                     raise (DiskFullError if r["fatal"] == "disk" else ModelError)(r["error"])
@@ -1269,6 +1115,7 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
             import shutil
 
             shutil.rmtree(os.path.dirname(progress_dir), ignore_errors=True)
+            _clean_remote_parts(output, token)
         else:
             _clean_partials(output, token, progress_dir)
     outputs.sort(key=lambda r: r["input"])
@@ -1305,6 +1152,16 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                     + f" in {seconds:.1f} s ({px / 1e6 / max(seconds, 1e-9):.2f} Mpx/s)",
                     outputs=len(outputs), failures=len(failures), output=output)
     return result
+
+
+def _clean_remote_parts(output: str, token: str) -> None:
+    """Deletes the band parts a run that ended badly left in the store (best effort: they are
+    hidden files, never taken for outputs)."""
+    with contextlib.suppress(Exception):
+        for name, is_file in storage.list_dir(output):
+            if is_file and name.startswith(".") and f".partial-{token}.band" in name:
+                with contextlib.suppress(Exception):
+                    storage.delete_file(storage.join(output, name))
 
 
 def _clean_partials(output: str, token: str, progress_dir: str) -> None:

@@ -53,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="predict every input at its own GSD, even when the model card states "
                    "another (by default an input more than 10 %% off is resampled to the model's "
                    "GSD and the mask put back on the input's grid)")
+    p.add_argument("--band-rows", type=int, metavar="N",
+                   help="cut rasters taller than N rows (a multiple of 256) into bands of N rows, "
+                   "each predicted as its own Spark task and joined into one output (same "
+                   "pixels as one task); 0: one task per raster; default: rasters of 64 Mpx or "
+                   "more, in about 2 bands per Spark slot")
     p.add_argument("--master", metavar="URL",
                    help="Spark master (default: the cluster settings file's, else local[*]; "
                    "e.g. spark://host:7077, yarn)")
@@ -85,7 +90,7 @@ def _run_predict(args: argparse.Namespace, reporter: Reporter) -> int:
                         fail_fast=args.fail_fast, overwrite=args.overwrite, tta=args.tta,
                         regularize=args.regularize, min_building_m2=args.min_building_m2,
                         input_gsd=args.input_gsd, no_resample=args.no_resample,
-                        resources=resources_from_args(args))
+                        band_rows=args.band_rows, resources=resources_from_args(args))
     result = run_predict(cfg, reporter=reporter)
     if args.json:
         print(json.dumps(asdict(result), indent=2, default=str))

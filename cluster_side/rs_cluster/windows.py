@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
+
 
 @dataclass(frozen=True, order=True)
 class Window:
@@ -67,3 +69,34 @@ def window_rows(windows: list[Window]) -> Iterator[list[Window]]:
         strip.append(w)
     if strip:
         yield strip
+
+
+# -- blending overlapping windows ------------------------------------------------------------------
+
+WEIGHT_FLOOR = 0.01  # blend weight at a window's very edge: >0 so raster edges still count
+
+
+def blend_weights(size: int, floor: float = WEIGHT_FLOOR) -> np.ndarray:
+    """1-D window weight: a Hann bump from ``floor`` at the edges to 1 at the centre."""
+    i = np.arange(size, dtype=np.float64)
+    return (floor + (1.0 - floor) * np.sin(np.pi * (i + 0.5) / size) ** 2).astype(np.float32)
+
+
+def inverse_coverage(length: int, starts: list[int], weight: np.ndarray) -> np.ndarray:
+    """1 / (sum of the weights of every window over each pixel) along one axis.
+
+    The 2-D weight is the outer product of 1-D weights and the windows form a full grid, so the sum
+    of 2-D weights over a pixel is the product of these two 1-D sums: no weight raster is needed.
+    """
+    total = np.zeros(length, dtype=np.float64)
+    for s in starts:
+        total[s:s + len(weight)] += weight
+    return (1.0 / total).astype(np.float32)
+
+
+def band_strips(row_starts: list[int], tile: int, top: int, bottom: int) -> range:
+    """The indexes of the window strips (rows of windows starting at ``row_starts``) that reach
+    rows [top, bottom): every window over those rows, so the blend there is complete."""
+    first = next(k for k, s in enumerate(row_starts) if s + tile > top)
+    last = max(k for k, s in enumerate(row_starts) if s < bottom)
+    return range(first, last + 1)

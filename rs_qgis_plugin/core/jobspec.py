@@ -48,7 +48,7 @@ STAGE_PARAMS: dict[str, dict[str, str]] = {
                 "batch_size": "int", "threshold": "float", "probabilities": "flag",
                 "polygons": "flag", "fail_fast": "flag", "overwrite": "flag", "tta": "flag",
                 "regularize": "flag", "min_building_m2": "float", "input_gsd": "float",
-                "no_resample": "flag", **SPARK_OVERRIDE_PARAMS},
+                "no_resample": "flag", "band_rows": "int", **SPARK_OVERRIDE_PARAMS},
     "evaluate": {"pred": "path", "truth": "path", "json": "path"},
 }
 OUTPUT_PARAMS = ("json", "model_dir", "output")

@@ -25,7 +25,7 @@ import rasterio
 
 from rs_cluster import jobs
 from rs_cluster.errors import DiskFullError
-from rs_cluster.predict import _GeoTiffSink, _naming_a_full_disk
+from rs_cluster.geotiff_out import GeoTiffSink, naming_a_full_disk
 from rs_cluster.progress import parse_event
 from tests import cluster_selftest, devdata
 from tests.cluster_side.test_predict import build_channel_model
@@ -179,11 +179,11 @@ def test_a_geotiff_the_disk_cannot_finish_is_never_renamed_into_place(small_disk
     profile = {"driver": "GTiff", "width": 1000, "height": 256, "count": 1, "dtype": "float32",
                "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
                "predictor": 3}
-    sink = _GeoTiffSink(str(final), profile, None, "t1")
+    sink = GeoTiffSink(str(final), profile, None, "t1")
     noise = np.random.default_rng(0).random((256, 1000), dtype=np.float32)  # 1 MB, incompressible
-    sink.write(noise[:128], 0, None)  # half blocks: GDAL keeps them in its cache until close
-    sink.write(noise[128:], 128, None)
     with pytest.raises(DiskFullError, match=rf"{re.escape(str(final))}: no space left on device"):
+        sink.write(noise[:128], 0, None)  # half blocks: GDAL keeps them in its cache until close,
+        sink.write(noise[128:], 128, None)  # unless its cache is full (earlier tests' blocks)
         sink.finish()
     sink.discard()
     assert list(disk.iterdir()) == []
@@ -201,8 +201,8 @@ def test_a_write_that_fails_without_saying_why_on_a_full_disk_is_a_disk_full_err
                                             "writing a dirty block from GDALRasterBand::IRasterIO")
     with pytest.raises(DiskFullError, match=rf"{re.escape(str(final))}: no space left on device "
                                             "\\(disk full\\) while writing it"):
-        with _naming_a_full_disk(str(final), "writing it"):
+        with naming_a_full_disk(str(final), "writing it"):
             raise dirty
     with pytest.raises(rasterio.errors.RasterioIOError, match="dirty block"):
-        with _naming_a_full_disk(str(roomy / "mask.tif"), "writing it"):
+        with naming_a_full_disk(str(roomy / "mask.tif"), "writing it"):
             raise dirty

@@ -193,14 +193,14 @@ def test_outputs_have_overviews_qgis_can_draw_zoomed_out(mixed):
 def test_an_output_too_large_for_a_classic_tiff_is_a_bigtiff(tmp_path):
     """66000 x 66000 bytes is over 4 GB uncompressed: GDAL makes it a BigTIFF from the start,
     instead of failing with "Maximum TIFF file size exceeded" as the last tiles go."""
-    from rs_cluster.predict import _GeoTiffSink, _output_profile
+    from rs_cluster.geotiff_out import GeoTiffSink, output_profile
 
     class Source:
         width = height = 66000
         crs, transform = None, None
 
-    profile = _output_profile(Source(), "uint8", georeferenced=False)
-    sink = _GeoTiffSink(str(tmp_path / "huge_mask.tif"), profile, None, "t")
+    profile = output_profile(Source(), "uint8", georeferenced=False)
+    sink = GeoTiffSink(str(tmp_path / "huge_mask.tif"), profile, None, "t")
     sink.write(np.full((256, 66000), 255, np.uint8), 0, None)
     sink.dst.close()  # the whole finish() would also add overviews of 4 GB of pixels
     assert Path(sink.tmp).read_bytes()[:4] == b"II+\x00"  # BigTIFF's magic number 43

@@ -218,3 +218,49 @@ def test_wrong_credentials_on_login_fail_naming_the_url_not_the_secret(rig, stor
     events = (login.tmp / "events-prepare.jsonl").read_text()
     for text in (result.stderr, result.stdout, events):
         assert wrong_secret not in text and rig.s3.secret_key not in text
+
+
+def test_one_raster_predicted_in_bands_on_both_workers_equals_one_task(rig, store):
+    """One georeferenced raster in the store, cut into 4 bands of rows: the bands run as tasks on
+    both worker hosts, which share nothing but the store; the joined mask and probabilities equal
+    those of one task, pixel for pixel, and no part is left in the store."""
+    import numpy as np
+    import rasterio
+
+    s3 = store
+    austin = devdata.subset("deeposlandia_georef_samples") / "images" / "inria_austin_sample.tif"
+    with s3.open_output_stream(f"{BUCKET}/bands/inputs/austin.tif") as out:
+        out.write(austin.read_bytes())
+    job = f"s3://{BUCKET}/bands"
+    logs = rig.host("login").tmp / "spark-events"
+    before = set(logs.iterdir()) if logs.exists() else set()
+    for name, band_rows in (("banded", "256"), ("whole", "0")):
+        # the built-in model: each worker loads its own installation's copy
+        done = _rs(rig, "predict", "--model", "builtin", "--input", f"{job}/inputs/austin.tif",
+                   "--output", f"{job}/{name}", "--probabilities", "--band-rows", band_rows,
+                   timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if name == "banded":
+            runs = [json.loads(line) for log in logs.iterdir() if log not in before
+                    for line in log.read_text().splitlines()]
+            hosts = {e["Task Info"]["Host"] for e in runs if e["Event"] == "SparkListenerTaskEnd"}
+            assert hosts == {ADDRESSES[w] for w in WORKERS}
+
+    def read(key: str) -> tuple:
+        data = s3.open_input_stream(f"{BUCKET}/bands/{key}").read()
+        with rasterio.MemoryFile(data) as mem, mem.open() as src:
+            return src.read(1), src.dataset_mask(), src.crs, src.transform, src.overviews(1)
+
+    for output in ("austin_mask.tif", "austin_prob.tif"):
+        joined, one = read(f"banded/{output}"), read(f"whole/{output}")
+        np.testing.assert_array_equal(joined[0], one[0])
+        np.testing.assert_array_equal(joined[1], one[1])
+        assert joined[2:] == one[2:]
+    with rasterio.open(austin) as src:
+        assert one[2] == src.crs and one[3] == src.transform
+    keys = sorted(info.path.removeprefix(f"{BUCKET}/bands/banded/") for info in
+                  s3.get_file_info(pafs_selector(f"{BUCKET}/bands/banded")) if info.is_file)
+    assert keys == ["austin_mask.tif", "austin_prob.tif", "predict.json"]
+    recorded = json.loads(s3.open_input_stream(f"{BUCKET}/bands/banded/predict.json").read())
+    assert recorded["outputs"][0]["bands"] == 4
+    assert recorded["outputs"][0]["mask"] == f"{job}/banded/austin_mask.tif"
