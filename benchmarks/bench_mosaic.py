@@ -5,9 +5,10 @@ executor as the mosaic grows.
 In one run, on mosaics of real dev tiles (Xiamen GeoTIFFs, EPSG:3857, built as bench_predict
 builds them), with bench_predict's small U-Net (8 base filters, depth 2, random weights):
 
-* (1) one executor: ``--master local[1] --band-rows 0``, the whole raster in one task;
-* (2) two executors: ``--master local[2]``, the raster cut as predict cuts it by default
-  (about 2 bands per Spark slot);
+* (1) one executor with one core: ``--master local[1] --band-rows 0`` pinned to one CPU
+  (``taskset -c 0``, its whole process tree), the whole raster in one task;
+* (2) two executors with a core each: ``--master local[2]`` on both CPUs, the raster cut as
+  predict cuts it by default (about 2 bands per Spark slot);
 * (3) for context, ``--master local[2] --band-rows 0``: one task on two cores (TensorFlow's own
   threads), what predict did before it cut rasters;
 * peak RSS of the largest process (a Python worker running TensorFlow: in local mode each
@@ -36,10 +37,13 @@ from bench_predict import BATCH, OVERLAP, build_model, build_mosaic, measure  # 
 GB = 2**30
 
 
-def predict(raster: Path, model: Path, out: Path, master: str, band_rows: int | None) -> dict:
+def predict(raster: Path, model: Path, out: Path, master: str, band_rows: int | None,
+            cores: str | None = None) -> dict:
+    """The real command; with ``cores`` (e.g. "0"), pinned to those CPUs with its whole process
+    tree (taskset), as one executor with that many cores would be."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "cluster_side"),
            "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1")}
-    argv = [sys.executable, "-m", "rs_cluster", "--quiet", "predict", "--model", str(model),
+    argv = [*(["taskset", "-c", cores] if cores else []), sys.executable, "-m", "rs_cluster", "--quiet", "predict", "--model", str(model),
             "--input", str(raster), "--output", str(out), "--overlap", str(OVERLAP),
             "--batch-size", str(BATCH), "--overwrite", "--master", master]
     if band_rows is not None:
@@ -72,15 +76,16 @@ def main() -> int:
 
     def show(name: str, r: dict) -> None:
         s = r["summary"]
-        print(f"{name}: wall {r['wall']:.1f} s ({mpx / r['wall']:.2f} Mpx/s), bands "
+        px = s["width"] * s["height"] / 1e6
+        print(f"{name}: wall {r['wall']:.1f} s ({px / r['wall']:.2f} Mpx/s), bands "
               f"{s.get('bands', 1)}, windows computed {s.get('windows_computed', s['windows'])} "
               f"of {s['windows']}; peak RSS largest process {r['peak_one'] / GB:.2f} GiB, "
               f"tree {r['peak_tree'] / GB:.2f} GiB", flush=True)
 
-    one = predict(large, model, work / "one", "local[1]", 0)
-    show(f"(1) 1 executor, one task, {args.size}^2", one)
+    one = predict(large, model, work / "one", "local[1]", 0, cores="0")
+    show(f"(1) 1 executor (1 core), one task, {args.size}^2", one)
     two = predict(large, model, work / "two", "local[2]", None)
-    show(f"(2) 2 executors, bands, {args.size}^2", two)
+    show(f"(2) 2 executors (1 core each), bands, {args.size}^2", two)
     old = predict(large, model, work / "old", "local[2]", 0)
     show(f"(3) 2 cores, one task, {args.size}^2", old)
     mem = {}

@@ -1074,7 +1074,8 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                 # In-process tasks share this host's cores; a cluster task gets the cores Spark
                 # gives each task (spark.task.cpus), not every core of its node.
                 concurrent_tasks = max(1, min(len(jobs), slots))
-                threads = (max(1, (os.cpu_count() or 1) // concurrent_tasks)
+                # (the cores this process may run on: fewer than the host's under taskset/cgroups)
+                threads = (max(1, len(os.sched_getaffinity(0)) // concurrent_tasks)
                            if master.startswith("local")
                            else max(1, int(sc.getConf().get("spark.task.cpus", "1"))))
                 jobs = [dataclasses.replace(job, threads=threads) for job in jobs]
