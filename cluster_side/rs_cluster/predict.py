@@ -716,20 +716,26 @@ def _predict_local_job(job: _RasterJob, started: float,
         return summary
     except ModelError as e:
         return {"input": job.input, "error": str(e), "fatal": "model"}
-    except DiskFullError as e:  # every raster after it would fail the same way
+    except Exception as e:
+        return _failed(job, e, "prediction", "predicting")
+
+
+def _failed(job: Any, e: Exception, what: str, doing: str) -> dict[str, Any]:
+    """A task's result for its error ``e``: fatal for a full disk (every raster after it would
+    fail the same way), else the raster's error, an unexpected library error included (reported
+    against its file as "``what`` failed"); raised instead under fail-fast."""
+    if isinstance(e, DiskFullError):
         return {"input": job.input, "error": str(e), "fatal": "disk"}
-    except RsClusterError as e:
-        if job.fail_fast:
-            raise RuntimeError(f"{_MARK}{e}{_MARK}") from None
-        return {"input": job.input, "error": str(e)}
-    except Exception as e:  # an unexpected library error is still reported against its file
-        if is_disk_full(e):
-            return {"input": job.input, "fatal": "disk",
-                    "error": str(disk_full_error(e, doing=f"predicting {job.input}"))}
-        message = f"{job.input}: prediction failed ({type(e).__name__}: {_short(e)})"
-        if job.fail_fast:
-            raise RuntimeError(f"{_MARK}{message}{_MARK}") from None
-        return {"input": job.input, "error": message}
+    if isinstance(e, RsClusterError):
+        message = str(e)
+    elif is_disk_full(e):
+        return {"input": job.input, "fatal": "disk",
+                "error": str(disk_full_error(e, doing=f"{doing} {job.input}"))}
+    else:
+        message = f"{job.input}: {what} failed ({type(e).__name__}: {_short(e)})"
+    if job.fail_fast:
+        raise RuntimeError(f"{_MARK}{message}{_MARK}") from None
+    return {"input": job.input, "error": message}
 
 
 def _polygonize(job: Any, summary: dict[str, Any]) -> None:
@@ -787,20 +793,8 @@ def _run_assemble(job: _AssembleJob) -> dict[str, Any]:
                 with contextlib.suppress(Exception):  # a part left over is hidden, and cleaned
                     storage.delete_file(url)
         return summary
-    except DiskFullError as e:
-        return {"input": job.input, "error": str(e), "fatal": "disk"}
-    except RsClusterError as e:
-        if job.fail_fast:
-            raise RuntimeError(f"{_MARK}{e}{_MARK}") from None
-        return {"input": job.input, "error": str(e)}
     except Exception as e:
-        if is_disk_full(e):
-            return {"input": job.input, "fatal": "disk",
-                    "error": str(disk_full_error(e, doing=f"assembling {job.input}"))}
-        message = f"{job.input}: joining its bands failed ({type(e).__name__}: {_short(e)})"
-        if job.fail_fast:
-            raise RuntimeError(f"{_MARK}{message}{_MARK}") from None
-        return {"input": job.input, "error": message}
+        return _failed(job, e, "joining its bands", "assembling")
     finally:
         import shutil
 
