@@ -1,7 +1,9 @@
 """Building polygons from a mask GeoTIFF, written to a GeoPackage in the mask's CRS.
 
-GDAL polygonizes straight from the file band (rasterio ``shapes`` on a ``Band``), scanline by
-scanline, so the mask is never loaded whole. Specks smaller than ``min_area_px`` pixels are
+The mask is read and traced (GDAL's polygonize, through rasterio ``shapes``) a strip of rows at a
+time; a building cut by a strip's edge is traced again, whole, with the next strip, so memory
+holds one strip and its polygons, never the whole mask's, and each polygon is written as soon as
+its strip is done. Specks smaller than ``min_area_px`` pixels are
 dropped (holes too), and the pixel staircase is simplified with Douglas-Peucker at a tolerance of
 ``simplify_px`` pixels; a ring that would collapse is kept as it was.
 
@@ -264,22 +266,70 @@ def regularize_polygon(rings: list[np.ndarray], pixel_size: float, simplify_px: 
 
 # -- reading and writing ---------------------------------------------------------------------------
 
-def building_polygons(mask_path: str, *, min_area_px: float = 16, simplify_px: float = 1.0,
-                      regularize: bool = False) -> Iterator[tuple[dict[str, Any], float, bool]]:
-    """Yields (GeoJSON polygon, area in CRS units, squared?) for each building region of a mask."""
-    import rasterio
+STRIP_ROWS = 1024  # rows of the mask read and traced at a time
+
+
+def _regions(src: Any, strip_rows: int = STRIP_ROWS) -> Iterator[list[np.ndarray]]:
+    """The rings (pixel coordinates: x = column, y = row) of every 4-connected building region of
+    an open mask, each once and whole, traced strip by strip so that memory holds one strip and
+    its regions, never the mask's.
+
+    A strip's regions that reach its last row may go on below: they are not given, and the next
+    strip starts at the highest of their first rows, so they are traced again there, whole. In
+    that strip, a region (or the lower rest of one) that ends above the previous strip's last row
+    was given before, and is passed over. A region taller than a strip gets a taller one."""
     from rasterio.features import shapes
+    from rasterio.windows import Window
+
+    height, width = src.height, src.width
+    top, rows, done_below = 0, strip_rows, 0  # regions ending above row done_below - 1: given
+    while top < height:
+        bottom = min(top + rows, height)
+        data = src.read(1, window=Window(0, top, width, bottom - top))
+        held = None
+        for geom, _ in shapes(data, mask=data != 0, connectivity=4):
+            rings = [np.asarray(r, dtype=np.float64) for r in geom["coordinates"]]
+            last = top + int(rings[0][:, 1].max()) - 1  # the region's last row
+            if last < done_below - 1:
+                continue
+            if bottom < height and last == bottom - 1:
+                first = top + int(rings[0][:, 1].min())
+                held = first if held is None else min(held, first)
+                continue
+            for ring in rings:
+                ring[:, 1] += top
+            yield rings
+        if bottom >= height:
+            return
+        done_below = bottom
+        if held is None:
+            top, rows = bottom, strip_rows
+        elif held > top:
+            top, rows = held, strip_rows
+        else:
+            rows *= 2  # a region from this strip's first row to its last: read more rows
+
+
+def building_polygons(mask_path: str, *, min_area_px: float = 16, simplify_px: float = 1.0,
+                      regularize: bool = False, strip_rows: int = STRIP_ROWS
+                      ) -> Iterator[tuple[dict[str, Any], float, bool]]:
+    """Yields (GeoJSON polygon, area in CRS units, squared?) for each building region of a mask,
+    as its strip of rows is traced (:func:`_regions`)."""
+    import rasterio
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NotGeoreferencedWarning: pixel-grid masks are fine
         src = rasterio.open(mask_path)
-    with src:
+    # GDAL's block cache would keep every block read (up to 5 % of RAM); each strip is read
+    # once, so a block row of it is enough.
+    cache_mb = 16 + math.ceil(src.width * max(256, src.block_shapes[0][0]) / 2**20)
+    with src, rasterio.Env(GDAL_CACHEMAX=cache_mb):
         t = src.transform
         pixel_area = abs(t.a * t.e - t.b * t.d) or 1.0
         tolerance = simplify_px * (pixel_area ** 0.5)
-        band = rasterio.band(src, 1)
-        for geom, _ in shapes(band, mask=band, connectivity=4, transform=t):
-            rings = [np.asarray(r, dtype=np.float64) for r in geom["coordinates"]]
+        for pixel_rings in _regions(src, strip_rows):
+            rings = [np.column_stack([t.a * r[:, 0] + t.b * r[:, 1] + t.c,
+                                      t.d * r[:, 0] + t.e * r[:, 1] + t.f]) for r in pixel_rings]
             area = ring_area(rings[0]) - sum(ring_area(r) for r in rings[1:])
             if area / pixel_area < min_area_px:
                 continue
