@@ -9,6 +9,9 @@ grid and written as one tiled GeoTIFF):
   twice, best of each kept;
 * peak memory of (a) on a 2500x2500 and a 10000x10000 raster.
 
+Every raster is predicted in one task (``--band-rows 0``): what one task costs, and how its
+memory grows with the raster; ``bench_mosaic.py`` measures rasters cut into bands.
+
 Each measured command runs in its own process; peak memory is the largest sum of the resident
 set of its whole process tree (driver, JVM, Python workers), polled every 0.1 s with psutil, and
 the largest single process (the Python worker running TensorFlow). The model is a small U-Net
@@ -168,7 +171,8 @@ def run_cli(raster: Path, model: Path, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO / "cluster_side")}
     m = measure([sys.executable, "-m", "rs_cluster", "--quiet", "predict", "--model", str(model),
                  "--input", str(raster), "--output", str(out), "--overlap", str(OVERLAP),
-                 "--batch-size", str(BATCH), "--overwrite"], env)
+                 "--batch-size", str(BATCH), "--overwrite",
+                 "--band-rows", "0"], env)  # one task per raster (bench_mosaic measures bands)
     summary = json.loads((out / "predict.json").read_text())
     m["task_seconds"] = summary["outputs"][0]["predict_seconds"]
     m["task_cpu"] = summary["outputs"][0]["predict_cpu_seconds"]
