@@ -856,10 +856,11 @@ def _band_windows(height: int, width: int, tile: int, stride: int, rows: tuple[i
 
 
 def _part_name(stem: str, token: str, band: int, kind: str) -> str:
-    """A band's part of one output: hidden, and named as partial with the run's token, so that a
-    run that ends badly cleans it like any partial file."""
+    """A band's part of one output: hidden, and ending as a partial file with the run's token, so
+    that nothing takes it for an output (not even by its suffix) and a run that ends badly cleans
+    it like any partial file."""
     suffix = MASK_SUFFIX if kind == "mask" else PROB_SUFFIX
-    return f".{stem}.partial-{token}.band{band:04d}{suffix}.tif"
+    return f".{stem}.band{band:04d}{suffix}.tif.partial-{token}"
 
 
 def _join_bands(results: list[dict[str, Any]], jobs: list[_RasterJob], whole: list[_RasterJob],
@@ -1154,7 +1155,7 @@ def _clean_remote_parts(output: str, token: str) -> None:
     hidden files, never taken for outputs)."""
     with contextlib.suppress(Exception):
         for name, is_file in storage.list_dir(output):
-            if is_file and name.startswith(".") and f".partial-{token}.band" in name:
+            if is_file and name.startswith(".") and f".partial-{token}" in name:
                 with contextlib.suppress(Exception):
                     storage.delete_file(storage.join(output, name))
 

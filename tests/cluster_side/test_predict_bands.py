@@ -236,3 +236,14 @@ def test_a_band_whose_task_is_killed_is_retried_and_the_output_is_still_exact(mo
     assert [o["bands"] for o in recorded["outputs"]] == [8] and recorded["failures"] == []
     assert sorted(p.name for p in (tmp_path / "bands").iterdir()) == [
         "predict.json", "tall_mask.tif", "tall_prob.tif"]
+
+
+def test_a_bands_part_is_never_taken_for_an_output():
+    """The plugin loads every downloaded ``*_mask.tif`` as a mask: a part left by a run that was
+    killed must not end like one, and must be found as partial by the run's own clean-up."""
+    from rs_cluster.predict import _part_name
+
+    for kind in ("mask", "probabilities"):
+        name = _part_name("austin", "123-abc", 3, kind)
+        assert name.startswith(".") and name.endswith(".partial-123-abc")
+        assert not name.endswith((".tif", "_mask.tif", "_prob.tif"))
