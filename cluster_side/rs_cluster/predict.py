@@ -849,9 +849,12 @@ def band_plan(height: int, width: int, band_rows: int | None, slots: int) -> lis
     return [(top, min(top + band_rows, height)) for top in range(0, height, band_rows)]
 
 
-def _band_windows(height: int, width: int, tile: int, stride: int, rows: tuple[int, int]) -> int:
-    """Windows the band ``rows`` of a ``height`` x ``width`` raster computes (with its margin)."""
-    strips = band_strips(window_starts(max(height, tile), tile, stride), tile, *rows)
+def _band_windows(height: int, width: int, tile: int, stride: int,
+                  rows: tuple[int, int] | None = None) -> int:
+    """Windows the band ``rows`` of a ``height`` x ``width`` raster computes (with its margin);
+    those of the whole raster without ``rows``."""
+    strips = band_strips(window_starts(max(height, tile), tile, stride), tile,
+                         *(rows or (0, height)))
     return len(strips) * len(window_starts(max(width, tile), tile, stride))
 
 
@@ -1013,8 +1016,7 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
     stride = card.tile_size - cfg.overlap
 
     def windows_of(h: int, w: int) -> int:
-        t = card.tile_size
-        return len(window_starts(max(h, t), t, stride)) * len(window_starts(max(w, t), t, stride))
+        return _band_windows(h, w, card.tile_size, stride)
 
     total_windows = sum(windows_of(h, w) for h, w, _ in sizes.values())
     token = f"{os.getpid()}-{secrets.token_hex(3)}"
@@ -1034,7 +1036,6 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                                resources=cfg.resources) as session:
                 sc = session.sparkContext
                 slots = max(1, sc.defaultParallelism)
-                threads = 0  # decided below, once the bands are known
                 # Largest rasters first, so a big one does not start last and run alone.
                 order = sorted(sizes, key=lambda p: -sizes[p][0] * sizes[p][1])
                 whole = [_RasterJob(
@@ -1043,7 +1044,8 @@ def run_predict(cfg: PredictConfig, *, reporter: Reporter | None = None, spark: 
                     polygons=planned[p].get("polygons"), min_polygon_px=cfg.min_polygon_px,
                     simplify_px=cfg.simplify_px,
                     progress_file=os.path.join(progress_dir, f"{i}.done"), token=token,
-                    threads=threads, fail_fast=cfg.fail_fast, model_url=model_url, builtin=named,
+                    threads=0,  # set below, once the bands are known
+                    fail_fast=cfg.fail_fast, model_url=model_url, builtin=named,
                     tta=cfg.tta,
                     regularize=cfg.regularize, min_building_m2=cfg.min_building_m2,
                     input_gsd=cfg.input_gsd, resample=not cfg.no_resample)

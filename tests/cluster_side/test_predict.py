@@ -47,11 +47,16 @@ def build_channel_model(folder: Path, tile_size: int = 128, channel: int = 0, ou
     kernel[0, 0, channel, :] = 1.0
     conv.set_weights([kernel, np.zeros(outputs, np.float32)])
     model.save(folder / "model.keras")
+    return write_card(folder, "channel-copy", tile_size, base_filters=1)
+
+
+def write_card(folder: Path, architecture: str, tile_size: int, base_filters: int) -> Path:
+    """The model.json of a test model saved as ``folder/model.keras`` (RGB, divided by 255)."""
     (folder / "model.json").write_text(json.dumps({
         "format": "rs-cluster-model", "format_version": 1, "model_file": "model.keras",
-        "architecture": "channel-copy", "tile_size": tile_size, "bands": ["red", "green", "blue"],
-        "input_scaling": {"method": "divide", "value": 255.0}, "threshold": 0.5, "base_filters": 1,
-        "output": "sigmoid building probability"}))
+        "architecture": architecture, "tile_size": tile_size, "bands": ["red", "green", "blue"],
+        "input_scaling": {"method": "divide", "value": 255.0}, "threshold": 0.5,
+        "base_filters": base_filters, "output": "sigmoid building probability"}))
     return folder
 
 

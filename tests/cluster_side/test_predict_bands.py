@@ -25,6 +25,7 @@ from rs_cluster.predict import (BLOCK, PredictConfig, _band_windows, band_plan, 
 from rs_cluster.errors import ConfigError
 from rs_cluster.windows import window_starts
 from tests import devdata
+from tests.cluster_side.test_predict import write_card
 from tests.procs import live_processes, wait_for
 
 pytestmark = pytest.mark.spark
@@ -48,12 +49,7 @@ def build_context_model(folder: Path, tile_size: int = 128) -> Path:
     last.set_weights([rng.normal(0, 0.3, (5, 5, 4, 1)).astype(np.float32),
                       np.array([-0.5], np.float32)])
     model.save(folder / "model.keras")
-    (folder / "model.json").write_text(json.dumps({
-        "format": "rs-cluster-model", "format_version": 1, "model_file": "model.keras",
-        "architecture": "context-test", "tile_size": tile_size, "bands": ["red", "green", "blue"],
-        "input_scaling": {"method": "divide", "value": 255.0}, "threshold": 0.5, "base_filters": 4,
-        "output": "sigmoid building probability"}))
-    return folder
+    return write_card(folder, "context-test", tile_size, base_filters=4)
 
 
 @pytest.fixture(scope="module")
